@@ -1,0 +1,362 @@
+"""A plain ViT (DeiT-III style: pre-norm blocks, LayerScale, CLS token) for any image size.
+
+The position encoding is a module (``lookhere.position``) that the model hands the current patch
+grid at every forward, so one model runs at any size and aspect ratio with no set-up call.
+Registered in timm: ``timm.create_model("vit_base_patch16_lookhere_90")``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .position import PositionEncoding, build_position_encoding
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to rebuild a model; saved next to its weights (JSON/YAML round-trip)."""
+
+    pos_encoding: str = "lh-90"
+    lookhere_config: Optional[dict] = None
+    img_size: Union[int, tuple[int, int]] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "token"
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    init_values: Optional[float] = 1e-4
+    head_hidden_dim: Optional[int] = None
+    norm_eps: float = 1e-5
+    drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["img_size"], tuple):
+            d["img_size"] = list(d["img_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        d = dict(d)
+        if isinstance(d.get("img_size"), list):
+            d["img_size"] = tuple(d["img_size"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _pair(x: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose score computation is delegated to the position encoding."""
+
+    def __init__(self, dim: int, num_heads: int, layer: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim, self.layer = num_heads, dim // num_heads, layer
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = pos.attend(q, k, v, grid=grid, layer=self.layer, num_prefix_tokens=num_prefix_tokens)
+        x = x.transpose(1, 2).reshape(B, T, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, layer: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 init_values: Optional[float] = None, proj_drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, layer, qkv_bias, attn_drop, proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos, grid, num_prefix_tokens)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a pluggable position encoding; see :class:`ViTConfig` for the arguments."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        kwargs.pop("dynamic_img_size", None)  # always dynamic; accepted for timm compatibility
+        cfg = self.config = ViTConfig.from_dict(kwargs)
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_size = cfg.patch_size
+        self.grad_checkpointing = False
+        if cfg.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool={cfg.global_pool!r}; allowed: token, avg")
+        img = _pair(cfg.img_size)
+        if img[0] % cfg.patch_size or img[1] % cfg.patch_size:
+            raise ValueError(f"img_size={cfg.img_size} is not a multiple of patch_size={cfg.patch_size}")
+        self.grid_size = (img[0] // cfg.patch_size, img[1] // cfg.patch_size)
+
+        self.patch_embed = PatchEmbed(img, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                      output_fmt="NHWC", strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_encoding = build_position_encoding(
+            cfg.pos_encoding, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, depth=cfg.depth,
+            grid_size=self.grid_size, lookhere_config=cfg.lookhere_config,
+        )
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, i, cfg.mlp_ratio, cfg.qkv_bias, cfg.init_values,
+                  cfg.proj_drop_rate, cfg.attn_drop_rate, dpr[i], cfg.norm_eps)
+            for i in range(cfg.depth)
+        )
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=cfg.embed_dim, reduction=cfg.patch_size)
+                             for i in range(cfg.depth)]
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = self._make_head(cfg.num_classes)
+        self._init_weights()
+
+    # --- construction -------------------------------------------------------------------------
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.config.head_hidden_dim:
+            # The published LookHere head: fc1 -> tanh -> fc2.
+            return Mlp(self.embed_dim, self.config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
+        return nn.Linear(self.embed_dim, num_classes)
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.head, Mlp):  # start at uniform predictions, as the published model does
+            nn.init.zeros_(self.head.fc2.weight)
+            nn.init.constant_(self.head.fc2.bias, -float(torch.tensor(self.num_classes).log()))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"} | {n for n, _ in self.pos_encoding.named_parameters(prefix="pos_encoding")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^pos_encoding|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = self.config.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool={global_pool!r}; allowed: token, avg, ''")
+            self.global_pool = global_pool
+        self.head = self._make_head(num_classes)
+
+    # --- forward ------------------------------------------------------------------------------
+    def grid_for(self, x: torch.Tensor) -> tuple[int, int]:
+        """Check an image batch and return its patch grid, with a message that says what is wrong."""
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.config.in_chans:
+            raise ValueError(f"expected {self.config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+        p = self.patch_size
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(
+                f"image size {h}x{w} is not a positive multiple of the patch size {p}; "
+                f"resize or crop to e.g. {max(p, h // p * p)}x{max(p, w // p * p)}"
+            )
+        return h // p, w // p
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = self.grid_for(x)
+        x = self.patch_embed(x).flatten(1, 2)
+        x = self.pos_encoding.embed(x, grid)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1), grid
+
+    def _block(self, blk: Block, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return checkpoint(blk, x, self.pos_encoding, grid, self.num_prefix_tokens)
+        return blk(x, self.pos_encoding, grid, self.num_prefix_tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, grid = self._embed(x)
+        for blk in self.blocks:
+            x = self._block(blk, x, grid)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's intermediate-feature API: block outputs as NCHW maps (or NLC tokens)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; allowed: NCHW, NLC")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (gy, gx) = self._embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        inter = []
+        for i, blk in enumerate(blocks):
+            x = self._block(blk, x, (gy, gx))
+            if i in take:
+                inter.append(self.norm(x) if norm else x)
+        p = self.num_prefix_tokens
+        prefix = [y[:, :p] for y in inter]
+        inter = [y[:, p:] for y in inter]
+        if output_fmt == "NCHW":
+            inter = [y.reshape(y.shape[0], gy, gx, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if return_prefix_tokens:
+            inter = list(zip(inter, prefix))
+        if intermediates_only:
+            return inter
+        return self.norm(x), inter
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
+    """Adapt foreign state dicts: the released LookHere format, wrappers, and DDP/compile prefixes."""
+    if "weights" in state_dict and isinstance(state_dict["weights"], dict):
+        state_dict = state_dict["weights"]
+    for key in ("model", "state_dict", "model_ema"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k == "pos_embed" and "pos_embed" not in model.state_dict():
+            continue  # the published LookHere model allocates but never uses it
+        out[k] = v
+    return out
+
+
+def create_vit(pos_encoding: str = "lh-90", img_size: Union[int, tuple[int, int]] = 224, patch_size: int = 16,
+               embed_dim: int = 768, depth: int = 12, num_heads: int = 12, num_classes: int = 1000,
+               **kwargs: Any) -> VisionTransformer:
+    """Build the backbone with a position encoding from ``lookhere.POSITION_ENCODINGS``."""
+    return VisionTransformer(pos_encoding=pos_encoding, img_size=img_size, patch_size=patch_size,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_classes=num_classes,
+                             **kwargs)
+
+
+# --- timm registry ---------------------------------------------------------------------------
+SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=12),
+    "small": dict(embed_dim=384, depth=12, num_heads=12),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+_VARIANTS = {"180": "lh-180", "90": "lh-90", "45": "lh-45"}
+
+
+def _cfg(**kwargs: Any) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 1.0, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {f"vit_{size}_patch16_lookhere_{v}": _cfg() for size in SIZES for v in _VARIANTS}
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs,
+    )
+
+
+def _register(size: str, v: str) -> None:
+    name = f"vit_{size}_patch16_lookhere_{v}"
+
+    def fn(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        args = dict(patch_size=16, pos_encoding=_VARIANTS[v], **SIZES[size])
+        return _create(name, pretrained, **dict(args, **kwargs))
+
+    fn.__name__ = name
+    fn.__doc__ = f"ViT-{size.capitalize()}/16 with LookHere ({_VARIANTS[v].upper()})."
+    fn.__module__ = __name__
+    register_model(fn)
+
+
+for _size in SIZES:
+    for _v in _VARIANTS:
+        _register(_size, _v)

@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lookhere.attention as attention_module
+from lookhere import PRESETS, dense_bias, lookhere_attention
+
+CONFIGS = {
+    **PRESETS,
+    "corners-diagonals-center": {"global_slope": 1.0, "layer_slopes": [1.5, 0.5],
+                                 "head_directions": "corners-diagonals-center"},
+    "eighths-halves": {"global_slope": 1.2, "layer_slopes": [0.5, 1.5], "head_directions": "eighths1-eighths2-halves"},
+    "sqrt-zero": {"global_slope": 0.8, "layer_slopes": [1.0, 2.0], "head_directions": "halves-zerotriangles",
+                  "distance": "sqrt", "fill_with": "zero"},
+    "square-max": {"global_slope": 0.3, "layer_slopes": [1.0, 1.0], "head_directions": "triangles-none3zero1",
+                   "distance": "square", "fill_with": "max"},
+}
+
+
+def dense_reference(q, k, v, config, grid, layer, depth, prefix):
+    """softmax(q k^T / sqrt(D) + bias) v in float64, with the full bias padded for prefix tokens."""
+    H, D = q.shape[1], q.shape[-1]
+    bias = dense_bias(config, grid, depth, H)[layer].double()
+    bias = F.pad(bias, (prefix, 0, prefix, 0))
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D) + bias
+    return scores.softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("grid", [(5, 5), (3, 7)])
+@pytest.mark.parametrize("prefix", [0, 1, 4])
+def test_equals_dense_float64(name, grid, prefix):
+    depth, layer = 3, 1
+    T = prefix + grid[0] * grid[1]
+    q, k, v = torch.randn(3, 2, 12, T, 16).unbind(0)
+    out = lookhere_attention(q, k, v, config=CONFIGS[name], grid_size=grid, layer=layer, depth=depth,
+                             num_prefix_tokens=prefix)
+    ref = dense_reference(q, k, v, CONFIGS[name], grid, layer, depth, prefix)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_query_chunking_gives_the_same_result(monkeypatch):
+    grid, T = (6, 5), 31
+    q, k, v = torch.randn(3, 1, 12, T, 8).unbind(0)
+    whole = lookhere_attention(q, k, v, config="lh-45", grid_size=grid, layer=0, depth=2)
+    attention_module._chunk_penalties.cache_clear()
+    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 12 * T * 4)  # 4 query rows per chunk
+    chunked = lookhere_attention(q, k, v, config="lh-45", grid_size=grid, layer=0, depth=2)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_shifted_pattern_gives_shifted_output(preset):
+    """A pattern placed at two places of two grids (other size and aspect ratio) attends identically.
+
+    Background keys are made unattractive (large negative q.k), so every query's softmax is over
+    the pattern alone and only the patterns' relative geometry matters.
+    """
+    D, H, ph, pw = 8, 12, 4, 3
+    qp, kp, vp = torch.randn(3, 1, H, ph * pw, D).unbind(0)
+    qp[..., 0] = 1.0 + qp[..., 0].abs()
+    kp[..., 0] = kp[..., 0].clamp(-1, 1)
+
+    def place(grid, oy, ox):
+        n = grid[0] * grid[1]
+        q = torch.randn(1, H, n, D)
+        k = torch.zeros(1, H, n, D)
+        k[..., 0] = -1e3
+        v = torch.zeros(1, H, n, D)
+        idx = torch.tensor([(y + oy) * grid[1] + x + ox for y in range(ph) for x in range(pw)])
+        q[:, :, idx], k[:, :, idx], v[:, :, idx] = qp, kp, vp
+        out = lookhere_attention(q, k, v, config=preset, grid_size=grid, layer=0, depth=1, num_prefix_tokens=0)
+        return out[:, :, idx]
+
+    a = place((6, 6), 1, 2)
+    b = place((9, 14), 4, 9)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_per_call_is_bounded(monkeypatch):
+    # Only chunk-sized bias rows exist: the penalty cache never holds more than H x rows x N.
+    grid = (8, 8)
+    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 12 * 65 * 8)
+    attention_module._chunk_penalties.cache_clear()
+    q = torch.randn(1, 12, 65, 4)
+    out = lookhere_attention(q, q, q, config="lh-90", grid_size=grid, layer=0, depth=1)
+    assert attention_module._chunk_penalties.cache_info().currsize == 8  # 64 queries, 8 rows a chunk
+    pen, fov = attention_module._chunk_penalties(
+        attention_module.resolve_config("lh-90"), attention_module.head_specs(PRESETS["lh-90"]["head_directions"], 12),
+        grid, 56, 64, "cpu")
+    assert pen.shape == fov.shape == (12, 8, 64)
+    torch.testing.assert_close(out.double(), dense_reference(q, q, q, "lh-90", grid, 0, 1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_clear_errors():
+    q = torch.randn(1, 12, 17, 8)
+    with pytest.raises(ValueError, match="T=17"):
+        lookhere_attention(q, q, q, config="lh-90", grid_size=(4, 5), layer=0, depth=1)
+    with pytest.raises(ValueError, match=r"\(B, H, T, D\)"):
+        lookhere_attention(q[0], q[0], q[0], config="lh-90", grid_size=(4, 4), layer=0, depth=1)
+    with pytest.raises(ValueError, match="layer=3"):
+        lookhere_attention(q, q, q, config="lh-90", grid_size=(4, 4), layer=3, depth=2)
+    with pytest.raises(ValueError, match="num_heads=12"):
+        lookhere_attention(q, q, q, config={"global_slope": 1, "layer_slopes": [1, 1],
+                                            "head_directions": "halves-corners-triangles-diagonals"},
+                           grid_size=(4, 4), layer=0, depth=1)

@@ -1,0 +1,134 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import lookhere
+from lookhere import PRESETS, LookHereConfig, dense_bias
+from lookhere.config import GROUPS
+
+from spec_reference import bias as reference_bias
+
+
+def test_golden_cases_match(golden_file):
+    data = np.load(golden_file)
+    meta = json.loads(str(data["__meta__"]))
+    assert meta, "golden file holds no cases"
+    for case, m in meta.items():
+        got = dense_bias(m["config"], tuple(m["grid"]), m["depth"], m["num_heads"]).numpy()
+        masked = np.isneginf(got)
+        np.testing.assert_array_equal(masked, data[f"{case}__masked"], err_msg=case)
+        np.testing.assert_allclose(np.where(masked, 0.0, got), data[f"{case}__values"], atol=1e-5, rtol=0,
+                                   err_msg=case)
+
+
+def _cases():
+    # Every named group, alone (4 heads) and with the other head-count rules.
+    for name in GROUPS:
+        yield {"global_slope": 1.3, "layer_slopes": [1.5, 0.5], "head_directions": name}, (4, 5), 2, 4
+    yield {"global_slope": 1.0, "layer_slopes": [1.0, 0.25], "head_directions": "halves"}, (3, 4), 3, 12
+    yield {"global_slope": 0.7, "layer_slopes": [2.0, 1.0], "head_directions": "corners-zero"}, (4, 3), 1, 6
+    yield {"global_slope": 1.0, "layer_slopes": [1.0, 1.0], "head_directions": "triangles-none"}, (3, 3), 1, 12
+    yield {"global_slope": 1.0, "layer_slopes": [1.0, 2.0], "head_directions": "diagonals-center"}, (3, 5), 2, 16
+    yield {"global_slope": 0.5, "layer_slopes": [1.0, 1.0], "head_directions": "eighths1-eighths2-zerohalves"}, (4, 4), 1, 16
+    yield {"global_slope": 1.0, "layer_slopes": [1.0, 0.5],
+           "head_directions": "halves-zerocorners-zerotriangles-none2zero2"}, (3, 4), 2, 16
+    yield {"global_slope": 1.0, "layer_slopes": [1.0, 1.0], "head_directions": "none1zero3"}, (2, 3), 1, 8
+    yield {"global_slope": 1.0, "layer_slopes": [1.0, 1.0], "head_directions": "none3zero1-corners"}, (2, 3), 1, 6
+    for distance in ("linear", "sqrt", "square"):
+        for fill in ("inf", "zero", "max"):
+            for dirs in ("corners-triangles", "center-eighths1-diagonals"):
+                cfg = {"global_slope": 1.0, "layer_slopes": [1.5, 0.5], "head_directions": dirs,
+                       "distance": distance, "fill_with": fill}
+                yield cfg, (4, 6), 2, 12
+
+
+@pytest.mark.parametrize("config,grid,depth,heads", list(_cases()))
+def test_dense_bias_matches_spec_reference(config, grid, depth, heads):
+    got = dense_bias(config, grid, depth, heads)
+    assert got.dtype == torch.float32 and got.shape == (depth, heads, grid[0] * grid[1], grid[0] * grid[1])
+    ref = torch.tensor(reference_bias(config, grid, depth, heads), dtype=torch.float64)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-6)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+
+
+def test_query_always_sees_itself_and_cls_free():
+    b = dense_bias("lh-45", (7, 5), 3, 12)
+    diag = b.diagonal(dim1=-2, dim2=-1)
+    assert torch.all(diag == 0)
+
+
+@pytest.mark.parametrize("preset,width", [("lh-180", 1 / 2), ("lh-90", 1 / 4), ("lh-45", 1 / 8)])
+def test_presets_have_their_field_of_view(preset, width):
+    # From the centre of a large grid, each head sees about its FOV's share of the keys.
+    g = 41
+    b = dense_bias(preset, (g, g), 1, 12)[0]
+    centre = (g // 2) * g + g // 2
+    frac = torch.isfinite(b[:, centre]).double().mean(dim=-1)
+    widths = torch.full((12,), width, dtype=torch.float64)
+    if preset == "lh-45":
+        widths[8:] = 1 / 4  # its last four heads are 90 degree cones
+    torch.testing.assert_close(frac, widths, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_bias_is_translation_equivariant_and_extrapolates(preset):
+    """Bias between two patches depends only on their offset, on any grid size or aspect ratio."""
+    small = dense_bias(preset, (4, 4), 2, 12)
+    for big_grid, (oy, ox) in [((9, 9), (3, 2)), ((6, 11), (1, 6))]:
+        big = dense_bias(preset, big_grid, 2, 12)
+        idx = torch.tensor([(y + oy) * big_grid[1] + (x + ox) for y in range(4) for x in range(4)])
+        torch.testing.assert_close(big[:, :, idx][:, :, :, idx], small, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"head_directions": "halves-bogus"}, "head_directions"),
+        ({"global_slope": -1.0}, "global_slope"),
+        ({"layer_slopes": [1.0, -0.5]}, "layer_slopes"),
+        ({"layer_slopes": [1.0]}, "layer_slopes"),
+        ({"distance": "manhattan"}, "distance"),
+        ({"fill_with": "nan"}, "fill_with"),
+        ({"head_slope": 1.0}, "key"),
+    ],
+)
+def test_bad_config_names_the_field(changes, field):
+    cfg = dict(PRESETS["lh-90"], **changes)
+    with pytest.raises(ValueError, match=field) as err:
+        dense_bias(cfg, (4, 4), 2, 12)
+    assert "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize("heads,dirs", [(10, "halves"), (8, "halves-corners"), (12, "halves-corners-triangles-diagonals"), (5, "halves")])
+def test_head_count_without_rule_is_an_error(heads, dirs):
+    with pytest.raises(ValueError, match="num_heads") as err:
+        dense_bias({"global_slope": 1, "layer_slopes": [1, 1], "head_directions": dirs}, (3, 3), 1, heads)
+    assert "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize("grid", [(0, 4), (4, 0), (-1, 2)])
+def test_empty_grid_is_an_error(grid):
+    with pytest.raises(ValueError, match="grid_size"):
+        dense_bias("lh-90", grid, 1, 12)
+
+
+def test_config_round_trips_through_json_and_yaml():
+    cfg = LookHereConfig.from_dict(dict(PRESETS["lh-45"], distance="sqrt", fill_with="max"))
+    assert LookHereConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert LookHereConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    per_layer = LookHereConfig.from_dict({"global_slope": 1, "layer_slopes": [1, 1],
+                                          "head_directions": ["halves", "corners"]})
+    assert LookHereConfig.from_dict(json.loads(per_layer.to_json())) == per_layer
+
+
+def test_per_layer_head_directions():
+    cfg = {"global_slope": 1.0, "layer_slopes": [1.0, 0.5], "head_directions": ["halves", "triangles"]}
+    b = dense_bias(cfg, (3, 4), 2, 4)
+    torch.testing.assert_close(b[0], dense_bias(dict(cfg, head_directions="halves"), (3, 4), 2, 4)[0])
+    torch.testing.assert_close(b[1], dense_bias(dict(cfg, head_directions="triangles"), (3, 4), 2, 4)[1])
+    with pytest.raises(ValueError, match="one name string per layer"):
+        dense_bias(cfg, (3, 4), 3, 4)

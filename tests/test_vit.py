@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+
+import lookhere
+from lookhere import ViTConfig, create_vit, load_model, save_model
+
+
+def tiny(**kw):
+    args = dict(pos_encoding="lh-90", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=12,
+                num_classes=5, init_values=0.5)
+    args.update(kw)
+    return create_vit(**args).eval()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (128, 128), (24, 56), (8, 8)])
+def test_any_size_and_aspect_ratio_without_setup(size):
+    model = tiny()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert feats.shape == (2, 1 + (size[0] // 8) * (size[1] // 8), 48)
+
+
+def test_model_uses_lookhere_attention():
+    """The model's attention equals softmax(qk/sqrt(d) + LookHere bias) v, checked on layer 0."""
+    model = tiny()
+    x = torch.randn(1, 3, 24, 40)
+    with torch.no_grad():
+        tokens = torch.cat([model.cls_token, model.patch_embed(x).flatten(1, 2)], 1)
+        h = model.blocks[0].norm1(tokens)
+        attn = model.blocks[0].attn
+        q, k, v = attn.qkv(h).reshape(1, -1, 3, 12, 4).permute(2, 0, 3, 1, 4).double().unbind(0)
+        bias = torch.nn.functional.pad(lookhere.dense_bias("lh-90", (3, 5), 2, 12)[0].double(), (1, 0, 1, 0))
+        ref = ((q @ k.transpose(-1, -2)) / 2.0 + bias).softmax(-1) @ v
+        ref = attn.proj(ref.transpose(1, 2).reshape(1, -1, 48).float())
+        got = attn(h, model.pos_encoding, (3, 5), 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"30x32.*patch size 8"):
+        model(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="3 input channels, got 1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="pos_encoding"):
+        tiny(pos_encoding="bogus")
+    with pytest.raises(ValueError, match="num_heads"):
+        tiny(num_heads=5, embed_dim=40)
+    with pytest.raises(ValueError, match="img_size"):
+        tiny(img_size=30)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny(lookhere_config={"global_slope": 0.5, "layer_slopes": [1.0, 0.5],
+                                  "head_directions": "halves-corners-triangles"}, pos_encoding="lookhere")
+    x = torch.randn(2, 3, 40, 24)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert loaded.config == model.config
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_load_model_failures(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    save_model(tiny(), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_model(tmp_path)
+    save_model(tiny(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, embed_dim=96)))
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, colour="blue")))
+    with pytest.raises(ValueError, match="colour"):
+        load_model(tmp_path)
+
+
+def test_config_round_trips_yaml_and_json():
+    cfg = ViTConfig(img_size=(32, 48), patch_size=8, lookhere_config=lookhere.PRESETS["lh-45"], head_hidden_dim=64)
+    assert ViTConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert ViTConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+# --- timm's generic model contract -----------------------------------------------------------
+NAMES = timm.list_models("*lookhere*")
+
+
+def test_registered_in_timm():
+    assert len(NAMES) == 9
+    assert {"vit_base_patch16_lookhere_180", "vit_base_patch16_lookhere_90", "vit_base_patch16_lookhere_45"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_lookhere_180", "vit_small_patch16_lookhere_45"])
+def test_timm_contract(name):
+    model = timm.create_model(name, pretrained=False, num_classes=7, drop_path_rate=0.1, img_size=64).eval()
+    assert isinstance(model, lookhere.VisionTransformer)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["fixed_input_size"] is False
+    state = model.state_dict()
+    assert cfg["first_conv"] + ".weight" in state and cfg["classifier"] + ".weight" in state
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 1 + 4 * 6, model.num_features)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.num_features)
+        torch.testing.assert_close(model.forward_head(feats), model.get_classifier()(pre))
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert len(inter) == len(model.feature_info) == 12
+        assert inter[-1].shape == (2, model.num_features, 4, 6)
+        only = model.forward_intermediates(x, indices=[0, 5], intermediates_only=True, output_fmt="NLC")
+        assert [t.shape for t in only] == [(2, 24, model.num_features)] * 2
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        model.reset_classifier(3, global_pool="avg")
+        assert model(x).shape == (2, 3)
+
+
+def test_timm_features_only():
+    model = timm.create_model("vit_tiny_patch16_lookhere_90", features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 48, 80))
+    assert [m.shape for m in maps] == [(1, 192, 3, 5)] * 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny(drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 32, 40)
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
