@@ -27,6 +27,7 @@ class ViTConfig:
 
     pos_encoding: str = "lh-90"
     lookhere_config: Optional[dict] = None
+    pos_options: Optional[dict] = None  # extra arguments of the encoding, e.g. {"interpolate": True}
     img_size: Union[int, tuple[int, int]] = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -136,7 +137,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_encoding = build_position_encoding(
             cfg.pos_encoding, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, depth=cfg.depth,
-            grid_size=self.grid_size, lookhere_config=cfg.lookhere_config,
+            grid_size=self.grid_size, lookhere_config=cfg.lookhere_config, **(cfg.pos_options or {}),
         )
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
@@ -176,7 +177,9 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token"} | {n for n, _ in self.pos_encoding.named_parameters(prefix="pos_encoding")}
+        # Position tables and frequencies, like timm's pos_embed; the Fourier MLP's weights still decay.
+        names = {n for n, _ in self.pos_encoding.named_parameters(prefix="pos_encoding")}
+        return {"cls_token"} | {n for n in names if not n.startswith("pos_encoding.mlp.")}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -321,6 +324,18 @@ SIZES = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 _VARIANTS = {"180": "lh-180", "90": "lh-90", "45": "lh-45"}
+# The paper's baselines on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
+BASELINES = ("none", "learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d",
+             "rope-2d-axial", "rope-2d-mixed")
+
+
+def _name(size: str, pos_encoding: str) -> str:
+    if pos_encoding.startswith("lh-"):
+        return f"vit_{size}_patch16_lookhere_{pos_encoding[3:]}"
+    return f"vit_{size}_patch16_pe_{pos_encoding.replace('-', '_')}"
+
+
+MODEL_NAMES = {(size, pe): _name(size, pe) for size in SIZES for pe in (*_VARIANTS.values(), *BASELINES)}
 
 
 def _cfg(**kwargs: Any) -> dict:
@@ -332,9 +347,7 @@ def _cfg(**kwargs: Any) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs(
-    {f"vit_{size}_patch16_lookhere_{v}": _cfg() for size in SIZES for v in _VARIANTS}
-)
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES.values()})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
@@ -344,19 +357,16 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTran
     )
 
 
-def _register(size: str, v: str) -> None:
-    name = f"vit_{size}_patch16_lookhere_{v}"
-
+def _register(size: str, pos_encoding: str, name: str) -> None:
     def fn(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        args = dict(patch_size=16, pos_encoding=_VARIANTS[v], **SIZES[size])
+        args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size])
         return _create(name, pretrained, **dict(args, **kwargs))
 
     fn.__name__ = name
-    fn.__doc__ = f"ViT-{size.capitalize()}/16 with LookHere ({_VARIANTS[v].upper()})."
+    fn.__doc__ = f"ViT-{size.capitalize()}/16 with the {pos_encoding} position encoding."
     fn.__module__ = __name__
     register_model(fn)
 
 
-for _size in SIZES:
-    for _v in _VARIANTS:
-        _register(_size, _v)
+for (_size, _pe), _model_name in MODEL_NAMES.items():
+    _register(_size, _pe, _model_name)

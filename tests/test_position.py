@@ -1,0 +1,231 @@
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import RotaryEmbeddingMixed
+
+import lookhere
+from lookhere import POSITION_ENCODINGS, create_vit
+from lookhere.position import build_position_encoding
+
+TRAIN_GRID = (4, 4)
+RELATIVE = ["rpe-learned", "alibi-2d", "rope-2d-axial", "rope-2d-mixed", "lh-180", "lh-90", "lh-45"]
+ABSOLUTE = ["learned-1d", "sincos-2d", "factorized", "fourier"]
+
+
+def small(name, **kw):
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=12, num_classes=5, init_values=0.5)
+    return create_vit(name, **dict(args, **kw))
+
+
+def encoding(name, **kw):
+    return build_position_encoding(name, embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID, **kw)
+
+
+def test_every_paper_encoding_is_listed():
+    assert set(RELATIVE + ABSOLUTE + ["none"]) <= set(POSITION_ENCODINGS)
+
+
+@pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
+def test_builds_runs_extrapolates_and_is_used(name):
+    torch.manual_seed(0)
+    base = small("none")
+    model = small(name)
+    missing = model.load_state_dict(base.state_dict(), strict=False)
+    assert not missing.unexpected_keys and all(k.startswith("pos_encoding.") for k in missing.missing_keys)
+    for size in [(32, 32), (64, 64), (128, 128), (32, 72)]:
+        x = torch.randn(2, 3, *size)
+        out = model(x)
+        assert out.shape == (2, 5) and torch.isfinite(out).all(), size
+        out.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), size
+        model.zero_grad()
+        if name != "none":
+            with torch.no_grad():
+                diff = (model.forward_features(x) - base.forward_features(x)).abs().max()
+                assert diff > 1e-4, f"{name} is not used at {size}"
+
+
+def _pattern_output(pe, grid, offset, torch_seed=0):
+    """Attention outputs at a 3x3 pattern of tokens placed at `offset` in `grid` (background ignored)."""
+    g = torch.Generator().manual_seed(torch_seed)
+    C, H, D, ph, pw = 48, 12, 4, 3, 3
+    pattern = torch.randn(ph * pw, C, generator=g)
+    wq, wk, wv = (torch.randn(C, C, generator=g) / math.sqrt(C) for _ in range(3))
+    n = grid[0] * grid[1]
+    idx = torch.tensor([(y + offset[0]) * grid[1] + x + offset[1] for y in range(ph) for x in range(pw)])
+    x = torch.zeros(1, n, C)
+    x[0, idx] = pattern
+    x = pe.embed(x, grid)
+    split = lambda t: t.reshape(1, n, H, D).transpose(1, 2)  # noqa: E731
+    q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+    background = torch.ones(n, dtype=torch.bool)
+    background[idx] = False
+    q[..., 0] = 1.0 + q[..., 0].abs()  # every q has a positive first component ...
+    k[..., 0] = k[..., 0].clamp(-1, 1)
+    k[:, :, background, 0] = -1e3  # ... so background keys get no attention
+    v[:, :, background] = 0
+    with torch.no_grad():
+        out = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=0)
+    return out[:, :, idx]
+
+
+@pytest.mark.parametrize("name", RELATIVE)
+def test_relative_encodings_are_translation_equivariant(name):
+    pe = encoding(name)
+    a = _pattern_output(pe, (6, 6), (1, 1))
+    b = _pattern_output(pe, (8, 11), (4, 6))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ABSOLUTE)
+def test_absolute_encodings_are_not(name):
+    pe = encoding(name)
+    a = _pattern_output(pe, (6, 6), (1, 1))
+    b = _pattern_output(pe, (8, 11), (4, 6))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_resampling_is_identity_at_training_grid_and_bicubic_elsewhere():
+    # timm.layers.resample_abs_pos_embed is the function used; checked against torch's bicubic here.
+    pe = encoding("learned-1d")
+    assert torch.equal(pe.table(TRAIN_GRID), pe.pos_embed)
+    table = pe.pos_embed.reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+    ref = F.interpolate(table, size=(8, 6), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 48, 48)
+    torch.testing.assert_close(pe.table((8, 6)), ref)
+
+    fac = encoding("factorized")
+    rows, cols = fac.tables(TRAIN_GRID)
+    assert torch.equal(rows, fac.row_embed) and torch.equal(cols, fac.col_embed)
+    # Upsampling a 1D table: antialiased (PIL-style) cubic convolution, a = -0.5, half-pixel centres,
+    # taps outside the table dropped and the weights renormalised.
+    rows, cols = fac.tables((8, 2))
+    table = fac.row_embed[0].double()
+
+    def cubic(t, a=-0.5):
+        t = abs(t)
+        return (a + 2) * t**3 - (a + 3) * t**2 + 1 if t <= 1 else a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    for i in range(8):
+        centre = (i + 0.5) * 4 / 8
+        taps = [(j, cubic(j + 0.5 - centre)) for j in range(4)]
+        ref = sum(w * table[j] for j, w in taps) / sum(w for _, w in taps)
+        torch.testing.assert_close(rows[0, i].double(), ref, atol=1e-5, rtol=1e-5)
+    assert rows.shape == (1, 8, 48)
+    # Downsampling 4 -> 2 is antialiased: each output averages more than its nearest entries.
+    assert cols.shape == (1, 2, 48)
+    torch.testing.assert_close(cols.mean(1), fac.col_embed.mean(1), atol=0.02, rtol=0)
+    x = torch.zeros(1, 16, 48)
+    emb = fac.embed(x, (4, 4)).reshape(4, 4, 48)
+    torch.testing.assert_close(emb[2, 3], fac.row_embed[0, 2] + fac.col_embed[0, 3])
+
+
+def test_sincos_matches_formula():
+    pe = encoding("sincos-2d")
+    grid = (3, 5)
+    got = pe.embed(torch.zeros(1, 15, 48), grid)[0].double()
+    bands = [1.0 / 10000 ** (i / 12) for i in range(12)]
+    for i in range(15):
+        y, x = divmod(i, 5)
+        ref = ([math.sin(y * w) for w in bands] + [math.sin(x * w) for w in bands]
+               + [math.cos(y * w) for w in bands] + [math.cos(x * w) for w in bands])
+        torch.testing.assert_close(got[i], torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+
+
+def test_fourier_matches_formula_and_normalises_by_training_grid():
+    pe = encoding("fourier")
+    grid = (6, 3)
+    got = pe.embed(torch.zeros(1, 18, 48), grid)[0]
+    W = pe.proj.weight.double()  # (F/2, 2)
+    for i in range(18):
+        y, x = divmod(i, 3)
+        p = torch.tensor([(y + 0.5) / 4, (x + 0.5) / 4], dtype=torch.float64)
+        z = 2 * math.pi * (W @ p)
+        feats = torch.cat([z.cos(), z.sin()]) / math.sqrt(256)
+        ref = pe.mlp.double()(feats)
+        pe.mlp.float()
+        torch.testing.assert_close(got[i].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rpe_bias_indexes_and_clamps_the_table():
+    pe = encoding("rpe-learned")
+    grid = (3, 7)  # wider than the 4x4 training grid: |dx| up to 6 clamps to 3
+    bias = pe.bias(grid, layer=1)
+    for qi in range(21):
+        for ki in range(21):
+            dy = ki // 7 - qi // 7
+            dx = ki % 7 - qi % 7
+            cy, cx = max(-3, min(3, dy)) + 3, max(-3, min(3, dx)) + 3
+            torch.testing.assert_close(bias[:, qi, ki], pe.table[1, :, cy, cx])
+
+
+def test_alibi_bias_matches_formula():
+    pe = encoding("alibi-2d")
+    bias = pe.bias((3, 4))
+    for h in range(12):
+        slope = 2 ** (-8 * (h + 1) / 12)
+        for qi in range(12):
+            for ki in range(12):
+                d = math.hypot(ki // 4 - qi // 4, ki % 4 - qi % 4)
+                assert abs(bias[h, qi, ki].item() + slope * d) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["rope-2d-axial", "rope-2d-mixed"])
+def test_rope_scores_depend_only_on_offset(name):
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    pe = encoding(name)
+    qv, kv = torch.randn(2, 12, 1, 4).unbind(0)
+    emb = pe.rotary((9, 9), layer=0)  # (H, N, 2D)
+
+    def score(qpos, kpos):
+        rq = apply_rot_embed_cat(qv, emb[:, qpos:qpos + 1])
+        rk = apply_rot_embed_cat(kv, emb[:, kpos:kpos + 1])
+        return (rq * rk).sum(-1)
+
+    for (qa, ka), shift in [((0, 10), 30), ((40, 12), 2), ((5, 5), 70)]:
+        torch.testing.assert_close(score(qa, ka), score(qa + shift, ka + shift), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(0, 10), score(0, 11), atol=1e-4)
+
+
+def test_rope_axial_matches_complex_rotation():
+    pe = encoding("rope-2d-axial")
+    grid = (3, 4)
+    q = torch.randn(1, 12, 12, 4)
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    got = apply_rot_embed_cat(q, pe.rotary(grid, layer=0))
+    mags = [1.0 / 100 ** (j * 4 / 4) for j in range(1)]  # head_dim 4: one frequency per axis
+    ref = torch.empty_like(q)
+    for i in range(12):
+        y, x = divmod(i, 4)
+        angles = [x * mags[0], y * mags[0]]  # pair 0 turns with x, pair 1 with y
+        for j, a in enumerate(angles):
+            c = torch.complex(q[..., i, 2 * j], q[..., i, 2 * j + 1]) * complex(math.cos(a), math.sin(a))
+            ref[..., i, 2 * j], ref[..., i, 2 * j + 1] = c.real, c.imag
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_mixed_matches_timm_rotary_embedding_mixed():
+    pe = encoding("rope-2d-mixed")
+    ref = RotaryEmbeddingMixed(48, depth=2, num_heads=12, grid_indexing="xy")
+    with torch.no_grad():
+        ref.freqs.copy_(pe.freqs)
+    torch.testing.assert_close(pe.rotary((3, 5), layer=1), ref.get_embed([3, 5])[1])
+
+
+def test_rope_interpolation_squeezes_into_training_range():
+    pe = encoding("rope-2d-axial", interpolate=True)
+    y, x = lookhere.position.patch_coords((10, 7), TRAIN_GRID, interpolate=True)
+    assert float(y.max()) == pytest.approx(3.0) and float(x.max()) == pytest.approx(3.0)
+    torch.testing.assert_close(pe.rotary(TRAIN_GRID, 0), encoding("rope-2d-axial").rotary(TRAIN_GRID, 0))
+
+
+def test_baselines_in_timm():
+    model = timm.create_model("vit_tiny_patch16_pe_rope_2d_mixed", num_classes=3, img_size=64)
+    assert model.pos_encoding.name == "rope-2d-mixed"
+    assert model(torch.randn(1, 3, 96, 64)).shape == (1, 3)
+    assert "vit_small_patch16_pe_learned_1d" in timm.list_models("vit_small_patch16_pe_*")
