@@ -229,3 +229,16 @@ def test_baselines_in_timm():
     assert model.pos_encoding.name == "rope-2d-mixed"
     assert model(torch.randn(1, 3, 96, 64)).shape == (1, 3)
     assert "vit_small_patch16_pe_learned_1d" in timm.list_models("vit_small_patch16_pe_*")
+
+
+@pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
+def test_unfused_attention_weights_equal_the_fused_path(name):
+    """The analysis path (explicit weights) and the fast path compute the same attention."""
+    pe = encoding(name)
+    grid, p = (3, 5), 1
+    q, k, v = torch.randn(3, 2, 12, p + 15, 4).unbind(0)
+    with torch.no_grad():
+        fused = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
+        weights = pe.attention_weights(q, k, grid=grid, layer=1, num_prefix_tokens=p)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 12, p + 15))
+    torch.testing.assert_close(weights @ v, fused, rtol=1e-5, atol=1e-5)

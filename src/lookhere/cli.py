@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 import time
 
 
@@ -43,6 +45,145 @@ def _fov(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--pos-encoding`` for ``pos_encoding``); defaults come from
+    the config file when ``--config`` is given, then from the dataclass."""
+    import dataclasses
+    import typing
+
+    from .train import TrainConfig
+
+    parser.add_argument("--config", help="YAML file of settings (flag names with - or _); flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = base[0]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind is dict:
+            parser.add_argument(flag, type=json.loads, default=None, help="JSON object")
+        else:
+            parser.add_argument(flag, type=kind, default=None)
+
+
+def _train_config(args: argparse.Namespace):
+    import dataclasses
+
+    from .train import TrainConfig
+
+    if args.config:
+        base = TrainConfig.from_yaml(args.config).to_dict()
+    elif args.resume:  # a resumed run keeps its own settings unless a flag says otherwise
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no config.yaml there; is it a lookhere run directory?")
+        base = TrainConfig.from_yaml(saved).to_dict()
+    else:
+        base = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            base[f.name] = value
+    return TrainConfig.from_dict(base)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    result = train(_train_config(args))
+    result.pop("model", None)
+    print(json.dumps(result))
+    return 0
+
+
+def _data_preview(args: argparse.Namespace) -> int:
+    from .data.preview import preview
+
+    print(preview(args.out, sizes=tuple(args.sizes), count=args.count, task=args.task, seed=args.seed))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, load_checkpoint, markdown_table, parse_eps, run_eval, write_results
+
+    model, cfg = load_checkpoint(args.checkpoint, num_heads=args.num_heads)
+    _apply_knobs(model, args)
+    data = args.data or (cfg.data if cfg else None)
+    if not data:
+        raise ValueError("--data is required for a checkpoint without a training config")
+    train_size = args.train_size or (cfg.img_size if cfg else None) or args.sizes[0]
+    settings = EvalSettings(data=data, sizes=args.sizes, train_size=train_size, split=args.split,
+                            length=args.length, data_root=args.data_root or (cfg.data_root if cfg else None),
+                            seed=cfg.seed if cfg and args.seed is None else (args.seed or 0),
+                            batch_size=args.batch_size, workers=args.workers,
+                            adversarial=tuple(a for a in (args.adversarial or "").split(",") if a),
+                            eps=tuple(parse_eps(args.eps)), pgd_steps=args.pgd_steps,
+                            adversarial_samples=args.adversarial_samples, by_object_size=args.by_object_size)
+    results = run_eval(model, settings, device=args.device, progress=not args.no_progress)
+    out = args.output or (str(Path(args.checkpoint) / "eval") if Path(args.checkpoint).is_dir() else "eval")
+    files = write_results(results, out, Path(args.checkpoint).name)
+    print(markdown_table(results, Path(args.checkpoint).name))
+    print(f"wrote {files['json']}, {files['markdown']}, {files['plot']}")
+    return 0
+
+
+def _apply_knobs(model, args: argparse.Namespace) -> None:
+    """Test-time extrapolation knobs of each encoding."""
+    pe = model.pos_encoding
+    if getattr(args, "lh_global_slope", None) is not None:
+        if not hasattr(pe, "config"):
+            raise ValueError(f"--lh-global-slope applies to LookHere models, not {pe.name}")
+        pe.config = pe.config.replace(global_slope=args.lh_global_slope)
+    if getattr(args, "rope_interpolate", False):
+        if not hasattr(pe, "interpolate"):
+            raise ValueError(f"--rope-interpolate applies to RoPE models, not {pe.name}")
+        pe.interpolate = True
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analyze import run_analysis, table
+    from .data import DataSpec, build_dataset
+    from .evaluate import load_checkpoint
+
+    model, cfg = load_checkpoint(args.checkpoint, num_heads=args.num_heads)
+    data = args.data or (cfg.data if cfg else None)
+    if not data:
+        raise ValueError("--data is required for a checkpoint without a training config")
+    images = {}
+    for size in args.sizes:
+        ds = build_dataset(DataSpec(data, size, None, cfg.seed if cfg else 0, args.data_root), args.split, train=False)
+        items = [ds[i] for i in range(min(args.num_images, len(ds)))]
+        images[size] = torch.stack([x for x, _ in (it for it in items if it is not None)])
+    out = args.output or (str(Path(args.checkpoint) / "analysis") if Path(args.checkpoint).is_dir() else "analysis")
+    res = run_analysis(model, images, out, layer=args.layer)
+    print(table(res["summary"]))
+    print("wrote " + ", ".join(res["files"].values()))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .report import compare
+
+    files = compare(args.runs, args.output, names=args.names, title=args.title)
+    print(Path(files["markdown"]).read_text())
+    print(f"wrote {files['markdown']} and {files['html']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.output, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    print(Path(result["report"]["markdown"]).read_text())
+    print(f"report: {result['report']['markdown']} (and {result['report']['html']}); "
+          f"{result['minutes']:.1f} minutes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookhere", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +201,70 @@ def build_parser() -> argparse.ArgumentParser:
     fov.add_argument("--grid", type=int, default=15)
     fov.add_argument("--out-dir", default=".")
     fov.set_defaults(func=_fov)
+
+    tr = sub.add_parser("train", help="train a ViT (any position encoding); resumable, torchrun-ready")
+    _add_train_flags(tr)
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="accuracy, NLL and calibration across sizes; attacks; object sizes")
+    ev.add_argument("--checkpoint", required=True, help="run directory, model directory or released .pth")
+    ev.add_argument("--data", help="dataset (default: the run's)")
+    ev.add_argument("--data-root")
+    ev.add_argument("--sizes", type=int, nargs="+", required=True)
+    ev.add_argument("--train-size", type=int)
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--length", type=int, help="number of samples (synthetic scenes) to evaluate")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--adversarial", help="comma-separated: fgsm,pgd")
+    ev.add_argument("--eps", default="1/255,2/255")
+    ev.add_argument("--pgd-steps", type=int, default=10)
+    ev.add_argument("--adversarial-samples", type=int, default=256)
+    ev.add_argument("--by-object-size", action="store_true")
+    ev.add_argument("--lh-global-slope", type=float, help="LookHere: scale of the distance penalty at test time")
+    ev.add_argument("--rope-interpolate", action="store_true", help="RoPE: squeeze coordinates into the training range")
+    ev.add_argument("--num-heads", type=int, default=12, help="heads of a released checkpoint")
+    ev.add_argument("--output")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    an = sub.add_parser("analyze", help="attention distance, head diversity, token similarity, attention maps")
+    an.add_argument("--checkpoint", required=True)
+    an.add_argument("--data")
+    an.add_argument("--data-root")
+    an.add_argument("--sizes", type=int, nargs="+", required=True)
+    an.add_argument("--split", default="test", choices=["train", "val", "test"])
+    an.add_argument("--num-images", type=int, default=16)
+    an.add_argument("--layer", type=int, help="layer of the attention-map picture (default: last)")
+    an.add_argument("--num-heads", type=int, default=12)
+    an.add_argument("--output")
+    an.set_defaults(func=_analyze)
+
+    cp = sub.add_parser("compare", help="one report (Markdown + HTML) of several evaluated runs")
+    cp.add_argument("runs", nargs="+", help="run directories (or their eval.json)")
+    cp.add_argument("--names", nargs="+")
+    cp.add_argument("--title", default="Comparison")
+    cp.add_argument("--output", default="report")
+    cp.set_defaults(func=_compare)
+
+    dm = sub.add_parser("demo", help="LookHere vs. 2D-RoPE: train small, test large, write a report")
+    dm.add_argument("--output", default="demo")
+    dm.add_argument("--quick", action="store_true", help="a 2-minute version")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=_demo)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pv = data_sub.add_parser("preview", help="PNG grid of synthetic scenes at two resolutions")
+    pv.add_argument("--out", default="synthetic-preview.png")
+    pv.add_argument("--sizes", type=int, nargs=2, default=[32, 128])
+    pv.add_argument("--count", type=int, default=8)
+    pv.add_argument("--task", choices=["what", "where"], default="what")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.set_defaults(func=_data_preview)
     return parser
 
 
@@ -67,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"lookhere {args.command}: error: {e}", file=sys.stderr)
         return 2
 

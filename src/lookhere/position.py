@@ -67,6 +67,23 @@ class PositionEncoding(nn.Module):
     def attend(self, q, k, v, *, grid: tuple[int, int], layer: int, num_prefix_tokens: int) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
+    # The unfused view of the same attention, for analysis: ``attend`` must equal
+    # ``attention_weights(...) @ v`` (tested for every encoding).
+    def rotate(self, q, k, *, grid, layer, num_prefix_tokens):
+        return q, k
+
+    def score_bias(self, *, grid, layer, num_prefix_tokens, device) -> torch.Tensor | None:
+        """Additive ``(H, T, T)`` score bias, prefix rows/columns included; None when there is none."""
+        return None
+
+    def attention_weights(self, q, k, *, grid, layer, num_prefix_tokens) -> torch.Tensor:
+        q, k = self.rotate(q, k, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        bias = self.score_bias(grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens, device=q.device)
+        if bias is not None:
+            scores = scores + bias.float()
+        return scores.softmax(-1)
+
 
 class LookHere(PositionEncoding):
     """LookHere: directed 2D attention masks and distance penalties; no parameters.
@@ -80,7 +97,7 @@ class LookHere(PositionEncoding):
         super().__init__()
         self.name = config if isinstance(config, str) else "lookhere"
         self.config = resolve_config(config)
-        self.depth = depth
+        self.depth, self.num_heads = depth, num_heads
         # Validate head assignment for every layer now rather than at the first forward.
         from .masks import head_specs
 
@@ -92,6 +109,12 @@ class LookHere(PositionEncoding):
             q, k, v, config=self.config, grid_size=grid, layer=layer, depth=self.depth,
             num_prefix_tokens=num_prefix_tokens,
         )
+
+    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
+        from .masks import layer_bias
+
+        bias = layer_bias(self.config, grid, layer, self.depth, self.num_heads, device=device)
+        return F.pad(bias, (num_prefix_tokens, 0, num_prefix_tokens, 0))
 
     def extra_repr(self) -> str:
         return f"{self.config.to_dict()}"
@@ -220,6 +243,9 @@ class RelativeBias(PositionEncoding):
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
         return _attend_with_bias(q, k, v, self.bias(grid, layer), num_prefix_tokens)
 
+    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
+        return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
+
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi's geometric head slopes 2^(-8 h / H), h = 1..H."""
@@ -243,6 +269,9 @@ class Alibi2d(PositionEncoding):
 
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
         return _attend_with_bias(q, k, v, self.bias(grid), num_prefix_tokens)
+
+    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
+        return F.pad(self.bias(grid), (num_prefix_tokens, 0, num_prefix_tokens, 0))
 
 
 class Rope2d(PositionEncoding):
@@ -278,11 +307,15 @@ class Rope2d(PositionEncoding):
         y, x = patch_coords(grid, self.grid_size, device=self.freqs.device, interpolate=self.interpolate)
         return get_mixed_freqs(self.freqs[:, layer], x, y, dtype=torch.float32)  # (H, N, 2 * head_dim)
 
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
+    def rotate(self, q, k, *, grid, layer, num_prefix_tokens):
         emb = self.rotary(grid, layer)
         p = num_prefix_tokens
         q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], emb)], dim=2)
         k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], emb)], dim=2)
+        return q, k
+
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
+        q, k = self.rotate(q, k, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens)
         return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -1,0 +1,296 @@
+"""Evaluation across image sizes: accuracy, NLL, calibration, adversarial robustness, object sizes.
+
+Images reach the model normalised; attacks work in pixel space ([0, 1], L-inf) and normalise again,
+so ``eps = 1/255`` means one grey level whatever the dataset's mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from .data import DataSpec, build_dataset, collate
+
+
+# --- loading -----------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path, *, num_heads: int = 12, weights: str = "best"):
+    """A model from a run directory (its ``best/`` or ``last/``), a model directory, or a released
+    LookHere ``.pth`` file. Returns ``(model, train_config_or_None)``."""
+    from .io import load_model
+    from .official import load_official
+    from .train import TrainConfig
+
+    p = Path(path)
+    if p.is_file():
+        return load_official(p, num_heads=num_heads), None
+    if (p / "config.yaml").is_file():
+        cfg = TrainConfig.from_yaml(p / "config.yaml")
+        for name in (weights, "best", "last"):
+            if (p / name / "model.safetensors").is_file():
+                return load_model(p / name), cfg
+        raise FileNotFoundError(f"{p}: a run directory without a checkpoint yet (no best/ or last/)")
+    if (p / "config.json").is_file():
+        return load_model(p), None
+    raise FileNotFoundError(f"{p}: not a run directory, model directory or checkpoint file")
+
+
+# --- metrics -----------------------------------------------------------------------------------
+@dataclass
+class Metrics:
+    """Accumulates logits and labels; top-k, NLL and 15-bin ECE by torchmetrics."""
+
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro")
+        self.ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")
+        self.nll_sum, self.n = 0.0, 0
+        self.correct: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits, labels = logits.float().cpu(), labels.cpu()
+        self.top1.update(logits, labels)
+        self.top5.update(logits, labels)
+        self.ece.update(logits.softmax(-1), labels)
+        self.nll_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        self.n += len(labels)
+        self.correct.append(logits.argmax(-1) == labels)
+
+    def compute(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("no samples were evaluated")
+        return {"top1": self.top1.compute().item(), "top5": self.top5.compute().item(),
+                "nll": self.nll_sum / self.n, "ece": self.ece.compute().item(), "n": self.n}
+
+    def per_sample_correct(self) -> torch.Tensor:
+        return torch.cat(self.correct)
+
+
+# --- attacks -----------------------------------------------------------------------------------
+def _to_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return x * std + mean
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
+               step_size: Optional[float] = None, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+               random_start: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """L-inf PGD in pixel space on normalised inputs; ``steps=1, step_size=eps`` is FGSM.
+
+    Returns normalised adversarial inputs whose pixels stay in [0, 1] and within ``eps`` of ``x``.
+    """
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    pixels = _to_pixels(x, m, s).detach()
+    step_size = eps if step_size is None else step_size
+    adv = pixels.clone()
+    if random_start:
+        noise = torch.rand(pixels.shape, generator=generator, device="cpu").to(x.device) * 2 - 1
+        adv = (adv + eps * noise).clamp(0, 1)
+    was_training = model.training
+    model.eval()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = F.cross_entropy(model((adv - m) / s), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + step_size * grad.sign()
+        adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
+    model.train(was_training)
+    return ((adv - m) / s).detach()
+
+
+def fgsm_attack(model, x, y, eps, *, mean=(0.0,), std=(1.0,)) -> torch.Tensor:
+    return pgd_attack(model, x, y, eps, steps=1, step_size=eps, mean=mean, std=std)
+
+
+def parse_eps(text: str) -> list[float]:
+    """``"1/255,2/255"`` -> ``[1/255, 2/255]``."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        num, _, den = part.partition("/")
+        try:
+            out.append(float(num) / (float(den) if den else 1.0))
+        except ValueError:
+            raise ValueError(f"--eps {text!r}: expected numbers or fractions like 1/255, comma separated") from None
+    if not out or any(e < 0 for e in out):
+        raise ValueError(f"--eps {text!r}: expected non-negative values")
+    return out
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+def _loader(ds, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+
+
+def evaluate_size(model: nn.Module, ds, num_classes: int, *, batch_size: int = 64, workers: int = 0,
+                  device: torch.device = torch.device("cpu"), progress: Optional[Callable] = None) -> Metrics:
+    metrics = Metrics(num_classes)
+    model.eval()
+    with torch.no_grad():
+        for images, labels, _ in _loader(ds, batch_size, workers):
+            if not len(labels):
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(images.to(device))
+            metrics.update(logits, labels)
+            if progress:
+                progress(len(labels))
+    return metrics
+
+
+def object_size_quintiles(sizes: np.ndarray) -> np.ndarray:
+    """Quintile (0..4) of each sample's object size."""
+    edges = np.quantile(sizes, [0.2, 0.4, 0.6, 0.8])
+    return np.searchsorted(edges, sizes, side="right")
+
+
+@dataclass
+class EvalSettings:
+    data: str
+    sizes: list[int]
+    train_size: Optional[int] = None
+    split: str = "test"
+    length: Optional[int] = None  # number of evaluation samples (synthetic: the split's length)
+    data_root: Optional[str] = None
+    seed: int = 0
+    batch_size: int = 64
+    workers: int = 0
+    adversarial: tuple[str, ...] = ()
+    eps: tuple[float, ...] = (1 / 255, 2 / 255)
+    pgd_steps: int = 10
+    adversarial_samples: int = 256
+    by_object_size: bool = False
+    num_classes: Optional[int] = None
+
+
+def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.device = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Metrics at each size (plus attacks at the training size and object-size buckets)."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    train_size = settings.train_size or settings.sizes[0]
+    results: dict[str, Any] = {"data": settings.data, "split": settings.split, "train_size": train_size,
+                               "sizes": {}, "adversarial": {}, "by_object_size": None}
+    correct_by_size: dict[int, torch.Tensor] = {}
+    sizes_of_objects: Optional[np.ndarray] = None
+    for size in settings.sizes:
+        if size % model.patch_size:
+            raise ValueError(f"--sizes: {size} px is not a multiple of the patch size {model.patch_size}")
+        spec = DataSpec(settings.data, size, None, settings.seed, settings.data_root)
+        ds = build_dataset(spec, settings.split, train=False, length=settings.length)
+        num_classes = settings.num_classes or model.num_classes
+        bar = tqdm(total=len(ds), desc=f"{size}px", unit="img", disable=not progress, leave=False)
+        m = evaluate_size(model, ds, num_classes, batch_size=settings.batch_size, workers=settings.workers,
+                          device=device, progress=bar.update)
+        bar.close()
+        results["sizes"][str(size)] = m.compute()
+        correct_by_size[size] = m.per_sample_correct()
+        if settings.by_object_size and sizes_of_objects is None:
+            if not hasattr(ds, "object_size"):
+                raise ValueError(f"--by-object-size: dataset {settings.data!r} does not know its object sizes")
+            sizes_of_objects = np.array([ds.object_size(i) for i in range(len(ds))])
+        if size == train_size and settings.adversarial:
+            results["adversarial"] = _adversarial(model, ds, settings, device)
+    if settings.by_object_size and sizes_of_objects is not None and train_size in correct_by_size:
+        q = object_size_quintiles(sizes_of_objects)
+        base = correct_by_size[train_size].float()
+        table = {}
+        for size, corr in correct_by_size.items():
+            row = []
+            for b in range(5):
+                sel = torch.from_numpy(q == b)
+                row.append(float(corr.float()[sel].mean() - base[sel].mean()) if sel.any() else math.nan)
+            table[str(size)] = row
+        edges = np.quantile(sizes_of_objects, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]).tolist()
+        results["by_object_size"] = {"quintile_edges": edges, "accuracy_change": table}
+    return results
+
+
+def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
+    mean, std = getattr(ds, "mean", (0.0,)), getattr(ds, "std", (1.0,))
+    n = min(settings.adversarial_samples, len(ds))
+    subset = Subset(ds, range(n))
+    out: dict[str, Any] = {"n": n}
+    gen = torch.Generator().manual_seed(settings.seed)
+    for attack in settings.adversarial:
+        if attack not in ("fgsm", "pgd"):
+            raise ValueError(f"--adversarial {attack!r}; allowed: fgsm, pgd")
+        for eps in settings.eps:
+            correct = total = 0
+            for images, labels, _ in _loader(subset, settings.batch_size, settings.workers):
+                images, labels = images.to(device), labels.to(device)
+                if attack == "fgsm":
+                    adv = fgsm_attack(model, images, labels, eps, mean=mean, std=std)
+                else:
+                    adv = pgd_attack(model, images, labels, eps, steps=settings.pgd_steps,
+                                     step_size=2.5 * eps / settings.pgd_steps, mean=mean, std=std,
+                                     random_start=True, generator=gen)
+                with torch.no_grad():
+                    correct += (model(adv).argmax(-1) == labels).sum().item()
+                total += len(labels)
+            out[f"{attack}@{eps * 255:g}/255"] = correct / max(total, 1)
+    return out
+
+
+# --- writing -----------------------------------------------------------------------------------
+def markdown_table(results: dict[str, Any], name: str = "model") -> str:
+    lines = [f"| {name} | size | top-1 | top-5 | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
+    for size, m in results["sizes"].items():
+        lines.append(f"| | {size} | {m['top1']:.4f} | {m['top5']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} |")
+    if results.get("adversarial"):
+        lines += ["", "| attack (at the training size) | robust top-1 |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in results["adversarial"].items() if k != "n"]
+    if results.get("by_object_size"):
+        edges = results["by_object_size"]["quintile_edges"]
+        heads = [f"{edges[i]:.2f}-{edges[i + 1]:.2f}" for i in range(5)]
+        lines += ["", "Accuracy change from the training size, by object-size quintile (object side / image side):",
+                  "", "| size | " + " | ".join(heads) + " |", "|---:|" + "---:|" * 5]
+        for size, row in results["by_object_size"]["accuracy_change"].items():
+            lines.append(f"| {size} | " + " | ".join(f"{v:+.4f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, metric: str = "top1") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, res in runs.items():
+        sizes = [int(s) for s in res["sizes"]]
+        ax.plot(sizes, [res["sizes"][str(s)][metric] for s in sizes], marker="o", label=name)
+        ax.axvline(res.get("train_size", sizes[0]), color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("test image size (px); dotted: training size")
+    ax.set_ylabel(metric)
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path, name: str = "model") -> dict[str, str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    (out / "eval.md").write_text(markdown_table(results, name))
+    plot_accuracy({name: results}, out / "accuracy_vs_size.png")
+    return {"json": str(out / "eval.json"), "markdown": str(out / "eval.md"), "plot": str(out / "accuracy_vs_size.png")}
