@@ -107,3 +107,75 @@ def test_bad_shapes_are_clear_errors():
         lookhere_attention(q, q, q, config={"global_slope": 1, "layer_slopes": [1, 1],
                                             "head_directions": "halves-corners-triangles-diagonals"},
                            grid_size=(4, 4), layer=0, depth=1)
+
+
+BACKEND_CASES = [(name, grid) for name in CONFIGS for grid in [(6, 6), (4, 9), (11, 3)]]
+
+
+@pytest.mark.parametrize("backend", ["slab", "flex"])
+@pytest.mark.parametrize("name,grid", BACKEND_CASES)
+def test_fast_backends_equal_dense_float64(backend, name, grid):
+    from lookhere.config import resolve_config
+    from lookhere.masks import head_specs
+    from lookhere.slab import supported
+
+    cfg = CONFIGS[name]
+    if backend == "slab" and not supported(resolve_config(cfg), head_specs(resolve_config(cfg).head_directions, 12)):
+        with pytest.raises(ValueError, match="slab backend"):
+            lookhere_attention(*torch.randn(3, 1, 12, 1 + grid[0] * grid[1], 8).unbind(0), config=cfg,
+                               grid_size=grid, layer=0, depth=2, backend=backend)
+        return
+    for prefix in (0, 1, 4):
+        T = prefix + grid[0] * grid[1]
+        q, k, v = torch.randn(3, 2, 12, T, 16).unbind(0)
+        out = lookhere_attention(q, k, v, config=cfg, grid_size=grid, layer=1, depth=3, num_prefix_tokens=prefix,
+                                 backend=backend)
+        ref = dense_reference(q, k, v, cfg, grid, 1, 3, prefix)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows_per_call", [1, 3, 4, 16])
+def test_slab_rows_per_call_and_side_groups(rows_per_call):
+    from lookhere.config import resolve_config
+    from lookhere.masks import head_scales, head_specs
+    from lookhere.slab import head_groups, slab_attention
+
+    cfg = resolve_config("lh-180")
+    heads = head_specs(cfg.head_directions, 12)
+    # halves look to one side each; the four diagonal half-planes see both sides of both axes.
+    assert dict(head_groups(heads)) == {"up": (0, 4), "down": (1, 5), "left": (2, 6), "right": (3, 7),
+                                        "all": (8, 9, 10, 11)}
+    grid = (7, 10)
+    q, k, v = torch.randn(3, 1, 12, 71, 8).unbind(0)
+    out = slab_attention(q, k, v, config=cfg, heads=heads, scales=head_scales(cfg, heads, 2, 4), grid=grid,
+                         num_prefix_tokens=1, rows_per_call=rows_per_call)
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v, "lh-180", grid, 2, 4, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_within_bf16_tolerance():
+    grid = (7, 7)
+    q, k, v = torch.randn(3, 1, 12, 50, 32).unbind(0)
+    ref = dense_reference(q, k, v, "lh-90", grid, 0, 2, 1)
+    for backend in ("dense", "slab"):
+        out = lookhere_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), config="lh-90", grid_size=grid, layer=0,
+                                 depth=2, backend=backend)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_backend_choice():
+    from lookhere.attention import choose_backend
+    from lookhere.config import resolve_config
+    from lookhere.masks import head_specs
+
+    cfg = resolve_config("lh-90")
+    heads = head_specs(cfg.head_directions, 12)
+    assert choose_backend(torch.device("cpu"), 196, cfg, heads) == "dense"
+    assert choose_backend(torch.device("cpu"), 4096, cfg, heads) == "slab"
+    assert choose_backend(torch.device("cpu"), 4096, cfg.replace(fill_with="max"), heads) == "dense"
+    centre = resolve_config({"global_slope": 1, "layer_slopes": [1, 1], "head_directions": "halves-center"})
+    assert choose_backend(torch.device("cpu"), 4096, centre, head_specs("halves-center", 12)) == "dense"
+    assert choose_backend(torch.device("cuda"), 196, cfg, heads) == "flex"
+    with pytest.raises(ValueError, match="backend"):
+        q = torch.randn(1, 12, 17, 4)
+        lookhere_attention(q, q, q, config="lh-90", grid_size=(4, 4), layer=0, depth=1, backend="fast")

@@ -1,12 +1,10 @@
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import lookhere
 from lookhere import PRESETS, LookHereConfig, dense_bias
 from lookhere.config import GROUPS
 
@@ -132,3 +130,14 @@ def test_per_layer_head_directions():
     torch.testing.assert_close(b[1], dense_bias(dict(cfg, head_directions="triangles"), (3, 4), 2, 4)[1])
     with pytest.raises(ValueError, match="one name string per layer"):
         dense_bias(cfg, (3, 4), 3, 4)
+
+
+def test_half_plane_form_equals_the_primitives():
+    from lookhere.masks import CONSTRAINTS, PRIMITIVES
+
+    dy, dx = torch.meshgrid(torch.arange(-9, 10), torch.arange(-9, 10), indexing="ij")
+    for name, see in PRIMITIVES.items():
+        by_planes = torch.ones_like(dy, dtype=torch.bool)
+        for a, b in CONSTRAINTS[name]:
+            by_planes &= a * dy + b * dx >= 0
+        assert torch.equal(by_planes, see(dy, dx)), name

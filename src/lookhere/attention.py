@@ -35,6 +35,23 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -
         raise ValueError(f"q has T={q.shape[2]} tokens; the grid and prefix tokens need T={tokens}")
 
 
+BACKENDS = ("auto", "dense", "slab", "flex")
+# Below this many patches the dense path's few large SDPA calls beat the slabs' many smaller ones.
+SLAB_MIN_PATCHES = 576
+
+
+def choose_backend(device: torch.device, num_patches: int, config: LookHereConfig,
+                   heads: tuple[HeadSpec, ...]) -> str:
+    """FlexAttention on GPU; on CPU row slabs for large grids where they apply, else the dense path."""
+    from .slab import supported
+
+    if device.type == "cuda":
+        return "flex"
+    if num_patches >= SLAB_MIN_PATCHES and supported(config, heads):
+        return "slab"
+    return "dense"
+
+
 def lookhere_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -45,12 +62,14 @@ def lookhere_attention(
     layer: int,
     depth: int,
     num_prefix_tokens: int = 1,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """LookHere attention of one layer for q, k, v of shape ``(B, H, T, D)``.
 
     ``T = num_prefix_tokens + gy * gx``; prefix tokens (CLS, registers) come first and see, and
     are seen by, every token without penalty. ``config`` is a preset name, a published-format
-    dict or a :class:`LookHereConfig`.
+    dict or a :class:`LookHereConfig`. ``backend``: ``"dense"`` (bias rows per query chunk, the
+    reference), ``"slab"`` (CPU, skips masked keys), ``"flex"`` (FlexAttention), or ``"auto"``.
     """
     cfg: LookHereConfig = resolve_config(config)
     gy, gx = check_grid(grid_size)
@@ -60,7 +79,23 @@ def lookhere_attention(
     _check_qkv(q, k, v, p + n)
     B, H, T, D = q.shape
     heads = head_specs(cfg.directions_for_layer(layer, depth), H)
-    scale = torch.tensor(head_scales(cfg, heads, layer, depth), dtype=torch.float32, device=q.device)
+    scales = head_scales(cfg, heads, layer, depth)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = choose_backend(q.device, n, cfg, heads)
+    if backend == "slab":
+        from .slab import slab_attention, supported
+
+        if not supported(cfg, heads):
+            raise ValueError("the slab backend needs fill_with='inf' and no 'center' heads; use backend='dense'")
+        return slab_attention(q, k, v, config=cfg, heads=heads, scales=scales, grid=(gy, gx), num_prefix_tokens=p)
+    if backend == "flex":
+        from .flex import flex_lookhere_attention
+
+        return flex_lookhere_attention(q, k, v, config=cfg, heads=heads, scales=scales, grid=(gy, gx),
+                                       num_prefix_tokens=p)
+    scale = torch.tensor(scales, dtype=torch.float32, device=q.device)
 
     parts = []
     if p:

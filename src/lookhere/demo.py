@@ -24,7 +24,7 @@ class DemoPlan:
     patch_size: int = 4
 
 
-FULL = DemoPlan(train_length=4000, epochs=8, eval_length=1000, sizes=(32, 48, 64, 96, 128))
+FULL = DemoPlan(train_length=3500, epochs=8, eval_length=500, sizes=(32, 48, 64, 96, 128))
 QUICK = DemoPlan(train_length=768, epochs=2, eval_length=200, sizes=(32, 64, 128))
 
 

@@ -68,6 +68,18 @@ def see_all(dy: Tensor, dx: Tensor) -> Tensor:
 
 _TRI = {"up": tri_up, "down": tri_down, "left": tri_left, "right": tri_right}
 
+# Every primitive is an intersection of half-planes through the query, ``a*dy + b*dx >= 0``
+# (a diagonal, the union of two cones, is itself one half-plane). This form is what the fast
+# backends use: vectorised over heads, as FlexAttention mask_mods, and to sort heads by side.
+CONSTRAINTS: dict[str, tuple[tuple[int, int], ...]] = {
+    "up": ((-1, 0),), "down": ((1, 0),), "left": ((0, -1),), "right": ((0, 1),),
+    "tri_up": ((-1, -1), (-1, 1)), "tri_down": ((1, -1), (1, 1)),
+    "tri_left": ((-1, -1), (1, -1)), "tri_right": ((-1, 1), (1, 1)),
+    "diag_up_right": ((-1, 1),), "diag_up_left": ((-1, -1),),
+    "diag_down_right": ((1, 1),), "diag_down_left": ((1, -1),),
+    "zero": (), "center": (),
+}
+
 PRIMITIVES: dict[str, SeeFn] = {
     "up": up,
     "down": down,
@@ -97,11 +109,50 @@ class HeadSpec:
     def masked(self) -> bool:
         return any(p not in ("zero", "center") for p in self.primitives)
 
+    @property
+    def constraints(self) -> tuple[tuple[int, int], ...]:
+        """The FOV as half-planes ``a*dy + b*dx >= 0`` (duplicates removed)."""
+        return tuple(dict.fromkeys(c for p in self.primitives for c in CONSTRAINTS[p]))
+
     def sees(self, dy: Tensor, dx: Tensor) -> Tensor:
         seen = torch.ones_like(dy, dtype=torch.bool)
         for p in self.primitives:
             seen = seen & PRIMITIVES[p](dy, dx)
         return seen
+
+
+PENALTY_KINDS = {"distance": 0, "zero": 1, "center": 2}
+
+
+@dataclass(frozen=True)
+class HeadTables:
+    """Per-head tensors of one layer's heads: FOV half-planes, penalty kind and slope."""
+
+    coef: Tensor  # (H, C, 2) int: a, b of each half-plane a*dy + b*dx >= 0; (0, 0) pads
+    kind: Tensor  # (H,) int: PENALTY_KINDS
+    slope: Tensor  # (H,) float64: head slopes
+
+
+def head_tables(heads: tuple[HeadSpec, ...], device: torch.device | str = "cpu") -> HeadTables:
+    c = max(1, max(len(h.constraints) for h in heads))
+    coef = torch.zeros(len(heads), c, 2, dtype=torch.long)
+    for i, h in enumerate(heads):
+        for j, ab in enumerate(h.constraints):
+            coef[i, j] = torch.tensor(ab)
+    kind = torch.tensor([PENALTY_KINDS[h.penalty] for h in heads])
+    slope = torch.tensor([h.slope for h in heads], dtype=torch.float64)
+    return HeadTables(coef.to(device), kind.to(device), slope.to(device))
+
+
+def fov_from_tables(coef: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """``(H, *dy.shape)`` FOV: every half-plane of each head holds. ``coef``: ``(H, C, 2)``."""
+    shape = (coef.shape[0],) + (1,) * dy.dim()
+    coef, dy, dx = coef.to(torch.int32), dy.to(torch.int32), dx.to(torch.int32)
+    seen = None
+    for c in range(coef.shape[1]):  # one (H, ...) temporary at a time
+        ok = (coef[:, c, 0].reshape(shape) * dy + coef[:, c, 1].reshape(shape) * dx) >= 0
+        seen = ok if seen is None else seen.logical_and_(ok)
+    return seen
 
 
 _NONE_SLOPES = (1 / 4, 1 / 16, 1 / 64, 1 / 256)
@@ -203,22 +254,20 @@ def head_penalties(
     center = ((ys.to(dtype) - (gy - 1) / 2) ** 2 + (xs.to(dtype) - (gx - 1) / 2) ** 2).sqrt()
     max_dist = _distance(torch.tensor(float((gy - 1) ** 2 + (gx - 1) ** 2), dtype=dtype), config.distance)
 
-    pens, fovs = [], []
-    for h in heads:
-        if h.penalty == "zero":
-            pen, pen_max = torch.zeros_like(dist), 0.0
-        elif h.penalty == "center":
-            pen, pen_max = center.expand_as(dist), math.hypot((gy - 1) / 2, (gx - 1) / 2)
-        else:
-            pen, pen_max = dist, max_dist
-        fov = h.sees(dy, dx)
-        if config.fill_with == "zero":
-            pen = pen.masked_fill(~fov, 0.0)
-        elif config.fill_with == "max":
-            pen = torch.where(fov, pen, torch.as_tensor(pen_max, dtype=dtype, device=pen.device))
-        pens.append(pen)
-        fovs.append(fov if config.fill_with == "inf" else torch.ones_like(fov))
-    return torch.stack(pens), torch.stack(fovs)
+    tables = head_tables(heads, dy.device)
+    fov = fov_from_tables(tables.coef, dy, dx)  # (H, R, N)
+    kind = tables.kind[:, None, None]
+    pen = torch.where(kind == 0, dist, torch.where(kind == 2, center.expand_as(dist), torch.zeros((), dtype=dtype,
+                                                                                              device=dist.device)))
+    if config.fill_with == "inf":
+        return pen, fov
+    if config.fill_with == "zero":
+        pen = pen.masked_fill(~fov, 0.0)
+    else:
+        centre_max = math.hypot((gy - 1) / 2, (gx - 1) / 2)
+        pen_max = torch.where(tables.kind == 0, max_dist, torch.where(tables.kind == 2, centre_max, 0.0)).to(dtype)
+        pen = torch.where(fov, pen, pen_max[:, None, None])
+    return pen, torch.ones_like(fov)
 
 
 def head_scales(config: LookHereConfig, heads: tuple[HeadSpec, ...], layer: int, depth: int) -> list[float]:

@@ -93,8 +93,10 @@ class LookHere(PositionEncoding):
 
     relative = True
 
-    def __init__(self, config: str | Mapping[str, Any] | LookHereConfig, depth: int, num_heads: int, **_: Any):
+    def __init__(self, config: str | Mapping[str, Any] | LookHereConfig, depth: int, num_heads: int,
+                 backend: str = "auto", **_: Any):
         super().__init__()
+        self.backend = backend
         self.name = config if isinstance(config, str) else "lookhere"
         self.config = resolve_config(config)
         self.depth, self.num_heads = depth, num_heads
@@ -107,7 +109,7 @@ class LookHere(PositionEncoding):
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
         return lookhere_attention(
             q, k, v, config=self.config, grid_size=grid, layer=layer, depth=self.depth,
-            num_prefix_tokens=num_prefix_tokens,
+            num_prefix_tokens=num_prefix_tokens, backend=self.backend,
         )
 
     def score_bias(self, *, grid, layer, num_prefix_tokens, device):
@@ -320,8 +322,8 @@ class Rope2d(PositionEncoding):
 
 
 def _lookhere_factory(preset: str) -> Callable[..., PositionEncoding]:
-    def build(*, num_heads: int, depth: int, lookhere_config=None, **_: Any) -> PositionEncoding:
-        return LookHere(lookhere_config or preset, depth, num_heads)
+    def build(*, num_heads: int, depth: int, lookhere_config=None, backend: str = "auto", **_: Any) -> PositionEncoding:
+        return LookHere(lookhere_config or preset, depth, num_heads, backend=backend)
 
     return build
 

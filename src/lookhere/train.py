@@ -10,13 +10,12 @@ scheduler, RNG states and the position in the data), written beside and swapped 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,11 +53,11 @@ class TrainConfig:
     img_size: int = 32
     patch_size: int = 4
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 2e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.3
     label_smoothing: float = 0.1
     clip_grad: Optional[float] = 1.0
     mixup: float = 0.0

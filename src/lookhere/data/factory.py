@@ -26,7 +26,7 @@ DATASETS = ("synthetic", "synthetic-where", "fashion-mnist", "folder:PATH", "hf:
 class DataSpec:
     name: str
     img_size: int | tuple[int, int]
-    length: int | None = None  # synthetic: scenes per split (train); val/test get a fifth
+    length: int | None = None  # synthetic: training scenes (default 4000); val and test get a fifth
     seed: int = 0
     root: str | None = None
     hf_val_split: str = "validation"
@@ -98,7 +98,7 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
     train = split == "train" if train is None else train
     name = spec.name
     if name in ("synthetic", "synthetic-where"):
-        n = spec.length or 20000
+        n = spec.length or 4000
         length = length or (n if split == "train" else max(1, n // 5))
         ds = SyntheticScenes(split, spec.img_size, length, seed=spec.seed,
                              task="where" if name == "synthetic-where" else "what")

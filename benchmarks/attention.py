@@ -1,0 +1,189 @@
+"""One attention layer, batch 1, 12 heads of dim 64: LookHere (our path) against the published
+approach (SDPA with a precomputed dense bias), plain SDPA (the floor) and SDPA with 2D-RoPE.
+
+Times are medians of several runs, measured side by side in one process. Peak memory (CPU) is
+how far one call, set-up included, raises the resident set above where it started (Linux: the
+peak is reset through /proc/self/clear_refs before each call); on GPU, torch's peak allocation.
+
+    python benchmarks/attention.py [--grids 14 32 48 64] [--repeats 5] [--markdown out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lookhere import lookhere_attention
+from lookhere.masks import layer_bias
+from lookhere.config import resolve_config
+from lookhere.position import Rope2d
+
+PRESETS = ("lh-180", "lh-90", "lh-45")
+METHODS = ("ours", "dense_bias_sdpa", "plain_sdpa", "rope_sdpa")
+H, D, DEPTH, LAYER = 12, 64, 12, 6
+
+
+def inputs(grid: int, device: str, dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    T = 1 + grid * grid
+    return [torch.randn(1, H, T, D, generator=g).to(device, dtype) for _ in range(3)]
+
+
+def methods(grid: int, preset: str, device: str):
+    """name -> (setup, call): setup builds what the method keeps between calls (untimed)."""
+    cfg = resolve_config(preset)
+
+    def ours(q, k, v):
+        return lookhere_attention(q, k, v, config=cfg, grid_size=(grid, grid), layer=LAYER, depth=DEPTH)
+
+    def dense_setup():
+        # As the published code keeps it: one (heads, T, T) bias per layer, passed as a 3D mask.
+        bias = layer_bias(cfg, (grid, grid), LAYER, DEPTH, H, device=device)
+        return F.pad(bias, (1, 0, 1, 0))
+
+    rope = Rope2d(H * D, H, DEPTH, (grid, grid), mixed=False).to(device)
+
+    return {
+        "ours": (lambda: None, lambda s, q, k, v: ours(q, k, v)),
+        "dense_bias_sdpa": (dense_setup, lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=s)),
+        "plain_sdpa": (lambda: None, lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        "rope_sdpa": (lambda: None, lambda s, q, k, v: rope.attend(q, k, v, grid=(grid, grid), layer=LAYER,
+                                                                    num_prefix_tokens=1)),
+    }
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_all(grid: int, preset: str, device: str, repeats: int) -> dict[str, float]:
+    q, k, v = inputs(grid, device)
+    ms = methods(grid, preset, device)
+    states = {name: setup() for name, (setup, _) in ms.items()}
+    times: dict[str, list[float]] = {name: [] for name in ms}
+    with torch.no_grad():
+        for name, (_, call) in ms.items():  # warm-up (fills caches, compiles kernels)
+            call(states[name], q, k, v)
+        for _ in range(repeats):  # interleaved, so drift hits every method alike
+            for name, (_, call) in ms.items():
+                sync(device)
+                t = time.perf_counter()
+                call(states[name], q, k, v)
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(grid: int, preset: str, method: str, device: str) -> float:
+    """MiB of peak memory that one call (with its set-up) adds."""
+    q, k, v = inputs(grid, device)
+    setup, call = methods(grid, preset, device)[method]
+    with torch.no_grad():
+        call(setup(), q, k, v)  # warm caches first, as in the timing
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            call(setup(), q, k, v)
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+        base = _status_kib("VmRSS")
+        call(setup(), q, k, v)
+        return (_status_kib("VmHWM") - base) / 1024
+
+
+def memory_table(grid: int, presets: list[str], device: str) -> dict[str, dict[str, float]]:
+    """Peak memory of every method, each measured in a fresh process whose large blocks go straight
+    to and from the OS (so its resident set follows live memory; too slow to time in)."""
+    if device == "cuda":
+        return {p: {m: peak_memory(grid, p, m, device) for m in METHODS} for p in presets}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    table: dict[str, dict[str, float]] = {}
+    for p in presets:
+        for m in METHODS:
+            code = ("import sys; sys.path.insert(0, 'benchmarks'); import attention as a; "
+                    f"print(a.peak_memory({grid}, {p!r}, {m!r}, 'cpu'))")
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            table.setdefault(p, {})[m] = float(out.stdout.strip().splitlines()[-1])
+    return table
+
+
+def build_cost(grid: int, preset: str, device: str) -> tuple[float, float]:
+    """Time (ms) and memory (MiB) of everything position-related our CPU path keeps for a grid; the
+    same state serves all layers (a layer only rescales it)."""
+    from lookhere.masks import head_specs
+    from lookhere.slab import _unscaled_table, head_groups
+
+    cfg = resolve_config(preset)
+    heads = head_specs(cfg.head_directions, H)
+    _unscaled_table.cache_clear()
+    head_groups.cache_clear()
+    t = time.perf_counter()
+    kept = [x for o, _ in head_groups(heads)
+            for x in _unscaled_table(cfg, heads, o, (grid, grid), device, grid - 1 if o == "all" else 3)]
+    ms = (time.perf_counter() - t) * 1000
+    return ms, sum(x.numel() * x.element_size() for x in kept) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grids", type=int, nargs="+", default=[14, 32, 48, 64])
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# attention layer, batch 1, {H} heads x {D}, float32, {args.device} ({machine}), torch {torch.__version__}")
+    print("| grid | preset | ours ms | dense-bias ms | plain ms | RoPE ms | ours/dense | ours/plain | ours/RoPE "
+          "| ours MiB | dense MiB | plain MiB | RoPE MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for grid in args.grids:
+        mems = None if args.no_memory else memory_table(grid, args.presets, args.device)
+        for preset in args.presets:
+            t = time_all(grid, preset, args.device, args.repeats)
+            mem = {m: float("nan") for m in t} if mems is None else mems[preset]
+            row = dict(grid=grid, preset=preset, times_s=t, peak_mib=mem)
+            rows.append(row)
+            print(f"| {grid} | {preset} | {t['ours'] * 1e3:.1f} | {t['dense_bias_sdpa'] * 1e3:.1f} | "
+                  f"{t['plain_sdpa'] * 1e3:.1f} | {t['rope_sdpa'] * 1e3:.1f} | "
+                  f"{t['ours'] / t['dense_bias_sdpa']:.2f} | {t['ours'] / t['plain_sdpa']:.2f} | "
+                  f"{t['ours'] / t['rope_sdpa']:.2f} | {mem['ours']:.0f} | {mem['dense_bias_sdpa']:.0f} | "
+                  f"{mem['plain_sdpa']:.0f} | {mem['rope_sdpa']:.0f} |", flush=True)
+    print("\n| grid | preset | our build (ms) | our kept state (MiB) | dense bias of all 12 layers (MiB, float32) |")
+    print("|---:|---|---:|---:|---:|")
+    for grid in args.grids:
+        for preset in args.presets:
+            ms, mib = build_cost(grid, preset, args.device)
+            dense = DEPTH * H * (grid * grid + 1) ** 2 * 4 / 2**20
+            print(f"| {grid} | {preset} | {ms:.1f} | {mib:.1f} | {dense:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
