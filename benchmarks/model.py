@@ -19,6 +19,7 @@ import timm
 import torch
 
 import lookhere  # noqa: F401  (registers the models)
+from attention import _status_kib  # the same /proc reader (benchmarks/ is on sys.path)
 
 MODELS = {
     "lh-180": lambda: timm.create_model("vit_base_patch16_lookhere_180"),
@@ -67,14 +68,6 @@ def run(sizes, repeats, device, dtype, memory=True):
     if device != "cuda":
         peaks = memory_table(sizes, device) if memory else {s: {n: float("nan") for n in models} for s in sizes}
     return results, peaks
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak(model, size: int, device: str) -> float:
