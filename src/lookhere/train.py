@@ -54,10 +54,10 @@ class TrainConfig:
     patch_size: int = 4
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.3
+    warmup_epochs: float = 0.1
     label_smoothing: float = 0.1
     clip_grad: Optional[float] = 1.0
     mixup: float = 0.0
