@@ -106,19 +106,9 @@ class HeadSpec:
         return kinds[-1] if kinds else "distance"
 
     @property
-    def masked(self) -> bool:
-        return any(p not in ("zero", "center") for p in self.primitives)
-
-    @property
     def constraints(self) -> tuple[tuple[int, int], ...]:
         """The FOV as half-planes ``a*dy + b*dx >= 0`` (duplicates removed)."""
         return tuple(dict.fromkeys(c for p in self.primitives for c in CONSTRAINTS[p]))
-
-    def sees(self, dy: Tensor, dx: Tensor) -> Tensor:
-        seen = torch.ones_like(dy, dtype=torch.bool)
-        for p in self.primitives:
-            seen = seen & PRIMITIVES[p](dy, dx)
-        return seen
 
 
 PENALTY_KINDS = {"distance": 0, "zero": 1, "center": 2}
