@@ -53,7 +53,26 @@ def test_classes_and_sizes():
     assert ds.num_classes == 10 and set(labels) == set(range(10))
     assert sizes.min() >= 0.14 and sizes.max() <= 0.7 and sizes.max() / sizes.min() > 4
     where = SyntheticScenes("train", 16, 500, task="where")
-    assert where.num_classes == 8 and {where.scene(i).label for i in range(500)} == set(range(8))
+    assert where.num_classes == 4 and {where.scene(i).label for i in range(500)} == set(range(4))
+
+
+def test_where_marker_lies_on_the_labelled_side_apart_from_the_object():
+    """The marker (the only magenta pixels) is whole, inside the image, on the labelled side, and a
+    gap of at least 0.04 image sides away from the object's extent."""
+    from lookhere.data.synthetic import MARKER, SIDES
+
+    ds = SyntheticScenes("val", 96, 60, task="where")
+    for i in range(60):
+        sc = ds.scene(i)
+        img = ds.render(i)
+        magenta = (img[0] > 0.9) & (img[1] < 0.1) & (img[2] > 0.9)
+        ys, xs = np.nonzero(magenta)
+        assert abs(magenta.sum() - (MARKER * 96) ** 2) <= 4 * MARKER * 96  # whole (edge pixels aside)
+        my, mx = (ys.mean() + 0.5) / 96 - sc.cy, (xs.mean() + 0.5) / 96 - sc.cx
+        side = SIDES[sc.label]
+        along = {"above": -my, "below": my, "left": -mx, "right": mx}[side]
+        across = mx if side in ("above", "below") else my
+        assert along >= sc.size / 2 + 0.04 + MARKER / 2 - 0.02 and abs(across) < 0.02, (i, side, mx, my)
 
 
 def test_rendering_speed():

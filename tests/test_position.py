@@ -89,6 +89,20 @@ def test_absolute_encodings_are_not(name):
     assert (a - b).abs().max() > 1e-3
 
 
+def test_learned_grid_interpolation_keeps_training_patches_at_their_squeezed_coordinates():
+    # A 4x4 table read on a 7x7 grid: patch (2i, 2j) sits exactly on training patch (i, j).
+    pe = encoding("learned-1d", resample="grid")
+    table = pe.pos_embed.reshape(4, 4, 48)
+    out = pe.table((7, 7)).reshape(7, 7, 48)
+    torch.testing.assert_close(out[::2, ::2], table, rtol=0, atol=1e-6)
+    assert (out[1::2, 1::2] - table[:3, :3]).abs().max() > 1e-3  # in-between patches are new values
+    assert torch.equal(pe.table(TRAIN_GRID), pe.pos_embed)
+    assert (pe.table((7, 7)) - encoding("learned-1d").table((7, 7))).abs().max() > 1e-3  # not bicubic resizing
+    pe.resample = "nearest"
+    with pytest.raises(ValueError, match="resample='nearest'; allowed: bicubic, grid"):
+        pe.table((7, 7))
+
+
 def test_resampling_is_identity_at_training_grid_and_bicubic_elsewhere():
     # timm.layers.resample_abs_pos_embed is the function used; checked against torch's bicubic here.
     pe = encoding("learned-1d")

@@ -106,10 +106,12 @@ def _data_preview(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalSettings, load_checkpoint, markdown_table, parse_eps, run_eval, write_results
+    from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, markdown_table, parse_eps, run_eval,
+                           write_results)
 
     model, cfg = load_checkpoint(args.checkpoint, num_heads=args.num_heads)
-    _apply_knobs(model, args)
+    apply_knobs(model, lh_global_slope=args.lh_global_slope, rope_interpolate=args.rope_interpolate,
+                pos_resample=args.pos_resample)
     data = args.data or (cfg.data if cfg else None)
     if not data:
         raise ValueError("--data is required for a checkpoint without a training config")
@@ -120,26 +122,15 @@ def _eval(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, workers=args.workers,
                             adversarial=tuple(a for a in (args.adversarial or "").split(",") if a),
                             eps=tuple(parse_eps(args.eps)), pgd_steps=args.pgd_steps,
-                            adversarial_samples=args.adversarial_samples, by_object_size=args.by_object_size)
+                            adversarial_samples=args.adversarial_samples, by_object_size=args.by_object_size,
+                            tune_knobs=args.tune_knobs, val_length=args.val_length,
+                            lh_slope_scales=tuple(args.lh_slope_scales))
     results = run_eval(model, settings, device=args.device, progress=not args.no_progress)
     out = args.output or (str(Path(args.checkpoint) / "eval") if Path(args.checkpoint).is_dir() else "eval")
     files = write_results(results, out, Path(args.checkpoint).name)
     print(markdown_table(results, Path(args.checkpoint).name))
     print(f"wrote {files['json']}, {files['markdown']}, {files['plot']}")
     return 0
-
-
-def _apply_knobs(model, args: argparse.Namespace) -> None:
-    """Test-time extrapolation knobs of each encoding."""
-    pe = model.pos_encoding
-    if getattr(args, "lh_global_slope", None) is not None:
-        if not hasattr(pe, "config"):
-            raise ValueError(f"--lh-global-slope applies to LookHere models, not {pe.name}")
-        pe.config = pe.config.replace(global_slope=args.lh_global_slope)
-    if getattr(args, "rope_interpolate", False):
-        if not hasattr(pe, "interpolate"):
-            raise ValueError(f"--rope-interpolate applies to RoPE models, not {pe.name}")
-        pe.interpolate = True
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -172,6 +163,26 @@ def _compare(args: argparse.Namespace) -> int:
     print(Path(files["markdown"]).read_text())
     print(f"wrote {files['markdown']} and {files['html']}")
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import StudyConfig, estimate, format_estimate, run_study, write_report
+
+    if args.report:
+        files = write_report(args.report)
+        print(f"wrote {files['report']}, {files['results']} and {files['plot']}")
+        return 0
+    if not args.config or not args.output:
+        raise ValueError("--config and --output are required (or --report DIR to aggregate a study)")
+    cfg = StudyConfig.from_yaml(args.config)
+    if args.dry_run:
+        print(format_estimate(estimate(cfg, args.output, jobs=args.jobs)))
+        return 0
+    result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+    for key, why in result["failures"].items():
+        print(f"cell {key} failed: {why}", file=sys.stderr)
+    print(f"{result['cells']} cells ({result['ran']} run now); wrote {result['report']} and {result['results']}")
+    return 1 if result["failures"] else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -224,7 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adversarial-samples", type=int, default=256)
     ev.add_argument("--by-object-size", action="store_true")
     ev.add_argument("--lh-global-slope", type=float, help="LookHere: scale of the distance penalty at test time")
-    ev.add_argument("--rope-interpolate", action="store_true", help="RoPE: squeeze coordinates into the training range")
+    ev.add_argument("--rope-interpolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="RoPE: squeeze coordinates into the training range")
+    ev.add_argument("--pos-resample", choices=["bicubic", "grid"],
+                    help="learned-1d: resize the table (bicubic) or read it at squeezed coordinates (grid)")
+    ev.add_argument("--tune-knobs", action="store_true",
+                    help="also evaluate each larger size with the encoding's knob setting chosen on the val split")
+    ev.add_argument("--val-length", type=int, help="validation samples for --tune-knobs (default: the split)")
+    ev.add_argument("--lh-slope-scales", type=float, nargs="+", default=[0.5, 2.0],
+                    help="LookHere global-slope multipliers tried by --tune-knobs")
     ev.add_argument("--num-heads", type=int, default=12, help="heads of a released checkpoint")
     ev.add_argument("--output")
     ev.add_argument("--no-progress", action="store_true")
@@ -248,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--title", default="Comparison")
     cp.add_argument("--output", default="report")
     cp.set_defaults(func=_compare)
+
+    st = sub.add_parser("study", help="multi-seed grid of datasets x encodings: resumable, parallel, with error bars")
+    st.add_argument("--config", help="study YAML (see studies/)")
+    st.add_argument("--output", help="study directory; rerun the same command to resume")
+    st.add_argument("--jobs", type=int, default=1, help="cells run at once, one thread each")
+    st.add_argument("--dry-run", action="store_true", help="list the cells and estimate the time; run nothing")
+    st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(func=_study)
 
     dm = sub.add_parser("demo", help="LookHere vs. 2D-RoPE: train small, test large, write a report")
     dm.add_argument("--output", default="demo")

@@ -130,6 +130,44 @@ def parse_eps(text: str) -> list[float]:
     return out
 
 
+# --- test-time knobs ----------------------------------------------------------------------------
+def apply_knobs(model: nn.Module, *, lh_global_slope: Optional[float] = None, rope_interpolate: Optional[bool] = None,
+                pos_resample: Optional[str] = None) -> None:
+    """Set an encoding's test-time extrapolation knob: LookHere's global slope, RoPE's coordinate
+    interpolation, learned-1d's table resampling. A knob the model's encoding lacks is an error."""
+    pe = model.pos_encoding
+    if lh_global_slope is not None:
+        if not hasattr(pe, "config"):
+            raise ValueError(f"lh_global_slope applies to LookHere models, not {pe.name}")
+        pe.config = pe.config.replace(global_slope=lh_global_slope)
+    if rope_interpolate is not None:
+        if not hasattr(pe, "interpolate"):
+            raise ValueError(f"rope_interpolate applies to RoPE models, not {pe.name}")
+        pe.interpolate = bool(rope_interpolate)
+    if pos_resample is not None:
+        if not hasattr(pe, "resample"):
+            raise ValueError(f"pos_resample applies to learned-1d models, not {pe.name}")
+        pe.resample = pos_resample
+
+
+def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0)) -> list[dict[str, Any]]:
+    """The settings of the model's test-time knob worth trying, its current setting first; empty
+    when its encoding has none. LookHere's slope is tried at ``lh_slope_scales`` times its own."""
+    pe = model.pos_encoding
+    if hasattr(pe, "config"):
+        g = pe.config.global_slope
+        return [{"lh_global_slope": g}] + [{"lh_global_slope": g * s} for s in lh_slope_scales if s != 1]
+    if hasattr(pe, "interpolate"):
+        return [{"rope_interpolate": v} for v in (pe.interpolate, not pe.interpolate)]
+    if hasattr(pe, "resample"):
+        return [{"pos_resample": v} for v in (pe.resample, *(r for r in pe.RESAMPLE if r != pe.resample))]
+    return []
+
+
+def knob_label(setting: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "default"
+
+
 # --- the sweep ---------------------------------------------------------------------------------
 def _loader(ds, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
@@ -174,50 +212,98 @@ class EvalSettings:
     adversarial_samples: int = 256
     by_object_size: bool = False
     num_classes: Optional[int] = None
+    tune_knobs: bool = False  # pick each size's best test-time knob setting on the validation split
+    val_length: Optional[int] = None  # validation samples used to pick it
+    lh_slope_scales: tuple[float, ...] = (0.5, 2.0)
+
+
+def _split(settings: EvalSettings, size: int, split: str, length: Optional[int]):
+    return build_dataset(DataSpec(settings.data, size, None, settings.seed, settings.data_root), split,
+                         train=False, length=length)
+
+
+def _change_by_quintile(correct_by_size: dict[int, torch.Tensor], train_size: int, q: np.ndarray) -> dict:
+    """Per size, the accuracy change from the training size within each object-size quintile."""
+    base = correct_by_size[train_size].float()
+    table = {}
+    for size, corr in correct_by_size.items():
+        row = []
+        for b in range(5):
+            sel = torch.from_numpy(q == b)
+            row.append(float(corr.float()[sel].mean() - base[sel].mean()) if sel.any() else math.nan)
+        table[str(size)] = row
+    return table
 
 
 def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.device = "cpu",
              progress: bool = True) -> dict[str, Any]:
-    """Metrics at each size (plus attacks at the training size and object-size buckets)."""
+    """Metrics at each size (plus attacks at the training size and object-size buckets).
+
+    With ``settings.tune_knobs``, each size other than the training size is evaluated again with
+    the setting of the model's test-time knob (:func:`knob_grid`) that scores the best top-1 on the
+    validation split (ties: the model's own setting): ``results["tuned"]`` and ``results["knobs"]``.
+    The test split never takes part in the choice.
+    """
     from tqdm import tqdm
 
     device = torch.device(device)
     model = model.to(device).eval()
     train_size = settings.train_size or settings.sizes[0]
+    num_classes = settings.num_classes or model.num_classes
     results: dict[str, Any] = {"data": settings.data, "split": settings.split, "train_size": train_size,
                                "sizes": {}, "adversarial": {}, "by_object_size": None}
-    correct_by_size: dict[int, torch.Tensor] = {}
-    sizes_of_objects: Optional[np.ndarray] = None
-    for size in settings.sizes:
-        if size % model.patch_size:
-            raise ValueError(f"--sizes: {size} px is not a multiple of the patch size {model.patch_size}")
-        spec = DataSpec(settings.data, size, None, settings.seed, settings.data_root)
-        ds = build_dataset(spec, settings.split, train=False, length=settings.length)
-        num_classes = settings.num_classes or model.num_classes
-        bar = tqdm(total=len(ds), desc=f"{size}px", unit="img", disable=not progress, leave=False)
+
+    def measure(ds, label: str) -> Metrics:
+        bar = tqdm(total=len(ds), desc=label, unit="img", disable=not progress, leave=False)
         m = evaluate_size(model, ds, num_classes, batch_size=settings.batch_size, workers=settings.workers,
                           device=device, progress=bar.update)
         bar.close()
+        return m
+
+    for size in settings.sizes:
+        if size % model.patch_size:
+            raise ValueError(f"--sizes: {size} px is not a multiple of the patch size {model.patch_size}")
+    test = {size: _split(settings, size, settings.split, settings.length) for size in settings.sizes}
+    correct: dict[int, torch.Tensor] = {}
+    for size, ds in test.items():
+        m = measure(ds, f"{size}px")
         results["sizes"][str(size)] = m.compute()
-        correct_by_size[size] = m.per_sample_correct()
-        if settings.by_object_size and sizes_of_objects is None:
-            if not hasattr(ds, "object_size"):
-                raise ValueError(f"--by-object-size: dataset {settings.data!r} does not know its object sizes")
-            sizes_of_objects = np.array([ds.object_size(i) for i in range(len(ds))])
+        correct[size] = m.per_sample_correct()
         if size == train_size and settings.adversarial:
             results["adversarial"] = _adversarial(model, ds, settings, device)
-    if settings.by_object_size and sizes_of_objects is not None and train_size in correct_by_size:
+
+    tuned_correct: dict[int, torch.Tensor] = {}
+    if settings.tune_knobs:
+        grid = knob_grid(model, settings.lh_slope_scales)
+        results["tuned"], results["knobs"] = {}, {}
+        for size, ds in test.items():
+            choice, scores = (grid[0] if grid else {}), {}
+            if size != train_size and len(grid) > 1:
+                val = _split(settings, size, "val", settings.val_length)
+                for setting in grid:
+                    apply_knobs(model, **setting)
+                    scores[knob_label(setting)] = measure(val, f"val {size}px {knob_label(setting)}").compute()["top1"]
+                choice = grid[max(range(len(grid)), key=lambda i: (scores[knob_label(grid[i])], -i))]
+            if choice == (grid[0] if grid else {}):
+                results["tuned"][str(size)], tuned_correct[size] = results["sizes"][str(size)], correct[size]
+            else:
+                apply_knobs(model, **choice)
+                m = measure(ds, f"{size}px {knob_label(choice)}")
+                results["tuned"][str(size)], tuned_correct[size] = m.compute(), m.per_sample_correct()
+            if grid:
+                apply_knobs(model, **grid[0])
+            results["knobs"][str(size)] = {"setting": choice, "val_top1": scores}
+
+    if settings.by_object_size and train_size in test:
+        ds = test[train_size]
+        if not hasattr(ds, "object_size"):
+            raise ValueError(f"--by-object-size: dataset {settings.data!r} does not know its object sizes")
+        sizes_of_objects = np.array([ds.object_size(i) for i in range(len(ds))])
         q = object_size_quintiles(sizes_of_objects)
-        base = correct_by_size[train_size].float()
-        table = {}
-        for size, corr in correct_by_size.items():
-            row = []
-            for b in range(5):
-                sel = torch.from_numpy(q == b)
-                row.append(float(corr.float()[sel].mean() - base[sel].mean()) if sel.any() else math.nan)
-            table[str(size)] = row
         edges = np.quantile(sizes_of_objects, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]).tolist()
-        results["by_object_size"] = {"quintile_edges": edges, "accuracy_change": table}
+        results["by_object_size"] = {"quintile_edges": edges, "accuracy_change": _change_by_quintile(correct, train_size, q)}
+        if tuned_correct:
+            results["by_object_size"]["accuracy_change_tuned"] = _change_by_quintile(tuned_correct, train_size, q)
     return results
 
 
@@ -252,6 +338,13 @@ def markdown_table(results: dict[str, Any], name: str = "model") -> str:
     lines = [f"| {name} | size | top-1 | top-5 | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
     for size, m in results["sizes"].items():
         lines.append(f"| | {size} | {m['top1']:.4f} | {m['top5']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} |")
+    if results.get("tuned"):
+        lines += ["", "With each size's test-time setting chosen on the validation split:", "",
+                  "| size | setting | val top-1 per setting | top-1 | NLL | ECE |", "|---:|---|---|---:|---:|---:|"]
+        for size, m in results["tuned"].items():
+            k = results["knobs"][size]
+            tried = ", ".join(f"{lab}: {v:.3f}" for lab, v in k["val_top1"].items()) or "-"
+            lines.append(f"| {size} | {knob_label(k['setting'])} | {tried} | {m['top1']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} |")
     if results.get("adversarial"):
         lines += ["", "| attack (at the training size) | robust top-1 |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in results["adversarial"].items() if k != "n"]
@@ -290,7 +383,9 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, metric: str
 def write_results(results: dict[str, Any], out_dir: str | Path, name: str = "model") -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    tmp = out / "eval.json.tmp"  # written whole, then renamed: a killed evaluation leaves no half file
+    tmp.write_text(json.dumps(results, indent=2))
     (out / "eval.md").write_text(markdown_table(results, name))
     plot_accuracy({name: results}, out / "accuracy_vs_size.png")
+    tmp.replace(out / "eval.json")
     return {"json": str(out / "eval.json"), "markdown": str(out / "eval.md"), "plot": str(out / "accuracy_vs_size.png")}

@@ -124,18 +124,28 @@ class LookHere(PositionEncoding):
 
 
 class LearnedAbsolute(PositionEncoding):
-    """One learned vector per patch (ViT/DeiT); other grids get the table resampled bicubically (timm)."""
+    """One learned vector per patch (ViT/DeiT). Another grid gets the table resampled: ``"bicubic"``
+    (timm's antialiased resize, the default) or ``"grid"`` (the table interpolated at each patch's
+    coordinates squeezed into the training grid, corner patches kept: RoPE's ``interpolate``)."""
 
     name = "learned-1d"
+    RESAMPLE = ("bicubic", "grid")
 
-    def __init__(self, embed_dim: int, grid_size: tuple[int, int], **_: Any):
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int], resample: str = "bicubic", **_: Any):
         super().__init__()
         self.grid_size = tuple(grid_size)
+        self.resample = resample
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
 
     def table(self, grid: tuple[int, int]) -> torch.Tensor:
-        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=0)
+        if self.resample not in self.RESAMPLE:
+            raise ValueError(f"learned-1d resample={self.resample!r}; allowed: {', '.join(self.RESAMPLE)}")
+        if self.resample == "bicubic" or tuple(grid) == self.grid_size:
+            return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=0)
+        img = self.pos_embed.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
+        img = F.interpolate(img, size=tuple(grid), mode="bicubic", align_corners=True)
+        return img.flatten(2).transpose(1, 2)
 
     def embed(self, x, grid):
         return x + self.table(grid)

@@ -19,7 +19,7 @@ def preview(path: str, sizes=(32, 128), count: int = 8, split: str = "train", ta
         sc = ds.scene(i)
         what = f"{SHAPES[sc.shape]}/{ORIENTATIONS[sc.orientation][:5]}"
         if task == "where":
-            what = f"{SIDES[sc.side]}/{ORIENTATIONS[sc.orientation][:5]}"
+            what = f"marker {SIDES[sc.side]}"
         for r, s in enumerate(sizes):
             ax = axes[r, i]
             ax.imshow(np.clip(ds.render(i, s).transpose(1, 2, 0), 0, 1), interpolation="nearest")

@@ -1,0 +1,286 @@
+"""A study's aggregation: means, deviations and 95% intervals over seeds, paired comparisons against
+the reference encoding, plots with error bands, ``report.md`` and ``results.json``.
+
+``results.json`` holds one record per cell (dataset, encoding, seed, the exact command, every
+metric per size) and the summaries; it depends only on the cells' metrics, so a study that was
+killed and resumed gives the same file as one that ran straight through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import yaml
+
+METRICS = ("top1", "nll", "ece")
+
+
+# --- statistics ---------------------------------------------------------------------------------
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the 95% Student-t interval of the mean."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci95": [None, None]}
+    mean = float(x.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": None, "ci95": [None, None]}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def paired(reference: Sequence[float], other: Sequence[float]) -> dict[str, Any]:
+    """Reference minus other, seed by seed: the mean difference, its 95% interval, the paired
+    t-test's two-sided p-value and how many seeds the reference won."""
+    from scipy import stats
+
+    a, b = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    d = a - b
+    out = summarize(d)
+    out["p_value"] = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 and d.std() > 0 else None
+    out["wins"] = int((d > 0).sum())
+    out["ties"] = int((d == 0).sum())
+    return out
+
+
+# --- loading -------------------------------------------------------------------------------------
+def _cells(root: Path) -> list[dict[str, Any]]:
+    """One record per finished cell, in the study file's order."""
+    cfg = yaml.safe_load((root / "study.yaml").read_text())
+    records = []
+    for dataset in cfg["datasets"]:
+        for encoding in cfg["encodings"]:
+            for seed in cfg["seeds"]:
+                d = root / dataset.replace(":", "-").replace("/", "-") / encoding / f"seed{seed}"
+                if not (d / "eval" / "eval.json").is_file():
+                    continue
+                cell = json.loads((d / "cell.json").read_text())
+                ev = json.loads((d / "eval" / "eval.json").read_text())
+                train = json.loads((d / "train.json").read_text()) if (d / "train.json").is_file() else {}
+                epochs = train.get("epochs", [])
+                sizes = {}
+                for size, m in ev["sizes"].items():
+                    tuned = ev.get("tuned", {}).get(size, m)
+                    knob = ev.get("knobs", {}).get(size, {})
+                    sizes[size] = {"default": m, "tuned": tuned, "setting": knob.get("setting", {}),
+                                   "val_top1": knob.get("val_top1", {})}
+                records.append({
+                    "dataset": dataset, "encoding": encoding, "seed": seed, "command": cell["command"],
+                    "train_size": ev["train_size"],
+                    "final_val_top1": epochs[-1]["val_acc"] if epochs else None,
+                    "best_val_top1": max((e["val_acc"] for e in epochs), default=None),
+                    "sizes": sizes, "adversarial": ev.get("adversarial") or {},
+                    "by_object_size": ev.get("by_object_size"),
+                })
+    return records
+
+
+# --- aggregation ----------------------------------------------------------------------------------
+def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
+    """Summaries per dataset, encoding and size; paired differences against ``reference``."""
+    out: dict[str, Any] = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        rows = [r for r in records if r["dataset"] == dataset]
+        encodings = list(dict.fromkeys(r["encoding"] for r in rows))
+        sizes = list(rows[0]["sizes"])
+        ds: dict[str, Any] = {"train_size": rows[0]["train_size"], "sizes": sizes, "encodings": {}, "paired": {}}
+        for enc in encodings:
+            runs = [r for r in rows if r["encoding"] == enc]
+            e: dict[str, Any] = {"seeds": [r["seed"] for r in runs],
+                                 "best_val_top1": summarize([r["best_val_top1"] for r in runs]),
+                                 "default": {}, "tuned": {}, "settings": {}, "adversarial": {},
+                                 "object_size_change": None}
+            for variant in ("default", "tuned"):
+                for size in sizes:
+                    e[variant][size] = {m: summarize([r["sizes"][size][variant][m] for r in runs]) for m in METRICS}
+            for size in sizes:
+                chosen = Counter(json.dumps(r["sizes"][size]["setting"], sort_keys=True) for r in runs)
+                e["settings"][size] = {k: v for k, v in chosen.most_common()}
+            for attack in runs[0]["adversarial"]:
+                if attack != "n":
+                    e["adversarial"][attack] = summarize([r["adversarial"][attack] for r in runs])
+            if all(r["by_object_size"] for r in runs):
+                key = "accuracy_change_tuned" if "accuracy_change_tuned" in runs[0]["by_object_size"] else "accuracy_change"
+                e["object_size_change"] = {
+                    size: [summarize([r["by_object_size"][key][size][q] for r in runs]) for q in range(5)]
+                    for size in sizes}
+            ds["encodings"][enc] = e
+        if reference in encodings:
+            ref = {r["seed"]: r for r in rows if r["encoding"] == reference}
+            for enc in encodings:
+                if enc == reference:
+                    continue
+                other = {r["seed"]: r for r in rows if r["encoding"] == enc}
+                seeds = sorted(set(ref) & set(other))
+                cmp: dict[str, Any] = {"seeds": seeds, "top1": {}, "nll": {}, "ece": {}, "adversarial": {}}
+                for size in sizes:
+                    for m in METRICS:
+                        cmp[m][size] = paired([ref[s]["sizes"][size]["tuned"][m] for s in seeds],
+                                              [other[s]["sizes"][size]["tuned"][m] for s in seeds])
+                for attack in ref[seeds[0]]["adversarial"] if seeds else ():
+                    if attack != "n":
+                        cmp["adversarial"][attack] = paired([ref[s]["adversarial"][attack] for s in seeds],
+                                                            [other[s]["adversarial"][attack] for s in seeds])
+                ds["paired"][enc] = cmp
+        out[dataset] = ds
+    return out
+
+
+# --- writing ---------------------------------------------------------------------------------------
+def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± half-width of the 95% interval`` (in percent for accuracies)."""
+    if s["mean"] is None:
+        return "-"
+    if s["ci95"][0] is None:
+        return f"{s['mean'] * scale:.{digits}f}"
+    half = (s["ci95"][1] - s["ci95"][0]) / 2
+    return f"{s['mean'] * scale:.{digits}f} ± {half * scale:.{digits}f}"
+
+
+SHORT = {"lh_global_slope": "slope", "rope_interpolate": "interpolate", "pos_resample": "resample"}
+
+
+def _setting_text(settings: dict[str, int]) -> str:
+    """``{'{"lh_global_slope": 2.0}': 3}`` -> ``slope=2 (3)``."""
+    parts = []
+    for key, count in settings.items():
+        label = ", ".join(f"{SHORT.get(k, k)}={v:g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}"
+                          for k, v in json.loads(key).items()) or "-"
+        parts.append(f"{label} ({count})")
+    return "; ".join(parts)
+
+
+def plot_study(summary: dict[str, Any], path: Path, variant: str = "tuned") -> str:
+    """Top-1 against test size, one line per encoding, the 95% interval as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.8 * len(names), 4.4), squeeze=False)
+    for ax, dataset in zip(axes[0], names):
+        ds = summary[dataset]
+        sizes = [int(s) for s in ds["sizes"]]
+        cmap = plt.get_cmap("tab20")
+        for i, (enc, e) in enumerate(ds["encodings"].items()):
+            rows = [e[variant][str(s)]["top1"] for s in sizes]
+            mean = np.array([r["mean"] for r in rows], dtype=float) * 100
+            lo = np.array([r["ci95"][0] if r["ci95"][0] is not None else r["mean"] for r in rows], dtype=float) * 100
+            hi = np.array([r["ci95"][1] if r["ci95"][1] is not None else r["mean"] for r in rows], dtype=float) * 100
+            lh = enc.startswith("lh")
+            ax.plot(sizes, mean, marker="o", ms=3, lw=2.2 if lh else 1.2, color=cmap(i % 20), label=enc,
+                    ls="-" if lh else "--")
+            ax.fill_between(sizes, lo, hi, color=cmap(i % 20), alpha=0.15, lw=0)
+        ax.axvline(ds["train_size"], color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("test image size (px); dotted: training size")
+        ax.set_ylabel("top-1 (%), mean and 95% interval over seeds")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = "", progress: str = "") -> str:
+    lines = [f"# Study: {name}", ""]
+    if progress:
+        lines += [progress, ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["Numbers are means over seeds ± the half-width of the 95% Student-t interval, in percent "
+              "(NLL in nats). \"Tuned\": each encoding's test-time knob set per size on the validation "
+              "split (LookHere global slope, RoPE coordinate interpolation, learned-1d resampling).", ""]
+    for dataset, ds in summary.items():
+        sizes = ds["sizes"]
+        t = ds["train_size"]
+        last = sizes[-1]
+        lines += [f"## {dataset} (trained at {t} px)", "", f"![top-1 against size]({ds['plot']})", "",
+                  "### Top-1 (%) by test size, tuned", "",
+                  "| encoding | best val top-1 | " + " | ".join(f"{s} px" for s in sizes) + " |",
+                  "|---|---:|" + "---:|" * len(sizes)]
+        for enc, e in ds["encodings"].items():
+            lines.append(f"| {enc} | {_pm(e['best_val_top1'])} | " +
+                         " | ".join(_pm(e["tuned"][s]["top1"]) for s in sizes) + " |")
+        lines += ["", "### Top-1 (%) with the encoding's defaults (no knob)", "",
+                  "| encoding | " + " | ".join(f"{s} px" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+        for enc, e in ds["encodings"].items():
+            lines.append(f"| {enc} | " + " | ".join(_pm(e["default"][s]["top1"]) for s in sizes) + " |")
+        lines += ["", "### Settings chosen on validation (count of seeds)", "",
+                  "| encoding | " + " | ".join(f"{s} px" for s in sizes if int(s) != t) + " |",
+                  "|---|" + "---|" * (len(sizes) - 1)]
+        for enc, e in ds["encodings"].items():
+            lines.append(f"| {enc} | " + " | ".join(_setting_text(e["settings"][s]) for s in sizes if int(s) != t) + " |")
+        attacks = list(next(iter(ds["encodings"].values()))["adversarial"])
+        lines += ["", f"### Calibration and robustness at the training size ({t} px) and at {last} px", "",
+                  f"| encoding | NLL {t} | ECE {t} (%) | NLL {last} | ECE {last} (%) | " +
+                  " | ".join(f"{a} (%)" for a in attacks) + " |", "|---|" + "---:|" * (4 + len(attacks))]
+        for enc, e in ds["encodings"].items():
+            lines.append(f"| {enc} | {_pm(e['tuned'][str(t)]['nll'], 1, 3)} | {_pm(e['tuned'][str(t)]['ece'])} | "
+                         f"{_pm(e['tuned'][last]['nll'], 1, 3)} | {_pm(e['tuned'][last]['ece'])} | " +
+                         " | ".join(_pm(e["adversarial"][a]) for a in attacks) + " |")
+        if all(e["object_size_change"] for e in ds["encodings"].values()):
+            lines += ["", f"### Top-1 change from {t} px to {last} px by object-size quintile (points, smallest first)", "",
+                      "| encoding | Q1 | Q2 | Q3 | Q4 | Q5 |", "|---|---:|---:|---:|---:|---:|"]
+            for enc, e in ds["encodings"].items():
+                lines.append(f"| {enc} | " + " | ".join(_pm(q) for q in e["object_size_change"][last]) + " |")
+        if ds["paired"]:
+            lines += ["", f"### Paired over seeds: {reference} minus each encoding (tuned, points of top-1)", "",
+                      "| encoding | " + " | ".join(f"{s} px" for s in sizes) + " | " +
+                      " | ".join(f"{a}" for a in attacks) + " |", "|---|" + "---:|" * (len(sizes) + len(attacks))]
+            for enc, c in ds["paired"].items():
+                cells = [f"{_pm(c['top1'][s])} (p={_p(c['top1'][s]['p_value'])}, {c['top1'][s]['wins']}/{len(c['seeds'])})"
+                         for s in sizes]
+                cells += [f"{_pm(c['adversarial'][a])}" for a in attacks]
+                lines.append(f"| {enc} | " + " | ".join(cells) + " |")
+            lines += ["", f"Each entry: mean difference ± 95% interval half-width (p: paired t-test; "
+                      f"k/n: seeds where {reference} was ahead)."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _p(p: Optional[float]) -> str:
+    return "-" if p is None else f"{p:.2g}"
+
+
+def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
+    """Aggregate a study directory into ``results.json``, ``report.md`` and ``top1_vs_size.png``."""
+    root = Path(output)
+    if not (root / "study.yaml").is_file():
+        raise FileNotFoundError(f"{root}: not a study directory (no study.yaml); run `lookhere study --config ...` first")
+    cfg = yaml.safe_load((root / "study.yaml").read_text())
+    records = _cells(root)
+    if not records:
+        raise FileNotFoundError(f"{root}: no finished cells yet")
+    summary = aggregate(records, cfg.get("reference", "lh-90"))
+    plot = plot_study(summary, root / "top1_vs_size.png")
+    for ds in summary.values():
+        ds["plot"] = Path(plot).name
+    notes_file = root / "notes.md"
+    if not notes and notes_file.is_file():
+        notes = notes_file.read_text().strip()
+    results = {"study": cfg["name"], "config": cfg, "reference": cfg.get("reference", "lh-90"),
+               "cells": records, "summary": summary}
+    tmp = root / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(root / "results.json")
+    planned = len(cfg["datasets"]) * len(cfg["encodings"]) * len(cfg["seeds"])
+    seconds = sum(sum(json.loads(t.read_text()).values()) for t in root.glob("*/*/seed*/timing.json"))
+    progress = f"Cells finished: {len(records)} of {planned} ({seconds / 3600:.1f} CPU-hours of one-thread cells)."
+    if len(records) < planned:
+        progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."
+    (root / "report.md").write_text(markdown(cfg["name"], summary, results["reference"], notes, progress))
+    return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot}

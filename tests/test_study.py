@@ -1,0 +1,205 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lookhere import create_vit
+from lookhere.evaluate import EvalSettings, apply_knobs, evaluate_size, knob_grid, run_eval
+from lookhere.data import DataSpec, build_dataset
+from lookhere.study import StudyConfig
+from lookhere.study_report import aggregate, paired, summarize
+
+T_975_DF2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def test_summary_matches_hand_computation():
+    s = summarize([0.5, 0.6, 0.7])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    half = T_975_DF2 * 0.1 / math.sqrt(3)
+    assert s["ci95"] == pytest.approx([0.6 - half, 0.6 + half])
+    assert summarize([0.4]) == {"n": 1, "mean": 0.4, "std": None, "ci95": [None, None]}
+    assert summarize([float("nan"), 0.2, 0.4])["mean"] == pytest.approx(0.3)  # NaN cells are left out
+
+
+def test_paired_comparison_matches_hand_computation():
+    ref, other = [0.6, 0.7, 0.8], [0.5, 0.65, 0.6]
+    d = np.array([0.1, 0.05, 0.2])
+    c = paired(ref, other)
+    sd = math.sqrt(((d - d.mean()) ** 2).sum() / 2)
+    assert c["mean"] == pytest.approx(d.mean()) and c["std"] == pytest.approx(sd)
+    t = d.mean() / (sd / math.sqrt(3))
+    # two degrees of freedom: the t CDF is 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2)
+    assert c["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert c["ci95"] == pytest.approx([d.mean() - T_975_DF2 * sd / math.sqrt(3), d.mean() + T_975_DF2 * sd / math.sqrt(3)])
+    assert c["wins"] == 3 and c["ties"] == 0
+    assert paired([0.5, 0.5], [0.5, 0.5])["p_value"] is None  # no spread, no test
+
+
+def _record(enc, seed, top1s, fgsm):
+    sizes = {}
+    for size, t in top1s.items():
+        m = {"top1": t, "nll": 1 - t, "ece": t / 10}
+        sizes[size] = {"default": m, "tuned": m, "setting": {}, "val_top1": {}}
+    return {"dataset": "d", "encoding": enc, "seed": seed, "command": "x", "train_size": 16,
+            "best_val_top1": top1s["16"], "sizes": sizes, "adversarial": {"n": 8, "fgsm@1/255": fgsm},
+            "by_object_size": None}
+
+
+def test_aggregate_over_seeds_and_against_the_reference():
+    records = [_record("lh-90", s, {"16": 0.8 + 0.01 * s, "32": 0.7 + 0.02 * s}, 0.3) for s in range(3)]
+    records += [_record("rope-2d-mixed", s, {"16": 0.78 + 0.03 * s, "32": 0.4 + 0.05 * s}, 0.2 + 0.01 * s)
+                for s in range(3)]
+    out = aggregate(records, "lh-90")["d"]
+    rope = out["encodings"]["rope-2d-mixed"]["tuned"]["32"]["top1"]
+    assert rope["mean"] == pytest.approx(0.45) and rope["std"] == pytest.approx(0.05)
+    assert out["encodings"]["lh-90"]["adversarial"]["fgsm@1/255"]["std"] == pytest.approx(0.0)
+    c = out["paired"]["rope-2d-mixed"]
+    assert c["top1"]["32"]["mean"] == pytest.approx(0.7 + 0.02 - 0.45)  # mean of 0.30, 0.27, 0.24
+    assert c["top1"]["32"]["wins"] == 3 and c["top1"]["16"]["wins"] == 1  # 0.02, 0.0, -0.02
+    assert c["adversarial"]["fgsm@1/255"]["mean"] == pytest.approx(0.09)
+    assert "lh-90" not in out["paired"]
+
+
+def _tiny_lookhere(seed=0):
+    torch.manual_seed(seed)
+    return create_vit("lh-90", img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=12, num_classes=4).eval()
+
+
+def test_knob_grids_and_bad_knobs():
+    assert knob_grid(_tiny_lookhere(), (0.5, 2.0)) == [{"lh_global_slope": 1.0}, {"lh_global_slope": 0.5},
+                                                        {"lh_global_slope": 2.0}]
+    rope = create_vit("rope-2d-axial", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
+    assert knob_grid(rope) == [{"rope_interpolate": False}, {"rope_interpolate": True}]
+    learned = create_vit("learned-1d", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
+    assert knob_grid(learned) == [{"pos_resample": "bicubic"}, {"pos_resample": "grid"}]
+    assert knob_grid(create_vit("none", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)) == []
+    with pytest.raises(ValueError, match="rope_interpolate applies to RoPE models, not lh-90"):
+        apply_knobs(_tiny_lookhere(), rope_interpolate=True)
+    with pytest.raises(ValueError, match="pos_resample applies to learned-1d models"):
+        apply_knobs(rope, pos_resample="grid")
+
+
+def test_tuned_setting_is_the_best_on_validation_and_its_test_metrics_are_that_settings():
+    model = _tiny_lookhere()
+    settings = EvalSettings(data="synthetic-where", sizes=[16, 32], train_size=16, length=24, seed=3,
+                            tune_knobs=True, val_length=20, lh_slope_scales=(0.0, 0.25, 4.0))
+    res = run_eval(model, settings, progress=False)
+    assert model.pos_encoding.config.global_slope == 1.0  # the model is left as it was
+    choice = res["knobs"]["32"]
+    val = build_dataset(DataSpec("synthetic-where", 32, None, 3), "val", train=False, length=20)
+    test = build_dataset(DataSpec("synthetic-where", 32, None, 3), "test", train=False, length=24)
+    expected = {}
+    for g in (1.0, 0.0, 0.25, 4.0):
+        apply_knobs(model, lh_global_slope=g)
+        expected[g] = evaluate_size(model, val, 4).compute()["top1"]
+    assert choice["val_top1"] == {f"lh_global_slope={g:g}": v for g, v in expected.items()}
+    best = max(expected.values())
+    assert expected[choice["setting"]["lh_global_slope"]] == best
+    assert list(expected.values()).index(best) == list(expected).index(choice["setting"]["lh_global_slope"])  # first best
+    apply_knobs(model, **choice["setting"])
+    direct = evaluate_size(model, test, 4).compute()
+    assert res["tuned"]["32"] == direct
+    assert res["tuned"]["16"] == res["sizes"]["16"] and res["knobs"]["16"]["val_top1"] == {}
+
+
+def test_study_config_errors(tmp_path):
+    good = {"name": "s", "datasets": ["synthetic"], "encodings": ["lh-90"], "seeds": [0]}
+    assert StudyConfig.from_dict(good).datasets == {"synthetic": {}}
+    with pytest.raises(ValueError, match="unknown encoding 'lh-91'"):
+        StudyConfig.from_dict({**good, "encodings": ["lh-91"]})
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['seeds'\]"):
+        StudyConfig.from_dict({k: v for k, v in good.items() if k != "seeds"})
+    with pytest.raises(ValueError, match="unknown training setting"):
+        StudyConfig.from_dict({**good, "train": {"learning_rate": 1}})
+    with pytest.raises(ValueError, match="size 30 is not a multiple of patch size 4"):
+        StudyConfig.from_dict({**good, "eval": {"sizes": [32, 30]}})
+    with pytest.raises(ValueError, match="unknown eval key"):
+        StudyConfig.from_dict({**good, "eval": {"size": [32]}})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StudyConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_shipped_studies_are_valid():
+    root = Path(__file__).resolve().parents[1] / "studies"
+    for name in ("synthetic.yaml", "fashion-mnist.yaml"):
+        cfg = StudyConfig.from_yaml(root / name)
+        assert len(cfg.seeds) >= 3 and cfg.reference in cfg.encodings
+    assert set(StudyConfig.from_yaml(root / "synthetic.yaml").datasets) == {"synthetic", "synthetic-where"}
+
+
+TINY = {
+    "name": "tiny",
+    "datasets": {"synthetic-where": {}},
+    "encodings": ["lh-90", "rope-2d-mixed"],
+    "seeds": [0],
+    "train": {"model": "micro", "embed_dim": 48, "depth": 1, "img_size": 16, "patch_size": 4, "data_length": 512,
+              "epochs": 2, "batch_size": 16, "checkpoint_every": 2, "log_every": 4},
+    "eval": {"sizes": [16, 32], "test_length": 24, "val_length": 16, "adversarial_samples": 8, "pgd_steps": 2},
+}
+
+
+def _study(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lookhere.cli", "study", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_dry_run_lists_the_grid(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1]}))
+    out, err = _study(["--config", str(cfg), "--output", str(tmp_path / "s"), "--dry-run"]).communicate(timeout=300)
+    assert "synthetic-where/lh-90/seed0" in out and "synthetic-where/rope-2d-mixed/seed1" in out, err
+    assert "4 cells, 4 to run" in out and "CPU-hours" in out
+    assert not (tmp_path / "s" / "synthetic-where").exists()  # nothing was run
+
+
+def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = _study(["--config", str(cfg), "--output", str(straight), "--no-progress"])
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    results = json.loads((straight / "results.json").read_text())
+    assert [(c["encoding"], c["seed"]) for c in results["cells"]] == [("lh-90", 0), ("rope-2d-mixed", 0)]
+    cell = results["cells"][0]
+    assert cell["command"].startswith("OMP_NUM_THREADS=1 lookhere train --data synthetic-where")
+    assert "--pos-encoding lh-90" in cell["command"] and "--tune-knobs" in cell["command"]
+    assert set(cell["sizes"]) == {"16", "32"} and set(cell["adversarial"]) == {"n", "fgsm@1/255", "pgd@1/255"}
+    assert set(results["summary"]["synthetic-where"]["paired"]) == {"rope-2d-mixed"}
+    report = (straight / "report.md").read_text()
+    assert "## synthetic-where (trained at 16 px)" in report and "Paired over seeds: lh-90 minus" in report
+    assert (straight / "top1_vs_size.png").stat().st_size > 10000
+
+    # The same study, killed (SIGKILL to its whole process group) while its first cell trains.
+    p = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"], start_new_session=True)
+    state = killed / "synthetic-where" / "lh-90" / "seed0" / "run" / "last" / "state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    assert state.exists() and not (killed / "synthetic-where" / "lh-90" / "seed0" / "train.json").exists()
+    rerun = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"])
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    log = (killed / "synthetic-where" / "lh-90" / "seed0" / "log.txt").read_text()
+    assert "--resume" in log  # it picked up the checkpoint rather than starting over
+    again = json.loads((killed / "results.json").read_text())
+    for c in again["cells"]:  # the commands name their own directories; everything else is equal
+        c["command"] = c["command"].replace(str(killed), str(straight))
+    assert again == results
+
+    # Finished cells are not run again.
+    t = time.time()
+    out, err = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"]).communicate(timeout=300)
+    assert "0 run now" in out and time.time() - t < 60
