@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from .data import DataSpec, build_dataset, collate
+from .position import LearnedAbsolute, LookHere, Rope2d
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -137,15 +138,15 @@ def apply_knobs(model: nn.Module, *, lh_global_slope: Optional[float] = None, ro
     interpolation, learned-1d's table resampling. A knob the model's encoding lacks is an error."""
     pe = model.pos_encoding
     if lh_global_slope is not None:
-        if not hasattr(pe, "config"):
+        if not isinstance(pe, LookHere):
             raise ValueError(f"lh_global_slope applies to LookHere models, not {pe.name}")
         pe.config = pe.config.replace(global_slope=lh_global_slope)
     if rope_interpolate is not None:
-        if not hasattr(pe, "interpolate"):
+        if not isinstance(pe, Rope2d):
             raise ValueError(f"rope_interpolate applies to RoPE models, not {pe.name}")
         pe.interpolate = bool(rope_interpolate)
     if pos_resample is not None:
-        if not hasattr(pe, "resample"):
+        if not isinstance(pe, LearnedAbsolute):
             raise ValueError(f"pos_resample applies to learned-1d models, not {pe.name}")
         pe.resample = pos_resample
 
@@ -154,12 +155,12 @@ def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0)) -
     """The settings of the model's test-time knob worth trying, its current setting first; empty
     when its encoding has none. LookHere's slope is tried at ``lh_slope_scales`` times its own."""
     pe = model.pos_encoding
-    if hasattr(pe, "config"):
+    if isinstance(pe, LookHere):
         g = pe.config.global_slope
         return [{"lh_global_slope": g}] + [{"lh_global_slope": g * s} for s in lh_slope_scales if s != 1]
-    if hasattr(pe, "interpolate"):
+    if isinstance(pe, Rope2d):
         return [{"rope_interpolate": v} for v in (pe.interpolate, not pe.interpolate)]
-    if hasattr(pe, "resample"):
+    if isinstance(pe, LearnedAbsolute):
         return [{"pos_resample": v} for v in (pe.resample, *(r for r in pe.RESAMPLE if r != pe.resample))]
     return []
 
