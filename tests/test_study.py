@@ -210,3 +210,13 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     t = time.time()
     out, err = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"]).communicate(timeout=300)
     assert "0 run now" in out and time.time() - t < 60
+
+    # The same directory under other settings is refused, not silently reused.
+    before = (killed / "results.json").read_text()
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 3}}))
+    p = _study(["--config", str(changed), "--output", str(killed), "--no-progress"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and "2 cell(s) were made with other settings" in err, (out, err)
+    assert (killed / "results.json").read_text() == before  # nothing was touched
+    assert yaml.safe_load((killed / "study.yaml").read_text())["train"]["epochs"] == 2

@@ -266,15 +266,29 @@ def run_cell(cell: Cell) -> dict[str, float]:
     return timing
 
 
+def check_cells_match(cells: list[Cell]) -> None:
+    """A cell made by other settings would be kept as done (or resumed) silently: refuse instead."""
+    stale = []
+    for cell in cells:
+        f = cell.dir / "cell.json"
+        if f.is_file() and json.loads(f.read_text()).get("command") != cell.command_line():
+            stale.append(str(cell.dir))
+    if stale:
+        shown = "\n  ".join(stale[:10]) + (f"\n  ... and {len(stale) - 10} more" if len(stale) > 10 else "")
+        raise ValueError(f"{len(stale)} cell(s) were made with other settings than this study config; "
+                         f"remove them or choose another --output:\n  {shown}")
+
+
 def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
     """Run every cell not yet done (``jobs`` at a time), then aggregate. Failed cells are reported
     and left for the next run; the others go on."""
     from tqdm import tqdm
 
     out = Path(output)
+    cells = cfg.cells(out)
+    check_cells_match(cells)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    cells = cfg.cells(out)
     todo = [c for c in cells if c.status() != "done"]
     failures: dict[str, str] = {}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
