@@ -89,6 +89,7 @@ class _Exploit:
         return (os.system, ("touch pwned_by_pickle",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the hostile file's own protocol
 def test_foreign_pickle_is_refused_not_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
