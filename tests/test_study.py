@@ -15,7 +15,7 @@ import yaml
 from lookhere import create_vit
 from lookhere.evaluate import EvalSettings, apply_knobs, evaluate_size, knob_grid, run_eval
 from lookhere.data import DataSpec, build_dataset
-from lookhere.study import StudyConfig
+from lookhere.study import StudyConfig, check_cells_match
 from lookhere.study_report import aggregate, paired, summarize
 
 T_975_DF2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -169,6 +169,21 @@ def test_dry_run_lists_the_grid(tmp_path):
     assert not (tmp_path / "s" / "synthetic-where").exists()  # nothing was run
 
 
+def test_cells_made_by_other_settings_or_unreadable_are_named(tmp_path):
+    cells = StudyConfig.from_dict(TINY).cells(tmp_path)
+    check_cells_match(cells)  # nothing made yet
+    for c in cells:
+        c.dir.mkdir(parents=True)
+        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line()}))
+    check_cells_match(cells)  # made by these very settings
+    other = StudyConfig.from_dict({**TINY, "train": {**TINY["train"], "epochs": 3}}).cells(tmp_path)
+    with pytest.raises(ValueError, match=r"2 cell\(s\) were made with other settings.*--output"):
+        check_cells_match(other)
+    (cells[1].dir / "cell.json").write_text('{"command": "OMP_NUM')  # cut short
+    with pytest.raises(ValueError, match=r"(?s)1 cell\(s\).*rope-2d-mixed/seed0 \(cell.json unreadable\)"):
+        check_cells_match(cells)
+
+
 def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
@@ -216,6 +231,9 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 3}}))
     p = _study(["--config", str(changed), "--output", str(killed), "--no-progress"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and "2 cell(s) were made with other settings" in err, (out, err)
+    p = _study(["--config", str(changed), "--output", str(killed), "--dry-run"])
     out, err = p.communicate(timeout=300)
     assert p.returncode != 0 and "2 cell(s) were made with other settings" in err, (out, err)
     assert (killed / "results.json").read_text() == before  # nothing was touched

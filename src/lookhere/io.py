@@ -15,7 +15,8 @@ from .vit import ViTConfig, VisionTransformer
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a kill leaves the old file or the new, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -26,8 +27,8 @@ def save_model(model: VisionTransformer, directory: str | os.PathLike) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(d / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic(d / CONFIG, lambda p: p.write_text(model.config.to_json()))
+    write_atomic(d / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomic(d / CONFIG, lambda p: p.write_text(model.config.to_json()))
     return d
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .io import write_atomic
 from .train import TrainConfig
 
 SYNTHETIC = ("synthetic", "synthetic-where")
@@ -234,13 +235,17 @@ def _run(argv: list[str], log, env: dict[str, str]) -> None:
         raise RuntimeError(f"`{shlex.join(argv)}` failed with exit status {rc}")
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
 def run_cell(cell: Cell) -> dict[str, float]:
     """Train (or resume) and evaluate one cell; returns the seconds each part took."""
     cell.dir.mkdir(parents=True, exist_ok=True)
     commands = cell.commands()
-    (cell.dir / "cell.json").write_text(json.dumps(
-        {"dataset": cell.dataset, "encoding": cell.encoding, "seed": cell.seed, "command": cell.command_line(),
-         "train_command": commands["train"], "eval_command": commands["eval"]}, indent=2))
+    _write_json(cell.dir / "cell.json", {
+        "dataset": cell.dataset, "encoding": cell.encoding, "seed": cell.seed, "command": cell.command_line(),
+        "train_command": commands["train"], "eval_command": commands["eval"]})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     timing: dict[str, float] = {}
     timing_file = cell.dir / "timing.json"
@@ -256,13 +261,13 @@ def run_cell(cell: Cell) -> dict[str, float]:
             timing["train_s"] = timing.get("train_s", 0.0) + time.perf_counter() - t
             records = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
             epochs = [r for r in records if r.get("kind") == "epoch"]
-            (cell.dir / "train.json").write_text(json.dumps({"epochs": epochs}, indent=2))
-            timing_file.write_text(json.dumps(timing))
+            _write_json(cell.dir / "train.json", {"epochs": epochs})
+            _write_json(timing_file, timing)
         if not cell.eval_json.is_file():
             t = time.perf_counter()
             _run(commands["eval"], log, env)
             timing["eval_s"] = time.perf_counter() - t
-            timing_file.write_text(json.dumps(timing))
+            _write_json(timing_file, timing)
     return timing
 
 
@@ -271,12 +276,19 @@ def check_cells_match(cells: list[Cell]) -> None:
     stale = []
     for cell in cells:
         f = cell.dir / "cell.json"
-        if f.is_file() and json.loads(f.read_text()).get("command") != cell.command_line():
+        if not f.is_file():
+            continue
+        try:
+            made_by = json.loads(f.read_text()).get("command")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            stale.append(f"{cell.dir} (cell.json unreadable)")
+            continue
+        if made_by != cell.command_line():
             stale.append(str(cell.dir))
     if stale:
         shown = "\n  ".join(stale[:10]) + (f"\n  ... and {len(stale) - 10} more" if len(stale) > 10 else "")
-        raise ValueError(f"{len(stale)} cell(s) were made with other settings than this study config; "
-                         f"remove them or choose another --output:\n  {shown}")
+        raise ValueError(f"{len(stale)} cell(s) were made with other settings than this study config or "
+                         f"cannot be read; remove them or choose another --output:\n  {shown}")
 
 
 def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -353,6 +365,7 @@ def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str
     """Cells with their status and an estimate of the seconds each needs (measured: a few training
     steps and forward passes of each model on one thread; cells already run use their own times)."""
     cells = cfg.cells(output)
+    check_cells_match(cells)  # a dry run refuses what the run would refuse
     plan = cfg.eval
     measured: dict[tuple[str, str], dict[str, Any]] = {}
     rows = []
