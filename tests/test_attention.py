@@ -142,9 +142,9 @@ def test_slab_rows_per_call_and_side_groups(rows_per_call):
 
     cfg = resolve_config("lh-180")
     heads = head_specs(cfg.head_directions, 12)
-    # halves look to one side each; the four diagonal half-planes see both sides of both axes.
-    assert dict(head_groups(heads)) == {"up": (0, 4), "down": (1, 5), "left": (2, 6), "right": (3, 7),
-                                        "all": (8, 9, 10, 11)}
+    # halves look to one side each; the four diagonal half-planes and the unmasked heads see both sides.
+    assert dict(head_groups(heads)) == {"up": (0,), "down": (1,), "left": (2,), "right": (3,),
+                                        "all": (4, 5, 6, 7, 8, 9, 10, 11)}
     grid = (7, 10)
     q, k, v = torch.randn(3, 1, 12, 71, 8).unbind(0)
     out = slab_attention(q, k, v, config=cfg, heads=heads, scales=head_scales(cfg, heads, 2, 4), grid=grid,

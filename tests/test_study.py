@@ -75,8 +75,9 @@ def _tiny_lookhere(seed=0):
 
 
 def test_knob_grids_and_bad_knobs():
-    assert knob_grid(_tiny_lookhere(), (0.5, 2.0)) == [{"lh_global_slope": 1.0}, {"lh_global_slope": 0.5},
-                                                        {"lh_global_slope": 2.0}]
+    # The released presets' global slope is 2: its own setting first, then half and double.
+    assert knob_grid(_tiny_lookhere(), (0.5, 2.0)) == [{"lh_global_slope": 2.0}, {"lh_global_slope": 1.0},
+                                                        {"lh_global_slope": 4.0}]
     rope = create_vit("rope-2d-axial", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
     assert knob_grid(rope) == [{"rope_interpolate": False}, {"rope_interpolate": True}]
     learned = create_vit("learned-1d", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
@@ -99,13 +100,14 @@ def test_tuned_setting_is_the_best_on_validation_and_its_test_metrics_are_that_s
     model = _tiny_lookhere()
     settings = EvalSettings(data="synthetic-where", sizes=[16, 32], train_size=16, length=24, seed=3,
                             tune_knobs=True, val_length=20, lh_slope_scales=(0.0, 0.25, 4.0))
+    g0 = model.pos_encoding.config.global_slope
     res = run_eval(model, settings, progress=False)
-    assert model.pos_encoding.config.global_slope == 1.0  # the model is left as it was
+    assert model.pos_encoding.config.global_slope == g0  # the model is left as it was
     choice = res["knobs"]["32"]
     val = build_dataset(DataSpec("synthetic-where", 32, None, 3), "val", train=False, length=20)
     test = build_dataset(DataSpec("synthetic-where", 32, None, 3), "test", train=False, length=24)
     expected = {}
-    for g in (1.0, 0.0, 0.25, 4.0):
+    for g in (g0, 0.0, 0.25 * g0, 4.0 * g0):
         apply_knobs(model, lh_global_slope=g)
         expected[g] = evaluate_size(model, val, 4).compute()["top1"]
     assert choice["val_top1"] == {f"lh_global_slope={g:g}": v for g, v in expected.items()}

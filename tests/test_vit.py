@@ -6,7 +6,7 @@ import torch
 import yaml
 
 import lookhere
-from lookhere import ViTConfig, create_vit, load_model, save_model
+from lookhere import POSITION_ENCODINGS, ViTConfig, create_vit, load_model, save_model
 
 
 def tiny(**kw):
@@ -147,3 +147,48 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("pos_encoding", list(POSITION_ENCODINGS))
+def test_attention_dropout_is_applied_in_training_only(pos_encoding):
+    torch.manual_seed(0)
+    model = create_vit(pos_encoding, img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=12,
+                       num_classes=3, attn_drop_rate=0.5, init_values=None).train()
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    b = model(x)
+    assert not torch.allclose(a, b), "attention dropout changed nothing in training mode"
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), a, rtol=0, atol=0)  # seeded: reproducible
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    plain = create_vit(pos_encoding, img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=12,
+                       num_classes=3, init_values=None).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["dense", "slab"])
+def test_lookhere_backends_apply_attention_dropout(backend):
+    from lookhere import lookhere_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 1 + 5 * 6, 8) for _ in range(3))
+    kw = dict(config="lh-90", grid_size=(5, 6), layer=1, depth=3, backend=backend)
+    exact = lookhere_attention(q, k, v, **kw)
+    dropped = lookhere_attention(q, k, v, dropout_p=0.5, **kw)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, exact)
+    # The expectation over dropout masks is the exact attention.
+    mean = torch.stack([lookhere_attention(q, k, v, dropout_p=0.5, **kw) for _ in range(400)]).mean(0)
+    assert (mean - exact).abs().mean() < 0.05 * exact.abs().mean()
+
+
+def test_flex_backend_refuses_attention_dropout():
+    from lookhere import lookhere_attention
+
+    q = torch.randn(1, 12, 1 + 9, 16)
+    with pytest.raises(ValueError, match="flex backend has no attention dropout"):
+        lookhere_attention(q, q, q, config="lh-90", grid_size=(3, 3), layer=0, depth=1, backend="flex",
+                           dropout_p=0.1)

@@ -36,6 +36,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -
 
 
 BACKENDS = ("auto", "dense", "slab", "flex")
+
+
+def _slab_supported(config: LookHereConfig, heads: tuple[HeadSpec, ...]) -> bool:
+    from .slab import supported
+
+    return supported(config, heads)
 # Below this many patches the dense path's few large SDPA calls beat the slabs' many smaller ones.
 SLAB_MIN_PATCHES = 576
 
@@ -63,6 +69,7 @@ def lookhere_attention(
     depth: int,
     num_prefix_tokens: int = 1,
     backend: str = "auto",
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """LookHere attention of one layer for q, k, v of shape ``(B, H, T, D)``.
 
@@ -70,6 +77,8 @@ def lookhere_attention(
     are seen by, every token without penalty. ``config`` is a preset name, a published-format
     dict or a :class:`LookHereConfig`. ``backend``: ``"dense"`` (bias rows per query chunk, the
     reference), ``"slab"`` (CPU, skips masked keys), ``"flex"`` (FlexAttention), or ``"auto"``.
+    ``dropout_p`` drops attention probabilities (training); FlexAttention has no dropout, so ``"auto"``
+    then takes another backend.
     """
     cfg: LookHereConfig = resolve_config(config)
     gy, gx = check_grid(grid_size)
@@ -82,14 +91,21 @@ def lookhere_attention(
     scales = head_scales(cfg, heads, layer, depth)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     if backend == "auto":
         backend = choose_backend(q.device, n, cfg, heads)
+        if backend == "flex" and dropout_p:
+            backend = "slab" if n >= SLAB_MIN_PATCHES and _slab_supported(cfg, heads) else "dense"
+    if backend == "flex" and dropout_p:
+        raise ValueError("the flex backend has no attention dropout; use backend='dense' or 'slab' to train with it")
     if backend == "slab":
         from .slab import slab_attention, supported
 
         if not supported(cfg, heads):
             raise ValueError("the slab backend needs fill_with='inf' and no 'center' heads; use backend='dense'")
-        return slab_attention(q, k, v, config=cfg, heads=heads, scales=scales, grid=(gy, gx), num_prefix_tokens=p)
+        return slab_attention(q, k, v, config=cfg, heads=heads, scales=scales, grid=(gy, gx), num_prefix_tokens=p,
+                              dropout_p=dropout_p)
     if backend == "flex":
         from .flex import flex_lookhere_attention
 
@@ -99,7 +115,7 @@ def lookhere_attention(
 
     parts = []
     if p:
-        parts.append(F.scaled_dot_product_attention(q[:, :, :p], k, v))
+        parts.append(F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p))
     rows = max(1, min(n, _CHUNK_ELEMENTS // max(1, H * T)))
     for start in range(0, n, rows):
         stop = min(n, start + rows)
@@ -109,6 +125,6 @@ def lookhere_attention(
             bias = F.pad(bias, (p, 0))
         # A 4D mask broadcast over the batch lets CPU SDPA take its fused kernel (5x faster than 3D).
         mask = bias.to(q.dtype).expand(B, -1, -1, -1)
-        o = F.scaled_dot_product_attention(q[:, :, p + start : p + stop], k, v, attn_mask=mask)
+        o = F.scaled_dot_product_attention(q[:, :, p + start : p + stop], k, v, attn_mask=mask, dropout_p=dropout_p)
         parts.append(o)
     return torch.cat(parts, dim=2)

@@ -131,13 +131,13 @@ class LookHereConfig:
         return LookHereConfig.from_dict(d)
 
 
-# Presets for 12 heads. Every head of LH-180 sees a half-plane (axis-aligned or turned 45 degrees),
-# every head of LH-90 a quarter (a 90 degree cone or quadrant). LH-45 has the eight distinct 45
-# degree wedges plus four 90 degree cones: twelve heads cannot all be distinct eighths.
+# The configs stored in the released checkpoints (LH_180/90/45_weights_and_config.pth), for 12 heads:
+# eight directed heads (LH-180 half-planes, LH-90 quadrants and 90 degree cones, LH-45 the eight
+# 45 degree wedges) and four unmasked heads with distance penalties only (slopes 1/4 ... 1/256).
 PRESETS: dict[str, dict[str, Any]] = {
-    "lh-180": {"global_slope": 1.0, "layer_slopes": [1.5, 0.5], "head_directions": "halves-diagonals"},
-    "lh-90": {"global_slope": 1.0, "layer_slopes": [1.5, 0.5], "head_directions": "triangles-corners"},
-    "lh-45": {"global_slope": 1.0, "layer_slopes": [1.5, 0.5], "head_directions": "eighths1-eighths2-triangles"},
+    "lh-180": {"global_slope": 2.0, "layer_slopes": [1.5, 0.5], "head_directions": "halves-diagonals-none"},
+    "lh-90": {"global_slope": 2.0, "layer_slopes": [1.5, 0.5], "head_directions": "corners-triangles-none"},
+    "lh-45": {"global_slope": 2.0, "layer_slopes": [1.5, 0.5], "head_directions": "eighths1-eighths2-none"},
 }
 
 

@@ -47,12 +47,13 @@ def patch_coords(grid: tuple[int, int], train_grid: tuple[int, int] | None = Non
     return y, x
 
 
-def _attend_with_bias(q, k, v, bias: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def _attend_with_bias(q, k, v, bias: torch.Tensor, num_prefix_tokens: int, dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA with a patch-only ``(H, N, N)`` bias; prefix rows and columns get 0."""
     if num_prefix_tokens:
         bias = F.pad(bias, (num_prefix_tokens, 0, num_prefix_tokens, 0))
     # 4D and broadcast over the batch: CPU SDPA then takes its fused kernel.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).expand(q.shape[0], -1, -1, -1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).expand(q.shape[0], -1, -1, -1),
+                                          dropout_p=dropout_p)
 
 
 class PositionEncoding(nn.Module):
@@ -64,8 +65,10 @@ class PositionEncoding(nn.Module):
     def embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return x
 
-    def attend(self, q, k, v, *, grid: tuple[int, int], layer: int, num_prefix_tokens: int) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+    def attend(self, q, k, v, *, grid: tuple[int, int], layer: int, num_prefix_tokens: int,
+               dropout_p: float = 0.0) -> torch.Tensor:
+        """One layer's attention; ``dropout_p`` is the attention dropout (the ViT passes 0 in eval mode)."""
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
     # The unfused view of the same attention, for analysis: ``attend`` must equal
     # ``attention_weights(...) @ v`` (tested for every encoding).
@@ -106,10 +109,10 @@ class LookHere(PositionEncoding):
         for layer in range(depth):
             head_specs(self.config.directions_for_layer(layer, depth), num_heads)
 
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
         return lookhere_attention(
             q, k, v, config=self.config, grid_size=grid, layer=layer, depth=self.depth,
-            num_prefix_tokens=num_prefix_tokens, backend=self.backend,
+            num_prefix_tokens=num_prefix_tokens, backend=self.backend, dropout_p=dropout_p,
         )
 
     def score_bias(self, *, grid, layer, num_prefix_tokens, device):
@@ -252,8 +255,8 @@ class RelativeBias(PositionEncoding):
         dx = (x[None, :] - x[:, None]).long().clamp(-(tx - 1), tx - 1) + tx - 1
         return self.table[layer][:, dy, dx]
 
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
-        return _attend_with_bias(q, k, v, self.bias(grid, layer), num_prefix_tokens)
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
+        return _attend_with_bias(q, k, v, self.bias(grid, layer), num_prefix_tokens, dropout_p)
 
     def score_bias(self, *, grid, layer, num_prefix_tokens, device):
         return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
@@ -279,8 +282,8 @@ class Alibi2d(PositionEncoding):
         dist = torch.hypot(y[None, :] - y[:, None], x[None, :] - x[:, None])
         return -self.slopes[:, None, None] * dist
 
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
-        return _attend_with_bias(q, k, v, self.bias(grid), num_prefix_tokens)
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
+        return _attend_with_bias(q, k, v, self.bias(grid), num_prefix_tokens, dropout_p)
 
     def score_bias(self, *, grid, layer, num_prefix_tokens, device):
         return F.pad(self.bias(grid), (num_prefix_tokens, 0, num_prefix_tokens, 0))
@@ -326,9 +329,9 @@ class Rope2d(PositionEncoding):
         k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], emb)], dim=2)
         return q, k
 
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens):
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
         q, k = self.rotate(q, k, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens)
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 def _lookhere_factory(preset: str) -> Callable[..., PositionEncoding]:

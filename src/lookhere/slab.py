@@ -93,7 +93,7 @@ def _unscaled_table(config: LookHereConfig, heads: tuple[HeadSpec, ...], o: str,
 
 def slab_attention(q: Tensor, k: Tensor, v: Tensor, *, config: LookHereConfig, heads: tuple[HeadSpec, ...],
                    scales: list[float], grid: tuple[int, int], num_prefix_tokens: int,
-                   rows_per_call: int = 4) -> Tensor:
+                   rows_per_call: int = 4, dropout_p: float = 0.0) -> Tensor:
     """LookHere attention for configs that :func:`supported` accepts."""
     gy, gx = grid
     p = num_prefix_tokens
@@ -101,7 +101,7 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, *, config: LookHereConfig, h
     device = str(q.device)
     out = torch.empty_like(q)
     if p:
-        out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v)
+        out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)
     for o, group in head_groups(heads):
         G = len(group)
         ny, nx = (gy, gx) if o in ("up", "down", "all") else (gx, gy)
@@ -127,7 +127,7 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, *, config: LookHereConfig, h
             end = p + key_rows * nx
             res[:, :, r0 * nx:(r1 + 1) * nx] = F.scaled_dot_product_attention(
                 qo[:, :, p + r0 * nx: p + (r1 + 1) * nx], ko[:, :, :end], vo[:, :, :end],
-                attn_mask=mask[None].expand(B, -1, -1, -1))
+                attn_mask=mask[None].expand(B, -1, -1, -1), dropout_p=dropout_p)
         full = torch.empty(B, G, gy * gx, D, dtype=q.dtype, device=q.device)
         full[:, :, perm] = res
         out[:, hs, p:] = full

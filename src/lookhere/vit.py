@@ -88,7 +88,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = pos.attend(q, k, v, grid=grid, layer=self.layer, num_prefix_tokens=num_prefix_tokens)
+        x = pos.attend(q, k, v, grid=grid, layer=self.layer, num_prefix_tokens=num_prefix_tokens,
+                       dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
