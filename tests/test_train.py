@@ -1,6 +1,10 @@
+import argparse
+import dataclasses
 import json
 import math
 import os
+import re
+import random
 import signal
 import subprocess
 import sys
@@ -33,6 +37,34 @@ def steps_logged(run: Path) -> int:
     return max((r["step"] for r in lines), default=0)
 
 
+def kill_after(args, run: Path, steps: int) -> int:
+    """Start ``lookhere train`` and SIGKILL it once ``steps`` steps are logged; returns the steps logged."""
+    proc = subprocess.Popen([sys.executable, "-m", "lookhere.cli", "train", *args, "--output", str(run)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while steps_logged(run) < steps and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return steps_logged(run)
+
+
+def same_weights(a_dir: Path, b_dir: Path, names=("model.safetensors",)) -> None:
+    for name in names:
+        a, b = load_file(str(a_dir / "last" / name)), load_file(str(b_dir / "last" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs"
+
+
+def lr_by_step(run: Path) -> dict[int, float]:
+    """The learning rate of each logged step; a step run again after a resume keeps its last record."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if r["kind"] == "step"}
+
+
 def test_kill_and_resume_is_bit_exact(tmp_path):
     """A run killed with SIGKILL mid-epoch and resumed ends with the same weights as one never killed."""
     common = SMALL + ["--epochs", "3", "--checkpoint-every", "1", "--log-every", "1", "--ema-decay", "0.9",
@@ -41,27 +73,56 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lookhere.cli", "train", *common, "--output", str(run)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while steps_logged(run) < 8 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = steps_logged(run)
+    killed_at = kill_after(common, run, 8)
     assert 8 <= killed_at < 18
 
     resumed = cli("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(str(tmp_path / "full" / "last" / name))
-        b = load_file(str(run / "last" / name))
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
+    same_weights(tmp_path / "full", run, ("model.safetensors", "ema.safetensors"))
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 18
+
+
+def test_resume_with_more_epochs_follows_the_schedule_of_the_new_length(tmp_path):
+    """Killed at a random step of a 3-epoch run and resumed with --epochs 5, the run's learning rate from
+    there on is that of a run trained for 5 epochs from the start (not the 3-epoch schedule's minimum)."""
+    common = SMALL + ["--log-every", "1", "--checkpoint-every", "2", "--warmup-epochs", "0.5"]
+    fresh = cli(*common, "--epochs", "5", "--output", str(tmp_path / "five"))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+    run = tmp_path / "three"
+    killed_at = kill_after([*common, "--epochs", "3"], run, random.Random(16).randint(3, 12))
+    assert killed_at < 18  # 6 steps per epoch
+    resumed = cli("--resume", str(run), "--epochs", "5")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    want, got = lr_by_step(tmp_path / "five"), lr_by_step(run)
+    assert sorted(got) == sorted(want) == list(range(1, 31))
+    for s in range(killed_at + 1, 31):
+        assert got[s] == want[s], f"step {s}: lr {got[s]} after the resume, {want[s]} in a 5-epoch run"
+    assert all(want[s] > TrainConfig().min_lr for s in range(19, 30))  # where the 3-epoch schedule had ended
+    assert TrainConfig.from_yaml(run / "config.yaml").epochs == 5  # a later --resume keeps the new length
+
+
+def test_resume_with_workers_is_bit_exact_and_independent_of_the_worker_count(tmp_path):
+    """Random augmentation (photographs) is seeded per sample: two worker processes give the weights of
+    none, and a run killed mid-epoch resumes to them bit for bit."""
+    from test_data import _image_folder
+
+    _image_folder(tmp_path / "imgs", n=24)
+    common = ["--data", f"folder:{tmp_path / 'imgs'}", "--img-size", "32", "--patch-size", "8", "--embed-dim", "48",
+              "--depth", "1", "--num-heads", "12", "--batch-size", "4", "--epochs", "2", "--log-every", "1",
+              "--checkpoint-every", "1", "--no-progress"]
+    for workers in ("0", "2"):
+        r = cli(*common, "--workers", workers, "--output", str(tmp_path / f"full{workers}"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    same_weights(tmp_path / "full0", tmp_path / "full2")
+
+    run = tmp_path / "killed"
+    killed_at = kill_after([*common, "--workers", "2"], run, 5)
+    assert killed_at < 24 and killed_at % 12  # mid-epoch: 12 steps per epoch
+    resumed = cli("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    same_weights(tmp_path / "full2", run)
 
 
 def test_training_learns_and_writes_what_it_promises(tmp_path):
@@ -109,7 +170,7 @@ def test_bad_input_gives_clear_messages(tmp_path):
     r = cli(*SMALL, "--epochs", "1", "--output", str(tmp_path / "run"))
     assert r.returncode == 2 and "already holds a run" in r.stderr
     r = cli("--resume", str(tmp_path / "run"), "--embed-dim", "96")
-    assert r.returncode == 2 and "incompatible" in r.stderr and "embed_dim" in r.stderr
+    assert r.returncode == 2 and "incompatible" in r.stderr and "--embed-dim: run has 48, now 96" in r.stderr
 
 
 def test_corrupt_images_are_skipped_during_training(tmp_path):
@@ -122,6 +183,115 @@ def test_corrupt_images_are_skipped_during_training(tmp_path):
         train(cfg)
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped"] == 1
+
+
+def test_seeded_samples_draw_each_augmentation_from_seed_epoch_and_index(tmp_path):
+    """An augmented sample is a function of (seed, epoch, index), not of the batch it is fetched in or
+    of the caller's random state, which it leaves untouched."""
+    import numpy as np
+
+    from lookhere.data import DataSpec, build_dataset
+    from lookhere.train import SeededSamples
+    from test_data import _image_folder
+
+    _image_folder(tmp_path / "imgs")
+    samples = SeededSamples(build_dataset(DataSpec(f"folder:{tmp_path / 'imgs'}", 32), "train"), seed=3)
+    first = samples[2][0]
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    assert torch.equal(samples.__getitems__([5, 2, 7])[1][0], first)
+    assert (torch.rand(1).item(), random.random(), np.random.rand()) == (
+        torch.manual_seed(0) and torch.rand(1).item(), random.seed(0) or random.random(),
+        np.random.seed(0) or np.random.rand())
+    samples.epoch = 1
+    assert not torch.equal(samples[2][0], first)
+    assert not torch.equal(SeededSamples(samples.dataset, seed=4)[2][0], first)
+
+
+def test_odd_batch_left_by_an_unreadable_sample_still_gets_mixup(tmp_path):
+    """Five readable images and a broken one in a batch of six: mixup pairs samples, so one more is left
+    out (counted) and the step trains on four mixed images."""
+    import shutil
+
+    from test_data import _image_folder
+
+    _image_folder(tmp_path / "imgs", n=2, corrupt=True)
+    shutil.copy(tmp_path / "imgs" / "train" / "dog" / "0.png", tmp_path / "imgs" / "train" / "dog" / "extra.png")
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", img_size=32, patch_size=8, embed_dim=48, depth=1,
+                      num_heads=12, batch_size=6, epochs=2, mixup=0.8, cutmix=1.0, output=str(tmp_path / "r"),
+                      progress=False, log_every=1)
+    with pytest.warns(RuntimeWarning, match="skipped unreadable sample"):
+        train(cfg)
+    steps = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert [(r["skipped"], r["mixup_dropped"], r["empty_batches"]) for r in steps] == [(1, 1, 0), (2, 2, 0)]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_batch_of_unreadable_samples_makes_no_update(tmp_path):
+    """A batch with no readable sample never reaches the model: the step counts (schedule and data position
+    stay aligned), the weights stay as they were, and the batch is counted."""
+    from test_data import _image_folder
+
+    _image_folder(tmp_path / "imgs", n=2, corrupt=True)  # 4 readable images and a broken one
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", img_size=32, patch_size=8, embed_dim=48, depth=1,
+                      num_heads=12, batch_size=1, epochs=1, output=str(tmp_path / "r"), progress=False, log_every=1,
+                      checkpoint_every=1)
+    with pytest.warns(RuntimeWarning, match="skipped unreadable sample"):
+        result = train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert result["step"] == 5 and [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    empty = [r for r in steps if r["loss"] is None]
+    assert len(empty) == 1 and empty[0]["grad_norm"] is None
+    assert steps[-1]["skipped"] == 1 and steps[-1]["empty_batches"] == 1
+
+
+def test_every_train_flag_says_what_it_does_and_its_default():
+    from lookhere.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in sub.choices["train"]._actions if a.option_strings and a.dest not in ("help", "config")]
+    assert len(actions) == len(dataclasses.fields(TrainConfig))
+    for action in actions:
+        assert action.help and "(default: " in action.help, action.option_strings
+        assert "None" not in action.help, action.option_strings  # an unset default says what it means
+
+
+def test_train_flag_and_setting_errors_name_the_flag(tmp_path, capsys):
+    from lookhere.cli import main
+
+    for value, why in (("{interpolate: true}", "not valid JSON"), ("[1, 2]", "expected a JSON object")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--pos-options", value])
+        assert e.value.code == 2 and f"argument --pos-options: {why}" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: --lr: expected a number, got 'fast'"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(ValueError, match=r"--pos-options: expected a mapping, got 3"):
+        TrainConfig.from_dict({"pos_options": 3})
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) learning_rate; allowed .*--lr,"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+    for setting, message in (({"label_smoothing": 1.0}, "--label-smoothing must be in [0, 1)"),
+                             ({"workers": -1}, "--workers must be >= 0"), ({"max_steps": 0}, "--max-steps must be >= 1"),
+                             ({"device": "gpu"}, "--device 'gpu' is not a device")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(TrainConfig(**setting, output=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_into_another_output_is_refused_and_a_moved_run_resumes_in_place(tmp_path, capsys):
+    from lookhere.cli import _train_config, build_parser, main
+
+    run = tmp_path / "moved"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(TrainConfig(output="elsewhere/run").to_dict()))
+    assert _train_config(build_parser().parse_args(["train", "--resume", str(run)])).output == str(run)
+    assert main(["train", "--resume", str(run), "--output", str(tmp_path / "other")]) != 0
+    err = capsys.readouterr().err
+    assert f"--resume {run} continues that run in its own directory, but --output {tmp_path / 'other'}" in err
+    with pytest.raises(ValueError, match="--output runs/run names another"):
+        train(TrainConfig(resume=str(run)))
 
 
 DDP_SCRIPT = """

@@ -46,26 +46,38 @@ def _fov(args: argparse.Namespace) -> int:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--pos-encoding`` for ``pos_encoding``); defaults come from
-    the config file when ``--config`` is given, then from the dataclass."""
+    """One flag per TrainConfig field (``--pos-encoding`` for ``pos_encoding``), its help from the field's
+    metadata; flags left out take the value of the --config file, then of the run being resumed, then
+    the field's default."""
     import dataclasses
     import typing
 
-    from .train import TrainConfig
+    from .train import TrainConfig, flag
 
     parser.add_argument("--config", help="YAML file of settings (flag names with - or _); flags override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        kind = base[0]
+        name = flag(f.name)
+        default = f.metadata["unset"] if f.default is None else f.default
+        help = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        kind = ([a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]])[0]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif kind is dict:
-            parser.add_argument(flag, type=json.loads, default=None, help="JSON object")
+            parser.add_argument(name, type=_json_object, default=None, metavar="JSON", help=help)
         else:
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(name, type=kind, default=None, help=help)
+
+
+def _json_object(text: str) -> dict:
+    """argparse type of a JSON-object flag: argparse names the flag in the message."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"interpolate\": true}}', got {text!r}")
+    return value
 
 
 def _train_config(args: argparse.Namespace):
@@ -82,6 +94,8 @@ def _train_config(args: argparse.Namespace):
         base = TrainConfig.from_yaml(saved).to_dict()
     else:
         base = {}
+    if args.resume and (not args.config or base["output"] == TrainConfig().output):
+        base["output"] = args.resume  # the run continues where it is, even moved; an --output elsewhere is refused
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:

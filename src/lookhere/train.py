@@ -3,19 +3,23 @@
 A run directory holds ``config.yaml`` (the :class:`TrainConfig`), ``metrics.jsonl`` (one JSON
 record per logged step and per epoch), TensorBoard events, and checkpoints ``last/`` and ``best/``.
 A checkpoint is a folder: ``model.safetensors`` + ``config.json`` (loadable by
-``lookhere.load_model``), ``ema.safetensors`` when EMA is on, and ``state.pt`` (optimizer,
-scheduler, RNG states and the position in the data), written beside and swapped in by renames.
+``lookhere.load_model``), ``ema.safetensors`` when EMA is on, and ``state.pt`` (optimizer, RNG
+states, the step, which is the position in the data), written beside and swapped in by renames.
+The learning rate is a function of the step and ``config.yaml``, which a resume rewrites with the
+settings it goes on with (``--epochs`` may grow).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,70 +29,94 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .data import DataSpec, build_dataset, collate
+from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import num_classes_of
 from .io import save_model
+from .position import POSITION_ENCODINGS
 from .vit import SIZES, VisionTransformer, create_vit
 
 MODEL_SIZES = {"micro": dict(embed_dim=96, depth=6, num_heads=12), **SIZES}
 
 
+# settings that may change on resume; everything else must match the run being resumed
+RESUMABLE_CHANGES = ("resume", "output", "epochs", "max_steps", "workers", "device", "log_every", "checkpoint_every",
+                     "progress", "data_root")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+def _setting(default: Any, help: str, unset: Optional[str] = None) -> Any:
+    """A TrainConfig field with its flag's help; ``unset`` says what a ``None`` default means."""
+    return field(default=default, metadata={"help": help, "unset": unset})
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a run; round-trips through YAML/JSON and maps one-to-one onto CLI flags."""
+    """Every setting of a run; round-trips through YAML/JSON and maps one-to-one onto CLI flags
+    (``pos_encoding`` is ``--pos-encoding``), whose help text is each field's metadata."""
 
-    data: str = "synthetic"
-    data_root: Optional[str] = None
-    data_length: Optional[int] = None
-    num_classes: Optional[int] = None
-    pos_encoding: str = "lh-90"
-    lookhere_config: Optional[dict] = None
-    pos_options: Optional[dict] = None
-    model: str = "tiny"
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    img_size: int = 32
-    patch_size: int = 4
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.1
-    label_smoothing: float = 0.1
-    clip_grad: Optional[float] = 1.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema_decay: Optional[float] = None
-    drop_path: float = 0.0
-    init_values: Optional[float] = 0.1
-    seed: int = 0
-    output: str = "runs/run"
-    resume: Optional[str] = None
-    workers: int = 0
-    device: str = "auto"
-    log_every: int = 10
-    checkpoint_every: int = 100
-    max_steps: Optional[int] = None
-    progress: bool = True
-
-    # fields that may change on resume; everything else must match the run being resumed
-    RESUMABLE_CHANGES = ("resume", "output", "workers", "device", "log_every", "checkpoint_every", "progress",
-                         "max_steps", "epochs", "data_root")
+    data: str = _setting("synthetic", f"dataset: {', '.join(DATASETS)}")
+    data_root: Optional[str] = _setting(None, "folder of the dataset's files", "the dataset's standard place")
+    data_length: Optional[int] = _setting(None, "training samples (synthetic: scenes rendered; others: the first N)",
+                                          "synthetic 4000, others all")
+    num_classes: Optional[int] = _setting(None, "outputs of the classifier", "the dataset's classes")
+    pos_encoding: str = _setting("lh-90", f"position encoding: {', '.join(POSITION_ENCODINGS)}")
+    lookhere_config: Optional[dict] = _setting(None, "LookHere config as a JSON object (lookhere.LookHereConfig "
+                                               "fields)", "the preset of --pos-encoding")
+    pos_options: Optional[dict] = _setting(None, 'options of the position encoding as a JSON object, e.g. '
+                                           '\'{"interpolate": true}\'', "none")
+    model: str = _setting("tiny", f"model size: {', '.join(MODEL_SIZES)}")
+    embed_dim: Optional[int] = _setting(None, "token width", "--model's")
+    depth: Optional[int] = _setting(None, "number of blocks", "--model's")
+    num_heads: Optional[int] = _setting(None, "attention heads per block", "--model's")
+    img_size: int = _setting(32, "training image side in pixels")
+    patch_size: int = _setting(4, "patch side in pixels")
+    epochs: int = _setting(10, "passes over the training split; raised on --resume, the learning-rate schedule is "
+                               "rebuilt for the new length")
+    batch_size: int = _setting(64, "images per step, over all processes")
+    lr: float = _setting(1e-3, "peak learning rate (AdamW, cosine schedule)")
+    min_lr: float = _setting(1e-5, "learning rate at the end of the schedule")
+    weight_decay: float = _setting(0.05, "AdamW weight decay (not on norms, biases and tokens)")
+    warmup_epochs: float = _setting(0.1, "epochs of linear warmup from --lr / 1000")
+    label_smoothing: float = _setting(0.1, "label smoothing")
+    clip_grad: Optional[float] = _setting(1.0, "clip the gradient norm to this (0: no clipping)", "no clipping")
+    mixup: float = _setting(0.0, "mixup alpha (0: off); a batch shortened to an odd size by unreadable samples "
+                                 "loses one more, as mixup pairs samples")
+    cutmix: float = _setting(0.0, "cutmix alpha (0: off); batches as for --mixup")
+    ema_decay: Optional[float] = _setting(None, "keep an EMA of the weights with this decay, e.g. 0.9999", "no EMA")
+    drop_path: float = _setting(0.0, "stochastic depth rate")
+    init_values: Optional[float] = _setting(0.1, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
+    seed: int = _setting(0, "seed of the weights, the data order and each sample's augmentation")
+    output: str = _setting("runs/run", "run directory: config.yaml, metrics.jsonl, tb/, checkpoints last/ and best/")
+    resume: Optional[str] = _setting(None, "continue the run in this directory from its last checkpoint, with its "
+                                     "settings; flags may change only " + ", ".join(
+                                         flag(k) for k in RESUMABLE_CHANGES if k not in ("resume", "output")),
+                                     "start a new run in --output")
+    workers: int = _setting(0, "data-loading processes; each sample's augmentation is seeded by (--seed, epoch, "
+                               "index), so results and exact resume do not depend on it")
+    device: str = _setting("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    log_every: int = _setting(10, "steps between records in metrics.jsonl")
+    checkpoint_every: int = _setting(100, "steps between checkpoints (last/); one is also written after each epoch")
+    max_steps: Optional[int] = _setting(None, "stop after this many steps, with a checkpoint", "all of --epochs")
+    progress: bool = _setting(True, "show a progress bar")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; allowed: {sorted(names)}")
-        return cls(**d)
+            raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; allowed (as --flags, or as keys "
+                             f"with - or _): {', '.join(flag(n) for n in names)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _checked(k, v, hints[k]) for k, v in d.items()})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -98,7 +126,10 @@ class TrainConfig:
         d = yaml.safe_load(p.read_text()) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{p}: expected a mapping of settings, got {type(d).__name__}")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in d.items()})
+        try:
+            return cls.from_dict({k.replace("-", "_"): v for k, v in d.items()})
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
         if self.model not in MODEL_SIZES:
@@ -112,13 +143,37 @@ class TrainConfig:
                     num_classes=num_classes, drop_path_rate=self.drop_path, init_values=self.init_values, **size)
 
     def validate(self) -> None:
-        if self.img_size % self.patch_size:
-            raise ValueError(f"--img-size {self.img_size} is not a multiple of --patch-size {self.patch_size}")
-        for k in ("epochs", "batch_size"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        for k in ("epochs", "batch_size", "img_size", "patch_size", "log_every", "checkpoint_every", "max_steps",
+                  "embed_dim", "depth", "num_heads", "num_classes", "data_length"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ValueError(f"{flag(k)} must be >= 1, got {getattr(self, k)}")
+        for k in ("min_lr", "weight_decay", "warmup_epochs", "mixup", "cutmix", "clip_grad", "init_values", "seed",
+                  "workers"):
+            if getattr(self, k) is not None and getattr(self, k) < 0:
+                raise ValueError(f"{flag(k)} must be >= 0, got {getattr(self, k)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"--img-size {self.img_size} is not a multiple of --patch-size {self.patch_size}")
+        for k in ("label_smoothing", "drop_path", "ema_decay"):
+            if getattr(self, k) is not None and not 0 <= getattr(self, k) < 1:
+                raise ValueError(f"{flag(k)} must be in [0, 1), got {getattr(self, k)}")
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type (an int is a float), or a ValueError naming the flag."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    kind = kinds[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{flag(name)}: expected {_KINDS[kind]}, got {value!r}")
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -153,6 +208,48 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class SeededSamples(Dataset):
+    """Training samples whose random augmentation is drawn from RNGs seeded by (seed, epoch, index).
+
+    A sample then looks the same whichever process loads it and whenever, so a run resumes bit for
+    bit with any ``--workers`` (worker RNGs otherwise depend on which worker got which batch). The
+    caller's random states are left as they were (saved once per batch: the DataLoader fetches a
+    batch with ``__getitems__``). Set ``epoch`` before each epoch's loader is made.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return [self._seeded(i) for i in indices]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+    def _seeded(self, index: int):
+        key = b"%d,%d,%d" % (self.seed, self.epoch, index)  # a stable hash: the same in every process
+        s = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        torch.random.default_generator.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        return self.dataset[index]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -211,17 +308,27 @@ def find_checkpoint(run_dir: Path) -> Optional[Path]:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here; use --device cpu or auto")
+    return device
 
 
 def _check_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    if Path(cfg.output).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {run_dir} continues that run in its own directory, but --output {cfg.output} "
+                         f"names another; leave --output out (or give the same directory), or start a new run "
+                         f"without --resume")
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a lookhere run directory?")
     saved = TrainConfig.from_yaml(saved_path).to_dict()
     mine = cfg.to_dict()
-    diffs = [f"{k}: run has {saved[k]!r}, now {mine[k]!r}" for k in mine
-             if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != mine[k]]
+    diffs = [f"{flag(k)}: run has {saved[k]!r}, now {mine[k]!r}" for k in mine
+             if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k]]
     if diffs:
         raise ValueError(f"--resume {run_dir}: incompatible with this config ({'; '.join(diffs)}); "
                          f"resume with the run's own settings or start a new --output")
@@ -271,6 +378,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     spec = DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, cfg.data_root)
     train_ds, val_ds = build_dataset(spec, "train"), build_dataset(spec, "val")
     num_classes = cfg.num_classes or num_classes_of(train_ds)
+    train_ds = SeededSamples(train_ds, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -301,7 +409,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    step, best, skipped_total = 0, -1.0, 0
+    # unreadable samples skipped; samples left out to keep a mixup batch even; batches with no sample left
+    step, best, counts = 0, -1.0, {"skipped": 0, "mixup_dropped": 0, "empty_batches": 0}
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None and d.main:
         print(f"--resume {run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr)
@@ -311,16 +420,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if ema is not None and (ckpt / "ema.safetensors").is_file():
             ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best, skipped_total = state["step"], state["best"], state["skipped"]
+        step, best = state["step"], state["best"]
+        counts.update({k: state.get(k, 0) for k in counts})
         _set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
     elif d.main:
         if run_dir.exists() and (run_dir / "config.yaml").exists() and not cfg.resume:
             raise FileExistsError(f"--output {run_dir} already holds a run; use --resume {run_dir} or another --output")
+    # The schedule is a function of the step and this config: a resume with more --epochs continues as a
+    # run of the new length would, rather than at the old schedule's end.
+    scheduler.step_update(num_updates=step)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # the settings the run goes on with, so that a later --resume continues with them
+        saved = replace(cfg, resume=None)
+        _write_atomically(run_dir / "config.yaml", yaml.safe_dump(saved.to_dict(), sort_keys=False))
     if d.world > 1:
         dist.barrier()
 
@@ -348,8 +461,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
         if d.main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                     "best": best, "skipped": skipped_total, "rng": rng}
+            state = {"optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": rng, **counts}
             write_checkpoint(run_dir / name, raw, ema, state)
 
     val_sampler = DistributedSampler(val_ds, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None
@@ -364,6 +476,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while step < limit:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
+        train_ds.epoch = epoch
         sampler.start = in_epoch * per_rank
         loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                             collate_fn=collate, drop_last=True,
@@ -371,36 +484,45 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         t0, seen = time.perf_counter(), 0
         for images, labels, skipped in loader:
-            skipped_total += skipped
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mix is not None and len(labels) % 2 == 0 and len(labels):
-                images, targets = mix(images, labels)
-            else:
-                targets = labels
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad) if cfg.clip_grad else None
-            optimizer.step()
+            counts["skipped"] += skipped
+            if mix is not None and len(labels) % 2:  # timm's Mixup pairs samples: the batch must be even
+                images, labels = images[:-1], labels[:-1]
+                counts["mixup_dropped"] += 1
+            usable = len(labels)
+            if d.world > 1:  # every rank skips together, or DDP's gradient reduction would wait forever
+                least = torch.tensor(usable, device=device)
+                dist.all_reduce(least, op=dist.ReduceOp.MIN)
+                usable = int(least)
+            loss = grad_norm = None
+            if usable:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                images, targets = mix(images, labels) if mix is not None else (images, labels)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(images)
+                loss = criterion(logits.float(), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad) if cfg.clip_grad else None
+                optimizer.step()
+            else:  # no readable sample: no update, but the step counts, keeping schedule and data position aligned
+                counts["empty_batches"] += 1
             step += 1
             scheduler.step_update(num_updates=step)
-            if ema is not None:
+            if ema is not None and usable:
                 ema.update(raw, step=step)
             seen += len(labels) * d.world
             ips = seen / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}" if loss is not None else "-", img_s=f"{ips:.0f}")
             if step % cfg.log_every == 0 or step == limit:
-                log({"kind": "step", "step": step, "epoch": epoch, "loss": loss.item(),
+                log({"kind": "step", "step": step, "epoch": epoch, "loss": loss.item() if loss is not None else None,
                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": ips,
-                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": skipped_total})
+                     "grad_norm": float(grad_norm) if grad_norm is not None else None, **counts})
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch:
                 last_val = evaluate(raw, val_loader, device, d)
                 record = {"kind": "epoch", "step": step, "epoch": epoch, "val_acc": last_val["acc"],
-                          "val_loss": last_val["loss"], "skipped": skipped_total}
+                          "val_loss": last_val["loss"], **counts}
                 if ema is not None:
                     ev = evaluate(ema.module, val_loader, device, d)
                     record.update(val_acc_ema=ev["acc"], val_loss_ema=ev["loss"])
@@ -415,8 +537,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if step >= limit:
                 break
     bar.close()
-    if skipped_total and d.main:
-        print(f"warning: {skipped_total} unreadable samples were skipped", file=sys.stderr)
+    if d.main and any(counts.values()):
+        print(f"warning: {counts['skipped']} unreadable samples were skipped, {counts['mixup_dropped']} more left "
+              f"out to keep mixup batches even, and {counts['empty_batches']} batches had no sample left (no "
+              f"update)", file=sys.stderr)
     if metrics_file is not None:
         metrics_file.close()
         writer.close()
