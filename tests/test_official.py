@@ -150,13 +150,13 @@ def released_file_for(tmp_path, preset, seed=0):
     return path, w
 
 
-def timm_released(variant, path, **kw):
+def timm_released(variant, path, num_classes=CLASSES, **kw):
     """The paper's model through timm's pretrained loading, made small (the architecture arguments
     override the variant's; the file is given as timm's ``file`` overlay instead of the Hub)."""
+    overlay = dict(file=str(path), num_classes=CLASSES) if path else dict(num_classes=CLASSES)
     return timm.create_model(f"vit_base_patch16_lookhere_{variant}.in1k", pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES), num_classes=CLASSES,
-                             embed_dim=DIM, depth=DEPTH, patch_size=PATCH, mlp_ratio=MLP / DIM,
-                             head_hidden_dim=64, img_size=32, **kw)
+                             pretrained_cfg_overlay=overlay, num_classes=num_classes, embed_dim=DIM, depth=DEPTH,
+                             patch_size=PATCH, mlp_ratio=MLP / DIM, head_hidden_dim=64, img_size=32, **kw)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -171,6 +171,29 @@ def test_timm_pretrained_loads_the_released_file_like_load_official(tmp_path, pr
         got = model(x)
         torch.testing.assert_close(got, ref(x), rtol=0, atol=0)
     torch.testing.assert_close(got.double(), reference_logits(w, x, PRESETS[preset]), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_pretrained_downloads_the_released_file_from_the_hub(tmp_path, monkeypatch):
+    """timm's own Hub path (the download replaced by the local file): repository, file name, and the
+    same weights as the file."""
+    path, w = released_file_for(tmp_path, "lh-90")
+    asked = []
+
+    def download(repo_id, filename, revision=None, cache_dir=None, **_):
+        asked.append((repo_id, filename))
+        return str(path)
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", download)
+    model = timm_released("90", None)
+    assert asked == [("antofuller/LookHere", "LH_90_weights_and_config.pth")]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, w["blocks.1.attn.qkv.weight"])
+
+
+def test_timm_pretrained_with_other_classes_keeps_all_but_the_last_layer(tmp_path):
+    path, w = released_file_for(tmp_path, "lh-45")
+    model = timm_released("45", path, num_classes=3)
+    assert torch.equal(model.head.fc1.weight, w["head.fc1.weight"])
+    assert model.head.fc2.weight.shape == (3, 64) and torch.all(model.head.fc2.weight == 0)
 
 
 def test_timm_refuses_a_released_file_with_another_config(tmp_path):

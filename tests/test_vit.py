@@ -89,6 +89,14 @@ def test_save_and_load_keep_what_changed_after_construction(tmp_path):
         assert load_model(tmp_path / "features")(x).shape == (2, 1 + 4 * 6, 48)
 
 
+def test_save_refuses_a_pruned_model(tmp_path):
+    model = tiny()
+    model.prune_intermediate_layers(indices=[0])  # keeps the first of two blocks
+    with pytest.raises(ValueError, match="prune_intermediate_layers"):
+        save_model(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_save_and_load_keep_an_encoding_knob(tmp_path):
     model = tiny(pos_encoding="rope-2d-axial")
     model.pos_encoding.interpolate = True

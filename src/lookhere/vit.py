@@ -153,6 +153,8 @@ class VisionTransformer(nn.Module):
             cfg.pos_encoding, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, depth=cfg.depth,
             grid_size=self.grid_size, lookhere_config=cfg.lookhere_config, **(cfg.pos_options or {}),
         )
+        self._built_lookhere = getattr(self.pos_encoding, "config", None)
+        self._built_knobs = self._encoding_knobs()
         if cfg.drop_path_schedule not in DROP_PATH_SCHEDULES:
             raise ValueError(f"drop_path_schedule={cfg.drop_path_schedule!r}; allowed: uniform (drop_path_rate in "
                              f"every block, as the released LookHere models), linear (0 rising to drop_path_rate)")
@@ -170,8 +172,6 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = self._make_head(cfg.num_classes)
-        self._built_lookhere = getattr(self.pos_encoding, "config", None)
-        self._built_knobs = self._encoding_knobs()
         self._init_weights()
 
     # --- construction -------------------------------------------------------------------------
@@ -250,8 +250,8 @@ class VisionTransformer(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
-        if c != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+        if c != self._built_config.in_chans:
+            raise ValueError(f"expected {self._built_config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
         p = self.patch_size
         if h % p or w % p or h == 0 or w == 0:
             raise ValueError(
