@@ -166,6 +166,7 @@ def test_timm_pretrained_loads_the_released_file_like_load_official(tmp_path, pr
     assert isinstance(model, lookhere.VisionTransformer)
     assert model.pos_encoding.config == lookhere.LookHereConfig.from_dict(PRESETS[preset])
     ref = load_official(path, num_heads=HEADS)
+    assert [b.drop_path1.drop_prob for b in ref.blocks] == [b.drop_path1.drop_prob for b in model.blocks]
     x = torch.randn(2, 3, 40, 56)
     with torch.no_grad():
         got = model(x)

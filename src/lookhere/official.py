@@ -108,9 +108,9 @@ def load_official(path: str | os.PathLike, *, num_heads: int = 12) -> "VisionTra
     """A released LookHere checkpoint as our ViT, in eval mode, at any image size.
 
     Width, depth, patch size, MLP ratio, head and classes come from the weights; the LookHere config
-    from the file.
+    from the file; drop-path is the paper's (for finetuning), as in the timm ``.in1k`` variants.
     """
-    from .vit import create_vit  # vit imports this module for its timm filter
+    from .vit import LOOKHERE_ARCH, create_vit  # vit imports this module for its timm filter
 
     config, w = read_official(path)
     embed_dim = w["cls_token"].shape[-1]
@@ -129,7 +129,7 @@ def load_official(path: str | os.PathLike, *, num_heads: int = 12) -> "VisionTra
         patch_size=patch[-1], in_chans=patch[1], embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         num_classes=num_classes, mlp_ratio=w["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in w, head_hidden_dim=head_hidden,
-        init_values=1.0 if "blocks.0.ls1.gamma" in w else None,
+        **dict(LOOKHERE_ARCH, init_values=1.0 if "blocks.0.ls1.gamma" in w else None),
     )
     result = model.load_state_dict(w, strict=False)
     if result.missing_keys or result.unexpected_keys:
