@@ -59,16 +59,60 @@ def test_query_always_sees_itself_and_cls_free():
     assert torch.all(diag == 0)
 
 
-@pytest.mark.parametrize("preset,width", [("lh-180", 1 / 2), ("lh-90", 1 / 4), ("lh-45", 1 / 8)])
-def test_presets_have_their_field_of_view(preset, width):
-    # From the centre of a large grid, each head sees about its FOV's share of the keys.
-    g = 41
-    b = dense_bias(preset, (g, g), 1, 12)[0]
+# The spec's table "The released models", read independently of PRESETS: preset -> its head directions
+# and the share of the keys that each group of four heads sees.
+RELEASED_MODELS = {
+    "lh-180": ("halves-diagonals-none", (1 / 2, 1 / 2, 1.0)),
+    "lh-90": ("corners-triangles-none", (1 / 4, 1 / 4, 1.0)),
+    "lh-45": ("eighths1-eighths2-none", (1 / 8, 1 / 8, 1.0)),
+}
+
+
+def _released(preset):
+    return {"global_slope": 2, "layer_slopes": [1.5, 0.5], "head_directions": RELEASED_MODELS[preset][0]}
+
+
+@pytest.mark.parametrize("preset", list(RELEASED_MODELS))
+def test_presets_are_the_released_models(preset):
+    assert set(PRESETS) == set(RELEASED_MODELS)
+    assert LookHereConfig.from_dict(PRESETS[preset]) == LookHereConfig.from_dict(_released(preset))
+    got = dense_bias(preset, (4, 5), 3, 12)
+    ref = torch.tensor(reference_bias(_released(preset), (4, 5), 3, 12), dtype=torch.float64)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-6)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+
+
+@pytest.mark.parametrize("preset", list(RELEASED_MODELS))
+def test_presets_fields_of_view_and_slopes(preset):
+    """From the centre of a large grid: each head sees its share of the keys (the last four heads see
+    every key), with bias -(2 * layer slope * head slope * distance), layer slopes 1.5 ... 0.5, head
+    slopes 1/2 for the eight directed heads and 1/4, 1/16, 1/64, 1/256 for the unmasked ones."""
+    g, depth = 41, 3
     centre = (g // 2) * g + g // 2
-    frac = torch.isfinite(b[:, centre]).double().mean(dim=-1)
-    widths = torch.full((12,), width, dtype=torch.float64)
-    widths[8:] = 1.0  # the released presets' last four heads are unmasked
-    torch.testing.assert_close(frac, widths, atol=0.03, rtol=0)
+    row = dense_bias(preset, (g, g), depth, 12)[:, :, centre].double()  # (layer, head, key)
+    seen = torch.isfinite(row)
+    shares = torch.tensor([s for s in RELEASED_MODELS[preset][1] for _ in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(seen[0].double().mean(-1), shares, atol=0.03, rtol=0)
+    assert seen[:, 8:].all()
+    ky, kx = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    dist = torch.hypot((ky - g // 2).double(), (kx - g // 2).double()).flatten()
+    layer_slopes = torch.tensor([1.5, 1.0, 0.5], dtype=torch.float64)[:, None, None]
+    head_slopes = torch.tensor([1 / 2] * 8 + [1 / 4, 1 / 16, 1 / 64, 1 / 256], dtype=torch.float64)[None, :, None]
+    expected = -(2 * layer_slopes * head_slopes * dist)
+    torch.testing.assert_close(row[seen], expected.expand_as(row)[seen], atol=1e-4, rtol=1e-6)
+
+
+def test_golden_released_case_is_the_lh90_preset(golden_file):
+    data = np.load(golden_file)
+    meta = json.loads(str(data["__meta__"]))
+    lh90 = LookHereConfig.from_dict(PRESETS["lh-90"])
+    cases = [c for c, m in meta.items() if LookHereConfig.from_dict(m["config"]) == lh90]
+    assert cases, f"no golden case holds the released LH-90 config; cases: {sorted(meta)}"
+    for case in cases:
+        m = meta[case]
+        got = dense_bias("lh-90", tuple(m["grid"]), m["depth"], m["num_heads"]).numpy()
+        np.testing.assert_array_equal(np.isneginf(got), data[f"{case}__masked"], err_msg=case)
+        np.testing.assert_allclose(np.where(np.isneginf(got), 0.0, got), data[f"{case}__values"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

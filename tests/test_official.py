@@ -3,11 +3,12 @@ import os
 import pickle
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import lookhere
-from lookhere import dense_bias, load_official
+from lookhere import PRESETS, dense_bias, load_official
 
 LH = {"global_slope": 0.75, "layer_slopes": [1.5, 0.5], "head_directions": "eighths1-eighths2-triangles"}
 DIM, DEPTH, HEADS, PATCH, MLP, CLASSES = 48, 2, 12, 8, 96, 10
@@ -31,7 +32,7 @@ def released_weights(seed=0):
     return w
 
 
-def reference_logits(w, x):
+def reference_logits(w, x, lh=LH):
     """The released model's forward, written out in float64 from its weights and the dense bias."""
     w = {k: v.double() for k, v in w.items()}
     x = x.double()
@@ -39,7 +40,7 @@ def reference_logits(w, x):
     gy, gx = H // PATCH, W // PATCH
     t = F.conv2d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=PATCH)
     t = torch.cat([w["cls_token"].expand(B, -1, -1), t.flatten(2).transpose(1, 2)], 1)
-    bias = F.pad(dense_bias(LH, (gy, gx), DEPTH, HEADS).double(), (1, 0, 1, 0))
+    bias = F.pad(dense_bias(lh, (gy, gx), DEPTH, HEADS).double(), (1, 0, 1, 0))
     ln = lambda z, p: F.layer_norm(z, (DIM,), w[p + ".weight"], w[p + ".bias"], eps=1e-5)  # noqa: E731
     for i in range(DEPTH):
         b = f"blocks.{i}."
@@ -121,11 +122,103 @@ def test_missing_file(tmp_path):
         load_official(tmp_path / "nope.pth")
 
 
-def test_timm_filter_accepts_released_format():
-    model = lookhere.create_vit("lookhere", lookhere_config=LH, img_size=32, patch_size=PATCH, embed_dim=DIM,
-                                depth=DEPTH, num_heads=HEADS, num_classes=CLASSES, mlp_ratio=2.0, head_hidden_dim=64)
+def small_vit(lh=LH, **kw):
+    return lookhere.create_vit("lookhere", lookhere_config=lh, img_size=32, patch_size=PATCH, embed_dim=DIM,
+                               depth=DEPTH, num_heads=HEADS, num_classes=CLASSES, mlp_ratio=MLP / DIM,
+                               head_hidden_dim=64, **kw)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."])
+def test_wrapper_prefixes_are_mapped_in_both_paths(tmp_path, prefix):
     w = released_weights()
-    state = lookhere.checkpoint_filter_fn({"config": LH, "weights": {f"_orig_mod.{k}": v for k, v in w.items()}},
-                                          model)
-    model.load_state_dict(state)  # strict
+    released = {"config": LH, "weights": {prefix + k: v for k, v in w.items()}}
+    model = small_vit()
+    model.load_state_dict(lookhere.checkpoint_filter_fn(released, model))  # strict
     assert torch.equal(model.blocks[1].ls2.gamma, w["blocks.1.ls2.gamma"])
+    plain = small_vit()
+    plain.load_state_dict(lookhere.checkpoint_filter_fn({prefix + k: v for k, v in model.state_dict().items()}, plain))
+    assert torch.equal(plain.head.fc2.weight, w["head.fc2.weight"])
+    path = tmp_path / "LH.pth"
+    torch.save(released, path)
+    assert torch.equal(load_official(path, num_heads=HEADS).patch_embed.proj.weight, w["patch_embed.proj.weight"])
+
+
+def released_file_for(tmp_path, preset, seed=0):
+    w = released_weights(seed)
+    path = tmp_path / f"LH_{preset[3:]}_weights_and_config.pth"
+    torch.save({"config": dict(PRESETS[preset]), "weights": w}, path)
+    return path, w
+
+
+def timm_released(variant, path, num_classes=CLASSES, **kw):
+    """The paper's model through timm's pretrained loading, made small (the architecture arguments
+    override the variant's; the file is given as timm's ``file`` overlay instead of the Hub)."""
+    overlay = dict(file=str(path), num_classes=CLASSES) if path else dict(num_classes=CLASSES)
+    return timm.create_model(f"vit_base_patch16_lookhere_{variant}.in1k", pretrained=True,
+                             pretrained_cfg_overlay=overlay, num_classes=num_classes, embed_dim=DIM, depth=DEPTH,
+                             patch_size=PATCH, mlp_ratio=MLP / DIM, head_hidden_dim=64, img_size=32, **kw)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_timm_pretrained_loads_the_released_file_like_load_official(tmp_path, preset):
+    path, w = released_file_for(tmp_path, preset)
+    model = timm_released(preset[3:], path).eval()
+    assert isinstance(model, lookhere.VisionTransformer)
+    assert model.pos_encoding.config == lookhere.LookHereConfig.from_dict(PRESETS[preset])
+    ref = load_official(path, num_heads=HEADS)
+    assert [b.drop_path1.drop_prob for b in ref.blocks] == [b.drop_path1.drop_prob for b in model.blocks]
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        got = model(x)
+        torch.testing.assert_close(got, ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(got.double(), reference_logits(w, x, PRESETS[preset]), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_pretrained_downloads_the_released_file_from_the_hub(tmp_path, monkeypatch):
+    """timm's own Hub path (the download replaced by the local file): repository, file name, and the
+    same weights as the file."""
+    path, w = released_file_for(tmp_path, "lh-90")
+    asked = []
+
+    def download(repo_id, filename, revision=None, cache_dir=None, **_):
+        asked.append((repo_id, filename))
+        return str(path)
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", download)
+    model = timm_released("90", None)
+    assert asked == [("antofuller/LookHere", "LH_90_weights_and_config.pth")]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, w["blocks.1.attn.qkv.weight"])
+
+
+def test_timm_pretrained_with_other_classes_keeps_all_but_the_last_layer(tmp_path):
+    path, w = released_file_for(tmp_path, "lh-45")
+    model = timm_released("45", path, num_classes=3)
+    assert torch.equal(model.head.fc1.weight, w["head.fc1.weight"])
+    assert model.head.fc2.weight.shape == (3, 64) and torch.all(model.head.fc2.weight == 0)
+
+
+def test_timm_refuses_a_released_file_with_another_config(tmp_path):
+    path, _ = released_file_for(tmp_path, "lh-45")
+    with pytest.raises(ValueError, match="differs from the model's") as err:
+        timm_released("90", path)
+    msg = str(err.value)
+    assert "eighths1-eighths2-none" in msg and "corners-triangles-none" in msg
+    assert "vit_base_patch16_lookhere_45.in1k" in msg
+
+
+def test_released_file_into_a_model_without_lookhere_is_refused():
+    model = lookhere.create_vit("rope-2d-axial", img_size=32, patch_size=PATCH, embed_dim=DIM, depth=DEPTH,
+                                num_heads=HEADS, num_classes=CLASSES)
+    with pytest.raises(ValueError, match="rope-2d-axial.*load_official"):
+        lookhere.checkpoint_filter_fn({"config": LH, "weights": released_weights()}, model)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the hostile file's own protocol
+def test_timm_pretrained_reads_the_file_weights_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"config": PRESETS["lh-90"], "weights": _Exploit()}, f)
+    with pytest.raises(RuntimeError, match="weights_only=True blocked"):
+        timm_released("90", path)
+    assert not (tmp_path / "pwned_by_pickle").exists()

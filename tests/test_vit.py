@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import timm
@@ -71,6 +72,51 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_save_and_load_keep_what_changed_after_construction(tmp_path):
+    model = tiny()
+    model.reset_classifier(3, global_pool="avg")
+    model.pos_encoding.config = model.pos_encoding.config.replace(global_slope=0.5)  # the test-time knob
+    x = torch.randn(2, 3, 32, 48)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert (loaded.global_pool, loaded.num_classes, loaded.pos_encoding.config.global_slope) == ("avg", 3, 0.5)
+    assert loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    model.reset_classifier(0, global_pool="")  # features of every token, as timm's ViT
+    save_model(model, tmp_path / "features")
+    with torch.no_grad():
+        assert load_model(tmp_path / "features")(x).shape == (2, 1 + 4 * 6, 48)
+
+
+def test_save_refuses_a_pruned_model(tmp_path):
+    model = tiny()
+    model.prune_intermediate_layers(indices=[0])  # keeps the first of two blocks
+    with pytest.raises(ValueError, match="prune_intermediate_layers"):
+        save_model(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_save_and_load_keep_an_encoding_knob(tmp_path):
+    model = tiny(pos_encoding="rope-2d-axial")
+    model.pos_encoding.interpolate = True
+    save_model(model, tmp_path)
+    assert load_model(tmp_path).pos_encoding.interpolate is True
+
+
+@pytest.mark.parametrize("schedule,rates", [("uniform", [0.2, 0.2, 0.2, 0.2]), ("linear", [0.0, 0.2 / 3, 0.4 / 3, 0.2])])
+def test_drop_path_schedule(schedule, rates):
+    model = tiny(depth=4, drop_path_rate=0.2, drop_path_schedule=schedule)
+    got = [getattr(getattr(b, f"drop_path{i}"), "drop_prob", 0.0) for b in model.blocks for i in (1, 2)]
+    assert got == pytest.approx([r for r in rates for _ in (1, 2)])
+
+
+def test_drop_path_schedule_defaults_to_uniform_and_refuses_others():
+    assert ViTConfig().drop_path_schedule == "uniform"
+    with pytest.raises(ValueError, match="drop_path_schedule='cosine'; allowed: uniform .*linear"):
+        tiny(drop_path_schedule="cosine")
+
+
 def test_load_model_failures(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path)
@@ -101,6 +147,33 @@ NAMES = timm.list_models("*lookhere*")
 def test_registered_in_timm():
     assert len(NAMES) == 9
     assert {"vit_base_patch16_lookhere_180", "vit_base_patch16_lookhere_90", "vit_base_patch16_lookhere_45"} <= set(NAMES)
+    assert sorted(timm.list_models("*lookhere*", pretrained=True)) == [
+        "vit_base_patch16_lookhere_180.in1k", "vit_base_patch16_lookhere_45.in1k", "vit_base_patch16_lookhere_90.in1k"]
+
+
+@pytest.mark.parametrize("variant", ["180", "90", "45"])
+def test_released_variants_load_from_the_hub_and_evaluate_as_the_paper(variant):
+    name = f"vit_base_patch16_lookhere_{variant}.in1k"
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    assert (cfg["hf_hub_id"], cfg["hf_hub_filename"]) == ("antofuller/LookHere", f"LH_{variant}_weights_and_config.pth")
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"]) == (
+        (3, 224, 224), 0.875, "center", "bicubic")
+    assert (cfg["mean"], cfg["std"]) == (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
+    model = timm.create_model(name, embed_dim=48, depth=2)  # narrow: only its encoding is looked at
+    assert model.pos_encoding.config == lookhere.LookHereConfig.from_dict(lookhere.PRESETS[f"lh-{variant}"])
+
+
+def test_released_architecture():
+    model = timm.create_model("vit_base_patch16_lookhere_90.in1k", pretrained=False)
+    assert (model.embed_dim, len(model.blocks), model.patch_size, model.blocks[0].attn.num_heads) == (768, 12, 16, 12)
+    head = model.get_classifier()
+    assert (head.fc1.in_features, head.fc1.out_features, head.fc2.out_features) == (768, 3072, 1000)
+    assert isinstance(head.act, torch.nn.Tanh)
+    assert torch.all(head.fc2.weight == 0) and torch.allclose(head.fc2.bias, torch.full((1000,), -math.log(1000)))
+    assert model.pretrained_cfg["classifier"] + ".weight" in model.state_dict()
+    for block in model.blocks:
+        assert torch.all(block.ls1.gamma == 1e-4) and torch.all(block.ls2.gamma == 1e-4)
+        assert block.drop_path1.drop_prob == block.drop_path2.drop_prob == 0.1
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_lookhere_180", "vit_small_patch16_lookhere_45"])

@@ -23,12 +23,20 @@ def write_atomic(path: Path, write) -> None:
 
 
 def save_model(model: VisionTransformer, directory: str | os.PathLike) -> Path:
-    """Write weights and config atomically (each file is written aside, then renamed)."""
+    """Write weights and config atomically (each file is written aside, then renamed).
+
+    The config is the model's current one (``model.config``): a classifier reset or a changed
+    LookHere slope is saved too.
+    """
+    config = model.config
+    if len(model.blocks) != config.depth or isinstance(model.norm, torch.nn.Identity):
+        raise ValueError("save_model: this model was cut by prune_intermediate_layers and its config cannot "
+                         "rebuild it; save the model before pruning, or save its state_dict with torch.save")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     write_atomic(d / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write_atomic(d / CONFIG, lambda p: p.write_text(model.config.to_json()))
+    write_atomic(d / CONFIG, lambda p: p.write_text(config.to_json()))
     return d
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 
 import matplotlib
 
@@ -11,12 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import resolve_config  # noqa: E402
-from .masks import check_grid, head_specs, layer_bias  # noqa: E402
+from .masks import check_grid, head_specs, layer_bias, layer_slope  # noqa: E402
 
 
 def plot_fov(config, path: str | os.PathLike, *, num_heads: int = 12, grid_size=(15, 15), query=None,
              layer: int = 0, depth: int = 12, title: str | None = None) -> str:
-    """Write a PNG with one panel per head: the bias row of ``query`` (grey = masked, star = query)."""
+    """Write a PNG with one panel per head: the bias row of ``query`` (grey = masked, star = query).
+
+    ``layer`` counts from 0; the title gives it counted from 1, with the slopes that scale the penalties.
+    """
     cfg = resolve_config(config)
     gy, gx = check_grid(grid_size)
     qy, qx = query if query is not None else (gy // 2, gx // 2)
@@ -39,9 +43,12 @@ def plot_fov(config, path: str | os.PathLike, *, num_heads: int = 12, grid_size=
         img = np.ma.masked_invalid(bias[h].numpy())
         ax.imshow(img, cmap=cmap, vmin=min(vmin, -1e-6), vmax=0.0)
         ax.plot([qx], [qy], marker="*", color="red", markersize=9)
-        label = "+".join(heads[h].primitives) or "none"
-        ax.set_title(f"head {h}: {label}\nslope {heads[h].slope:g}", fontsize=7)
-    fig.suptitle(title or f"{cfg.head_directions} (layer {layer} of {depth}); grey = masked", fontsize=9)
+        label = "+".join(heads[h].primitives) or "unmasked"
+        ax.set_title(f"head {h}: {label}\nhead slope {Fraction(heads[h].slope).limit_denominator(1 << 20)}",
+                     fontsize=7)
+    fig.suptitle(title or f"{cfg.directions_for_layer(layer, depth)}, layer {layer + 1} of {depth}: global slope "
+                 f"{cfg.global_slope:g}, layer slope {layer_slope(cfg, layer, depth):g}; colour = bias (yellow: "
+                 f"0), grey = masked, star = query", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

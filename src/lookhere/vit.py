@@ -7,6 +7,7 @@ Registered in timm: ``timm.create_model("vit_base_patch16_lookhere_90")``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
@@ -18,7 +19,18 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from .config import LookHereConfig
+from .official import checkpoint_filter_fn
 from .position import PositionEncoding, build_position_encoding
+
+# Drop-path rate per block: the same in every block (the released LookHere models, DeiT-III), or
+# rising linearly from 0 in the first block (DeiT, timm's ViT).
+DROP_PATH_SCHEDULES = ("uniform", "linear")
+# Settings of a position encoding that may be changed on a built model (test-time knobs); each is an
+# attribute named like the constructor option that sets it, so the saved config can record it.
+ENCODING_KNOBS = ("interpolate", "resample", "backend")
+# Pooling before the head: the CLS token, the mean of the patch tokens, or none (every token).
+GLOBAL_POOLS = ("token", "avg", "")
 
 
 @dataclass
@@ -45,6 +57,7 @@ class ViTConfig:
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    drop_path_schedule: str = "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,15 +132,15 @@ class VisionTransformer(nn.Module):
     def __init__(self, **kwargs: Any):
         super().__init__()
         kwargs.pop("dynamic_img_size", None)  # always dynamic; accepted for timm compatibility
-        cfg = self.config = ViTConfig.from_dict(kwargs)
+        cfg = self._built_config = ViTConfig.from_dict(kwargs)
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
         self.num_prefix_tokens = 1
         self.patch_size = cfg.patch_size
         self.grad_checkpointing = False
-        if cfg.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool={cfg.global_pool!r}; allowed: token, avg")
+        if cfg.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={cfg.global_pool!r}; allowed: {GLOBAL_POOLS}")
         img = _pair(cfg.img_size)
         if img[0] % cfg.patch_size or img[1] % cfg.patch_size:
             raise ValueError(f"img_size={cfg.img_size} is not a multiple of patch_size={cfg.patch_size}")
@@ -140,7 +153,15 @@ class VisionTransformer(nn.Module):
             cfg.pos_encoding, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, depth=cfg.depth,
             grid_size=self.grid_size, lookhere_config=cfg.lookhere_config, **(cfg.pos_options or {}),
         )
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self._built_lookhere = getattr(self.pos_encoding, "config", None)
+        self._built_knobs = self._encoding_knobs()
+        if cfg.drop_path_schedule not in DROP_PATH_SCHEDULES:
+            raise ValueError(f"drop_path_schedule={cfg.drop_path_schedule!r}; allowed: uniform (drop_path_rate in "
+                             f"every block, as the released LookHere models), linear (0 rising to drop_path_rate)")
+        if cfg.drop_path_schedule == "uniform":
+            dpr = [cfg.drop_path_rate] * cfg.depth
+        else:
+            dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, i, cfg.mlp_ratio, cfg.qkv_bias, cfg.init_values,
                   cfg.proj_drop_rate, cfg.attn_drop_rate, dpr[i], cfg.norm_eps)
@@ -154,12 +175,32 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     # --- construction -------------------------------------------------------------------------
+    def _encoding_knobs(self) -> dict[str, Any]:
+        return {k: getattr(self.pos_encoding, k) for k in ENCODING_KNOBS if hasattr(self.pos_encoding, k)}
+
+    @property
+    def config(self) -> ViTConfig:
+        """The config that rebuilds this model as it is now (what ``save_model`` writes).
+
+        The construction arguments, updated by what was changed since: classifier and pooling
+        (``reset_classifier``), the LookHere config (e.g. its ``global_slope``) and the encoding's
+        test-time knobs (``ENCODING_KNOBS``).
+        """
+        changes: dict[str, Any] = dict(num_classes=self.num_classes, global_pool=self.global_pool)
+        lookhere = getattr(self.pos_encoding, "config", None)
+        if isinstance(lookhere, LookHereConfig) and lookhere != self._built_lookhere:
+            changes.update(pos_encoding="lookhere", lookhere_config=lookhere.to_dict())
+        knobs = {k: v for k, v in self._encoding_knobs().items() if v != self._built_knobs.get(k)}
+        if knobs:
+            changes["pos_options"] = {**(self._built_config.pos_options or {}), **knobs}
+        return dataclasses.replace(self._built_config, **changes)
+
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        if self.config.head_hidden_dim:
+        if self._built_config.head_hidden_dim:
             # The published LookHere head: fc1 -> tanh -> fc2.
-            return Mlp(self.embed_dim, self.config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
+            return Mlp(self.embed_dim, self._built_config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
         return nn.Linear(self.embed_dim, num_classes)
 
     def _init_weights(self) -> None:
@@ -196,10 +237,10 @@ class VisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = self.config.num_classes = num_classes
+        self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"global_pool={global_pool!r}; allowed: token, avg, ''")
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool={global_pool!r}; allowed: {GLOBAL_POOLS}")
             self.global_pool = global_pool
         self.head = self._make_head(num_classes)
 
@@ -209,8 +250,8 @@ class VisionTransformer(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
-        if c != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+        if c != self._built_config.in_chans:
+            raise ValueError(f"expected {self._built_config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
         p = self.patch_size
         if h % p or w % p or h == 0 or w == 0:
             raise ValueError(
@@ -290,25 +331,6 @@ class VisionTransformer(nn.Module):
         return take
 
 
-def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
-    """Adapt foreign state dicts: the released LookHere format, wrappers, and DDP/compile prefixes."""
-    if "weights" in state_dict and isinstance(state_dict["weights"], dict):
-        state_dict = state_dict["weights"]
-    for key in ("model", "state_dict", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if k == "pos_embed" and "pos_embed" not in model.state_dict():
-            continue  # the published LookHere model allocates but never uses it
-        out[k] = v
-    return out
-
-
 def create_vit(pos_encoding: str = "lh-90", img_size: Union[int, tuple[int, int]] = 224, patch_size: int = 16,
                embed_dim: int = 768, depth: int = 12, num_heads: int = 12, num_classes: int = 1000,
                **kwargs: Any) -> VisionTransformer:
@@ -348,7 +370,28 @@ def _cfg(**kwargs: Any) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES.values()})
+# The paper's architecture around LookHere (DeiT-III's ViT as the authors trained it): an MLP head
+# (width -> mlp_ratio x width -> classes, tanh) whose last layer starts at weight 0 and bias
+# -ln(classes), LayerScale 1e-4, and drop-path 0.1 in every block. Every LookHere variant is built so.
+LOOKHERE_ARCH = dict(init_values=1e-4, drop_path_rate=0.1, drop_path_schedule="uniform")
+# The released weights (ViT-B/16, ImageNet-1k, 150 epochs at 224 px) on the Hugging Face Hub, with
+# the paper's evaluation at 224 px: shorter side to 256, centre crop 224, bicubic, ImageNet mean/std.
+RELEASED_HUB_ID = "antofuller/LookHere"
+
+
+def _released_cfg(variant: str) -> dict:
+    return _cfg(hf_hub_id=RELEASED_HUB_ID, hf_hub_filename=f"LH_{variant}_weights_and_config.pth",
+                crop_pct=0.875, crop_mode="center", classifier="head.fc2", license=None,
+                origin_url=f"https://huggingface.co/{RELEASED_HUB_ID}",
+                paper_name="LookHere: Vision Transformers with Directed Attention Generalize and Extrapolate")
+
+
+_RELEASED = {_name("base", pe): variant for variant, pe in _VARIANTS.items()}
+default_cfgs = generate_default_cfgs({
+    **{f"{name}.in1k": _released_cfg(variant) for name, variant in _RELEASED.items()},
+    **{name: _cfg(classifier="head.fc2" if pe.startswith("lh-") else "head")
+       for (_, pe), name in MODEL_NAMES.items() if name not in _RELEASED},
+})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
@@ -361,7 +404,12 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTran
 def _register(size: str, pos_encoding: str, name: str) -> None:
     def fn(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
         args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size])
-        return _create(name, pretrained, **dict(args, **kwargs))
+        if pos_encoding.startswith("lh-"):
+            args.update(LOOKHERE_ARCH)
+        args.update(kwargs)
+        if pos_encoding.startswith("lh-") and "head_hidden_dim" not in kwargs:
+            args["head_hidden_dim"] = int(args["embed_dim"] * args.get("mlp_ratio", 4.0))
+        return _create(name, pretrained, **args)
 
     fn.__name__ = name
     fn.__doc__ = f"ViT-{size.capitalize()}/16 with the {pos_encoding} position encoding."
