@@ -190,6 +190,7 @@ def test_demo_quick_runs(tmp_path):
     res = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
     assert set(res) == {"lh-90", "rope-2d-mixed"}
     assert all(set(v["sizes"]) == {"32", "64", "128"} for v in res.values())
+    assert all(v["sizes"]["32"]["top1"] >= 0.3 for v in res.values()), res  # learned: 3x chance of 10 classes
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10000
 
 
@@ -271,7 +272,7 @@ def test_eval_scores_label_lists_of_an_imagenet_hr_folder(tmp_path):
     for size in (32, 48):
         want = _expected(logits[size], lists)
         got = res["sizes"][str(size)]
-        assert got["n"] == 4 and got["top1"] == pytest.approx(want["top1"]) and got["top5"] == pytest.approx(want["top5"])
+        assert got["n"] == 4 and (got["top1"], got["top5"]) == (pytest.approx(want["top1"]), pytest.approx(want["top5"]))
         assert got["nll"] == pytest.approx(want["nll"], rel=1e-4)
     assert "lists of valid classes" in (out / "eval.md").read_text()
 

@@ -131,7 +131,8 @@ def _data_preview(args: argparse.Namespace) -> int:
     from .data.preview import preview
 
     if args.count < 1 or min(args.sizes) < 1:
-        raise ValueError(f"--count and --sizes must be >= 1, got --count {args.count} --sizes {args.sizes[0]} {args.sizes[1]}")
+        raise ValueError(f"--count and --sizes must be >= 1, got --count {args.count} "
+                         f"--sizes {args.sizes[0]} {args.sizes[1]}")
     print(preview(args.out, sizes=tuple(args.sizes), count=args.count, task=args.task, seed=args.seed))
     return 0
 
@@ -151,7 +152,8 @@ def _eval(args: argparse.Namespace) -> int:
                 pos_resample=args.pos_resample)
     data = args.data or (cfg.data if cfg else None)
     if not data:
-        raise ValueError("--data is required for a model without a training run (e.g. --data hf:antofuller/ImageNet-HR)")
+        raise ValueError("--data is required for a model without a training run "
+                         "(e.g. --data hf:antofuller/ImageNet-HR)")
     settings = EvalSettings(data=data, sizes=args.sizes, train_size=args.train_size or training_size(model, cfg),
                             split=args.split, length=args.length,
                             data_root=args.data_root or (cfg.data_root if cfg else None),
@@ -191,7 +193,8 @@ def _analyze(args: argparse.Namespace) -> int:
         ds = build_dataset(spec, args.split, train=False)
         images[size] = collate([ds[i] for i in range(min(args.num_images, len(ds)))])[0]
         if not len(images[size]):
-            raise ValueError(f"--data {data}: none of the first {args.num_images} images of --split {args.split} could be read")
+            raise ValueError(f"--data {data}: none of the first {args.num_images} images of "
+                             f"--split {args.split} could be read")
     out = args.output or (str(Path(args.checkpoint) / "analysis") if Path(args.checkpoint).is_dir() else "analysis")
     res = run_analysis(model, images, out, layer=args.layer, device=_device(args.device))
     print(table(res["summary"]))
@@ -269,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "size / crop_pct and the centre cropped, at any other size the shorter side is "
                                     "resized to the size and the centre cropped.")
     which = ev.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="timm model name with pretrained weights, e.g. vit_base_patch16_lookhere_90.in1k")
+    which.add_argument("--model",
+                       help="timm model name with pretrained weights, e.g. vit_base_patch16_lookhere_90.in1k")
     which.add_argument("--checkpoint", help="run directory, model directory or released .pth")
     ev.add_argument("--pretrained-file", metavar="PATH",
                     help="with --model: read its weights from this file instead of downloading them")
@@ -284,10 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--length", type=int, help="evaluate the first LENGTH samples (synthetic: that many scenes)")
     ev.add_argument("--seed", type=int, help="seed of synthetic scenes and PGD starts (default: the run's, else 0)")
     ev.add_argument("--batch-size", type=int, default=64, help="default: 64")
-    ev.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0; use more for photographs)")
-    ev.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 ... (default: auto)")
+    ev.add_argument("--workers", type=int, default=0,
+                    help="data-loading processes (default: 0; use more for photographs)")
+    ev.add_argument("--device", default="auto",
+                    help="auto (a GPU when there is one), cpu, cuda, cuda:1 ... (default: auto)")
     ev.add_argument("--adversarial", type=_attacks, default=(), help="comma-separated attacks: fgsm,pgd")
-    ev.add_argument("--eps", default="1/255,2/255", help="L-inf attack sizes in pixel units of [0, 1] (default: 1/255,2/255: one and two grey levels)")
+    ev.add_argument("--eps", default="1/255,2/255",
+                    help="L-inf attack sizes in pixel units of [0, 1] (default: 1/255,2/255: one and two grey levels)")
     ev.add_argument("--pgd-steps", type=int, default=10, help="default: 10")
     ev.add_argument("--adversarial-samples", type=int, default=256, help="images attacked (default: 256)")
     ev.add_argument("--by-object-size", action="store_true",
@@ -383,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         error, status, message = e, 130, f"{prefix}: interrupted"
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, the traceback on request
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        error, status, message = e, 1, (f"{prefix}: unexpected error: {type(e).__name__}: {first} "
-                                        f"(rerun with --debug for the traceback; if the inputs are right, please report it)")
+        error, status, message = e, 1, (f"{prefix}: unexpected error: {type(e).__name__}: {first} (rerun with "
+                                        f"--debug for the traceback; if the inputs are right, please report it)")
     if debug:
         traceback.print_exception(error)
     print(message, file=sys.stderr)

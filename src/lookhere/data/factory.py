@@ -154,8 +154,8 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
         folder = next((root / s for s in (split, *(("validation",) if split == "val" else ())) if (root / s).is_dir()),
                       None)
         if folder is None:
-            raise FileNotFoundError(f"--data folder:{root} has no {split}/ folder (found: {', '.join(found) or 'none'}); "
-                                    f"pass --split with one of them")
+            raise FileNotFoundError(f"--data folder:{root} has no {split}/ folder "
+                                    f"(found: {', '.join(found) or 'none'}); pass --split with one of them")
         ds = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
     else:
         ds = _hf_photos(target, split, spec, train, transform)
