@@ -315,6 +315,13 @@ def test_eval_of_a_timm_model_with_a_pretrained_file(tmp_path, capsys):
     assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "none.pth"), "--data", "synthetic",
                  "--sizes", "224"]) == 2
     assert "--pretrained-file" in capsys.readouterr().err and (tmp_path / "none.pth").exists() is False
+    _tiny_model_dir(tmp_path / "other")  # another architecture's weights
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tmp_path / "other" / "model.safetensors"), tmp_path / "other.pth")
+    assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "other.pth"), "--data", "synthetic",
+                 "--sizes", "224"]) == 2
+    assert f"--pretrained-file {tmp_path / 'other.pth'}: the weights do not load into {name}" in capsys.readouterr().err
 
 
 def test_eval_takes_exactly_one_of_model_and_checkpoint(tmp_path, capsys):

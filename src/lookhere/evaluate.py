@@ -76,12 +76,12 @@ def load_pretrained(name: str, file: str | os.PathLike | None = None) -> nn.Modu
     overlay = dict(file=str(file)) if file is not None else None
     try:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
-    except FileNotFoundError:
-        raise
     except OSError as e:
+        if file is not None:
+            raise ValueError(f"--pretrained-file {file}: unreadable: {str(e).strip().splitlines()[0]}") from e
         raise ConnectionError(f"--model {name!r}: could not get its weights ({str(e).strip().splitlines()[0]}); "
                               f"check the connection, or download the file and pass --pretrained-file PATH") from e
-    except RuntimeError as e:  # a state dict that does not fit, or an unreadable file
+    except (RuntimeError, ValueError) as e:  # weights that do not fit, an unsafe or unreadable file
         where = f"--pretrained-file {file}" if file is not None else f"--model {name!r}"
         raise ValueError(f"{where}: the weights do not load into {name}: {str(e).strip().splitlines()[0]}") from e
     return model.eval()
@@ -325,7 +325,9 @@ class EvalSettings:
         if not self.sizes:
             raise ValueError("--sizes: give at least one size")
         for size in self.sizes:
-            if size < 1 or (patch_size and size % patch_size):
+            if size < 1:
+                raise ValueError(f"--sizes: {size} px; sizes must be >= 1")
+            if patch_size and size % patch_size:
                 raise ValueError(f"--sizes: {size} px is not a multiple of the patch size {patch_size}")
         unknown = [a for a in self.adversarial if a not in ATTACKS]
         if unknown:
