@@ -169,7 +169,8 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
 
 
 def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, length: int | None = None) -> Dataset:
-    """The ``split`` (train, val, test) of a dataset, wrapped so a bad sample is skipped and counted.
+    """The ``split`` of a dataset (train, val, test; a folder's subfolder; a Hugging Face split, sliced
+    as ``train[99%:]``), wrapped so a bad sample is skipped and counted.
 
     ``length`` keeps only the first ``length`` samples (synthetic: exactly that many scenes).
     """
