@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="LookHere vs. 2D-RoPE: train small, test large, write a report")
     dm.add_argument("--output", default="demo")
-    dm.add_argument("--quick", action="store_true", help="a 3-minute version")
+    dm.add_argument("--quick", action="store_true", help="a few-minute version: fewer scenes and epochs, three test sizes")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=_demo)
