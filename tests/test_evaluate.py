@@ -184,7 +184,7 @@ def test_eval_and_analyze_commands_on_a_trained_run(tmp_path):
 
 def test_demo_quick_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lookhere.cli", "demo", "--quick", "--no-progress", "--output",
-                        str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "demo")], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "report:" in r.stdout
     res = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
