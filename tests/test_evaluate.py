@@ -184,10 +184,240 @@ def test_eval_and_analyze_commands_on_a_trained_run(tmp_path):
 
 def test_demo_quick_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lookhere.cli", "demo", "--quick", "--no-progress", "--output",
-                        str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "demo")], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "report:" in r.stdout
     res = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
     assert set(res) == {"lh-90", "rope-2d-mixed"}
     assert all(set(v["sizes"]) == {"32", "64", "128"} for v in res.values())
+    assert all(v["sizes"]["32"]["top1"] >= 0.3 for v in res.values()), res  # learned: 3x chance of 10 classes
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10000
+
+
+# --- list labels (ImageNet-HR) and the paper's models ---------------------------------------------
+def test_metrics_with_label_lists_match_hand_computation():
+    from lookhere.evaluate import label_set_nll
+
+    logits = torch.tensor([[2.0, 1.0, 0.1, -1.0, 0.0, 0.5, 0.2],
+                           [0.2, 0.1, 3.0, -2.0, 0.0, 0.05, 0.1],
+                           [1.0, 1.5, -0.5, 0.3, -0.2, -0.1, 0.9],
+                           [0.1, 0.2, -1.0, -2.0, 4.0, 0.3, 0.4]])
+    lists = [[3, 0], [3], [6, 5, 4], [2, 3]]  # hit, miss, top-5 hit only, miss
+    labels = torch.tensor([lab + [-1] * (3 - len(lab)) for lab in lists])
+    m = Metrics(7)
+    m.update(logits, labels)
+    out = m.compute()
+    p = logits.double().softmax(-1)
+    pred = p.argmax(-1).tolist()
+    correct = [pred[i] in lists[i] for i in range(4)]
+    top5 = [any(c in lists[i] for c in p[i].topk(5).indices.tolist()) for i in range(4)]
+    assert correct == [True, False, False, False] and top5 == [True, False, True, False]
+    assert out["top1"] == pytest.approx(sum(correct) / 4) and out["top5"] == pytest.approx(sum(top5) / 4)
+    nll = -sum(math.log(sum(p[i, c] for c in lists[i])) for i in range(4)) / 4
+    assert out["nll"] == pytest.approx(nll, rel=1e-5)
+    conf = p.max(-1).values
+    ece = sum(abs(float(conf[i]) - correct[i]) for i in range(4)) / 4  # four distinct 15-bin bins
+    assert len({int(c * 15) for c in conf}) == 4 and out["ece"] == pytest.approx(float(ece), abs=1e-6)
+    single = torch.tensor([0, 1, 0, 4])  # one label each: the cross-entropy
+    assert float(label_set_nll(logits, single)) == pytest.approx(float(nn.functional.cross_entropy(logits, single)))
+
+
+def _tiny_model_dir(path, seed=0):
+    import lookhere
+
+    torch.manual_seed(seed)
+    model = lookhere.create_vit("lh-90", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=12, num_classes=10)
+    lookhere.save_model(model, path)
+    return model.eval()
+
+
+def _hr_labels(logits: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Lists built from the predictions: a hit, a miss outside the top five, a top-5-only hit, a hit."""
+    order = logits.argsort(-1, descending=True).tolist()
+    return [[order[0][0], order[0][-1]], [order[1][-1], order[1][-2]], [order[2][2]], [order[3][0]]]
+
+
+def _expected(logits: torch.Tensor, lists) -> dict:
+    p = logits.double().softmax(-1)
+    top5 = p.topk(5).indices.tolist()
+    return {"top1": sum(int(p[i].argmax()) in lab for i, lab in enumerate(lists)) / len(lists),
+            "top5": sum(any(c in lab for c in top5[i]) for i, lab in enumerate(lists)) / len(lists),
+            "nll": -sum(math.log(sum(p[i, c] for c in lab)) for i, lab in enumerate(lists)) / len(lists)}
+
+
+def test_eval_scores_label_lists_of_an_imagenet_hr_folder(tmp_path):
+    """`lookhere eval --checkpoint` on a local ImageNet-HR-layout folder: an image counts when its list
+    holds the prediction (top-5: any of the five), at the training size (crop 0.875) and another."""
+    pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
+    from test_data import _direct_eval_tensor, _hr_folder
+
+    from lookhere.cli import main
+
+    model = _tiny_model_dir(tmp_path / "model")
+    images = _hr_folder(tmp_path / "hr", [(48, 48)] * 4, [[0]] * 4)  # labels rewritten below
+    direct = {s: torch.stack([_direct_eval_tensor(images / "test" / f"{i}.png", s, 32) for i in range(4)])
+              for s in (32, 48)}
+    with torch.no_grad():
+        logits = {s: model(x) for s, x in direct.items()}
+    lists = _hr_labels(logits[32], 10)
+    (images / "test" / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "img_idx": i, "labels": lab}) + "\n" for i, lab in enumerate(lists)))
+    out = tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", f"hf:{images}", "--split", "test",
+                 "--data-root", str(tmp_path / "cache"), "--sizes", "32", "48", "--device", "cpu",
+                 "--no-progress", "--output", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["train_size"] == 32 and "lists of valid classes" in res["label_lists"]
+    assert res["sizes"]["32"]["top1"] == pytest.approx(0.5) and res["sizes"]["32"]["top5"] == pytest.approx(0.75)
+    for size in (32, 48):
+        want = _expected(logits[size], lists)
+        got = res["sizes"][str(size)]
+        assert got["n"] == 4 and (got["top1"], got["top5"]) == (pytest.approx(want["top1"]), pytest.approx(want["top5"]))
+        assert got["nll"] == pytest.approx(want["nll"], rel=1e-4)
+    assert "lists of valid classes" in (out / "eval.md").read_text()
+
+
+def test_eval_of_a_timm_model_with_a_pretrained_file(tmp_path, capsys):
+    """`lookhere eval --model NAME --pretrained-file PATH` loads the file through timm's pretrained
+    machinery and scores list labels from the model's own predictions."""
+    pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
+    import timm
+    from test_data import _direct_eval_tensor, _hr_folder
+
+    from lookhere.cli import main
+
+    name = "vit_tiny_patch16_lookhere_90"
+    torch.manual_seed(1)
+    model = timm.create_model(name, num_classes=1000).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    crop = model.pretrained_cfg["crop_pct"]
+    images = _hr_folder(tmp_path / "hr", [(64, 64)] * 4, [[0]] * 4)
+    with torch.no_grad():
+        logits = {s: model(torch.stack([_direct_eval_tensor(images / "test" / f"{i}.png", s, 224, crop_pct=crop)
+                                        for i in range(4)])) for s in (224, 256)}
+    lists = _hr_labels(logits[224], 1000)
+    (images / "test" / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "img_idx": i, "labels": lab}) + "\n" for i, lab in enumerate(lists)))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "weights.pth"), "--data", f"hf:{images}",
+                 "--data-root", str(tmp_path / "cache"), "--sizes", "224", "256", "--device", "cpu", "--no-progress",
+                 "--output", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["train_size"] == 224
+    for size in (224, 256):
+        want, got = _expected(logits[size], lists), res["sizes"][str(size)]
+        assert (got["top1"], got["top5"]) == (pytest.approx(want["top1"]), pytest.approx(want["top5"]))
+        assert got["nll"] == pytest.approx(want["nll"], rel=1e-4)
+    assert f"| {name} | size | top-1 | top-5 | NLL | ECE |" in capsys.readouterr().out
+    # A name without pretrained weights and no file, or a missing file, is refused with the flag named.
+    assert main(["eval", "--model", name, "--data", f"hf:{images}", "--sizes", "224"]) == 2
+    assert "--pretrained-file PATH" in capsys.readouterr().err
+    assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "none.pth"), "--data", "synthetic",
+                 "--sizes", "224"]) == 2
+    assert "--pretrained-file" in capsys.readouterr().err and (tmp_path / "none.pth").exists() is False
+    _tiny_model_dir(tmp_path / "other")  # another architecture's weights
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tmp_path / "other" / "model.safetensors"), tmp_path / "other.pth")
+    assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "other.pth"), "--data", "synthetic",
+                 "--sizes", "224"]) == 2
+    assert f"--pretrained-file {tmp_path / 'other.pth'}: the weights do not load into {name}" in capsys.readouterr().err
+
+
+def test_eval_takes_exactly_one_of_model_and_checkpoint(tmp_path, capsys):
+    from lookhere.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--sizes", "32"])
+    assert e.value.code == 2 and "--model --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "x", "--checkpoint", "y", "--sizes", "32"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+# --- the command line: strict flags, clear failures -----------------------------------------------
+def test_eval_and_analyze_default_to_device_auto():
+    from lookhere.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--checkpoint", "x", "--sizes", "32"]).device == "auto"
+    assert parser.parse_args(["analyze", "--checkpoint", "x", "--sizes", "32"]).device == "auto"
+
+
+def test_a_misspelled_attack_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import lookhere.evaluate
+    from lookhere.cli import main
+
+    monkeypatch.setattr(lookhere.evaluate, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--checkpoint", str(tmp_path), "--sizes", "32", "--adversarial", "fgsm,pdg"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--adversarial" in err and "pdg" in err and "allowed: fgsm, pgd" in err
+
+
+@pytest.mark.parametrize("flag", [["--adversarial", "fgsm"], ["--by-object-size"]])
+def test_an_output_that_cannot_be_produced_is_refused(tmp_path, capsys, monkeypatch, flag):
+    """Attacks and object-size changes are measured at the training size: without it among --sizes the
+    command refuses before evaluating anything (it used to finish without them)."""
+    import lookhere.evaluate
+    from lookhere.cli import main
+
+    _tiny_model_dir(tmp_path / "model")
+    monkeypatch.setattr(lookhere.evaluate, "evaluate_size", lambda *a, **k: pytest.fail("evaluated"))
+    code = main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--sizes", "48", "64",
+                 "--device", "cpu", "--output", str(tmp_path / "out"), *flag])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flag[0]} measures at the training size, 32 px" in err and "--sizes 48 64" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_messages_name_flags(tmp_path, capsys):
+    from lookhere.cli import main
+
+    assert main(["example", "--img-size", "30", "--patch-size", "16"]) == 2
+    assert "--img-size 30 is not a multiple of --patch-size 16" in capsys.readouterr().err
+    _fake_eval(tmp_path / "a", [0.8, 0.7, 0.6])
+    _fake_eval(tmp_path / "b", [0.7, 0.6, 0.5])
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "only-one"]) == 2
+    assert "--names: give one name per run (2 runs, 1 names)" in capsys.readouterr().err
+    _tiny_model_dir(tmp_path / "model")
+    assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--split", "train[99%:]",
+                 "--sizes", "32", "--device", "cpu"]) == 2
+    assert "--split 'train[99%:]': synthetic has the splits train, val, test" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_needs_debug(tmp_path, capsys, monkeypatch):
+    import lookhere.evaluate
+    from lookhere.cli import main
+
+    _tiny_model_dir(tmp_path / "model")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(lookhere.evaluate, "run_eval", broken)
+    argv = ["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--sizes", "32"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "unexpected error: RuntimeError: something inside broke" in err and "--debug" in err
+    assert main([*argv, "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_and_failures_1(tmp_path, capsys, monkeypatch):
+    import lookhere.evaluate
+    from lookhere.cli import main
+
+    _tiny_model_dir(tmp_path / "model")
+    argv = ["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--sizes", "32"]
+    assert main([*argv[:-1], "36"]) == 2  # a bad flag value: not a multiple of the patch size
+    assert "36 px is not a multiple of the patch size 8" in capsys.readouterr().err
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("the Hub cannot be reached")
+
+    monkeypatch.setattr(lookhere.evaluate, "run_eval", offline)
+    assert main(argv) == 1  # the inputs are right; the work failed
+    err = capsys.readouterr().err
+    assert "failed: the Hub cannot be reached" in err and "Traceback" not in err

@@ -79,11 +79,14 @@ def token_similarity(tokens: torch.Tensor) -> float:
 
 
 def analyze(model: VisionTransformer, images: torch.Tensor) -> dict[str, Any]:
-    """Per-layer diagnostics on a batch of images (one size)."""
+    """Per-layer diagnostics on a batch of images (one size), on the model's device."""
     model.eval()
+    images = images.to(next(model.parameters()).device)
     grid = model.grid_for(images)
     with torch.no_grad(), capture_attention(model) as attn:
         _, inter = model.forward_intermediates(images, output_fmt="NLC")
+    attn = [w.float().cpu() for w in attn]
+    inter = [t.float().cpu() for t in inter]
     layers = []
     for w, tokens in zip(attn, inter):
         dist = mean_attention_distance(w, grid, model.num_prefix_tokens)
@@ -146,11 +149,15 @@ def plot_layer_metrics(results: dict[int, dict[str, Any]], path: str | Path) -> 
 
 
 def run_analysis(model: VisionTransformer, images_by_size: dict[int, torch.Tensor], out_dir: str | Path,
-                 layer: int | None = None) -> dict[str, Any]:
+                 layer: int | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    depth = len(model.blocks)
+    layer = depth - 1 if layer is None else layer
+    if not 0 <= layer < depth:
+        raise ValueError(f"--layer {layer}: the model has layers 0 to {depth - 1}")
+    model = model.to(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {size: analyze(model, imgs) for size, imgs in images_by_size.items()}
-    layer = len(model.blocks) - 1 if layer is None else layer
     files = {"attention_maps": plot_attention_maps({s: r["centre_maps"] for s, r in results.items()}, layer,
                                                    out / "attention_maps.png"),
              "layer_metrics": plot_layer_metrics(results, out / "layer_metrics.png")}

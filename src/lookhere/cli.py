@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from pathlib import Path
 import time
+import traceback
+from pathlib import Path
+
+_SPLIT = re.compile(r"^[\w.-]+(\[[^\[\]]*\])?(\+[\w.-]+(\[[^\[\]]*\])?)*$")
+
+
+def _split(text: str) -> str:
+    """A split name, optionally sliced and joined as Hugging Face datasets write them."""
+    if not _SPLIT.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a split name, optionally sliced: test, val, "
+                                         f"'train[99%:]', 'test[:500]'")
+    return text
+
+
+def _attacks(text: str) -> tuple[str, ...]:
+    from .evaluate import ATTACKS
+
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown attack {', '.join(unknown) or '(none given)'}; "
+                                         f"allowed: {', '.join(ATTACKS)} (comma-separated)")
+    return names
 
 
 def _example(args: argparse.Namespace) -> int:
@@ -15,6 +38,10 @@ def _example(args: argparse.Namespace) -> int:
 
     from . import create_vit
 
+    if args.img_size % args.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     torch.manual_seed(args.seed)
     model = create_vit(args.pos_encoding, img_size=args.img_size, patch_size=args.patch_size, embed_dim=192,
                        depth=12, num_heads=12, num_classes=10).eval()
@@ -38,6 +65,8 @@ def _fov(args: argparse.Namespace) -> int:
     from .config import PRESETS
     from .plots import plot_fov
 
+    if args.grid < 1:
+        raise ValueError(f"--grid must be >= 1, got {args.grid}")
     for name in args.preset or list(PRESETS):
         out = f"{args.out_dir}/fov-{name}.png"
         plot_fov(name, out, grid_size=(args.grid, args.grid), depth=12)
@@ -115,56 +144,73 @@ def _train(args: argparse.Namespace) -> int:
 def _data_preview(args: argparse.Namespace) -> int:
     from .data.preview import preview
 
+    if args.count < 1 or min(args.sizes) < 1:
+        raise ValueError(f"--count and --sizes must be >= 1, got --count {args.count} "
+                         f"--sizes {args.sizes[0]} {args.sizes[1]}")
     print(preview(args.out, sizes=tuple(args.sizes), count=args.count, task=args.task, seed=args.seed))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, markdown_table, parse_eps, run_eval,
-                           write_results)
+    from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, load_pretrained, markdown_table, parse_eps,
+                           run_eval, training_size, write_results)
+    from .train import _device
 
-    model, cfg = load_checkpoint(args.checkpoint, num_heads=args.num_heads)
+    if args.model:
+        model, cfg, name = load_pretrained(args.model, args.pretrained_file), None, args.model
+    else:
+        if args.pretrained_file:
+            raise ValueError("--pretrained-file goes with --model NAME; --checkpoint takes the file itself")
+        (model, cfg), name = load_checkpoint(args.checkpoint, num_heads=args.num_heads), Path(args.checkpoint).name
     apply_knobs(model, lh_global_slope=args.lh_global_slope, rope_interpolate=args.rope_interpolate,
                 pos_resample=args.pos_resample)
     data = args.data or (cfg.data if cfg else None)
     if not data:
-        raise ValueError("--data is required for a checkpoint without a training config")
-    train_size = args.train_size or (cfg.img_size if cfg else None) or args.sizes[0]
-    settings = EvalSettings(data=data, sizes=args.sizes, train_size=train_size, split=args.split,
-                            length=args.length, data_root=args.data_root or (cfg.data_root if cfg else None),
+        raise ValueError("--data is required for a model without a training run "
+                         "(e.g. --data hf:antofuller/ImageNet-HR)")
+    settings = EvalSettings(data=data, sizes=args.sizes, train_size=args.train_size or training_size(model, cfg),
+                            split=args.split, length=args.length,
+                            data_root=args.data_root or (cfg.data_root if cfg else None),
                             seed=cfg.seed if cfg and args.seed is None else (args.seed or 0),
-                            batch_size=args.batch_size, workers=args.workers,
-                            adversarial=tuple(a for a in (args.adversarial or "").split(",") if a),
+                            batch_size=args.batch_size, workers=args.workers, adversarial=tuple(args.adversarial),
                             eps=tuple(parse_eps(args.eps)), pgd_steps=args.pgd_steps,
                             adversarial_samples=args.adversarial_samples, by_object_size=args.by_object_size,
                             tune_knobs=args.tune_knobs, val_length=args.val_length,
                             lh_slope_scales=tuple(args.lh_slope_scales))
-    results = run_eval(model, settings, device=args.device, progress=not args.no_progress)
-    out = args.output or (str(Path(args.checkpoint) / "eval") if Path(args.checkpoint).is_dir() else "eval")
-    files = write_results(results, out, Path(args.checkpoint).name)
-    print(markdown_table(results, Path(args.checkpoint).name))
+    results = run_eval(model, settings, device=_device(args.device), progress=not args.no_progress)
+    if args.output:
+        out = args.output
+    elif args.checkpoint and Path(args.checkpoint).is_dir():
+        out = str(Path(args.checkpoint) / "eval")
+    else:
+        out = str(Path("eval") / name) if args.model else "eval"
+    files = write_results(results, out, name)
+    print(markdown_table(results, name))
     print(f"wrote {files['json']}, {files['markdown']}, {files['plot']}")
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    import torch
-
     from .analyze import run_analysis, table
-    from .data import DataSpec, build_dataset
-    from .evaluate import load_checkpoint
+    from .data import DataSpec, build_dataset, collate
+    from .evaluate import load_checkpoint, model_data_config, training_size
+    from .train import _device
 
     model, cfg = load_checkpoint(args.checkpoint, num_heads=args.num_heads)
     data = args.data or (cfg.data if cfg else None)
     if not data:
         raise ValueError("--data is required for a checkpoint without a training config")
+    data_config = model_data_config(model, training_size(model, cfg))
     images = {}
     for size in args.sizes:
-        ds = build_dataset(DataSpec(data, size, None, cfg.seed if cfg else 0, args.data_root), args.split, train=False)
-        items = [ds[i] for i in range(min(args.num_images, len(ds)))]
-        images[size] = torch.stack([x for x, _ in (it for it in items if it is not None)])
+        spec = DataSpec(data, size, None, cfg.seed if cfg else 0, args.data_root, data_config=data_config)
+        ds = build_dataset(spec, args.split, train=False)
+        images[size] = collate([ds[i] for i in range(min(args.num_images, len(ds)))])[0]
+        if not len(images[size]):
+            raise ValueError(f"--data {data}: none of the first {args.num_images} images of "
+                             f"--split {args.split} could be read")
     out = args.output or (str(Path(args.checkpoint) / "analysis") if Path(args.checkpoint).is_dir() else "analysis")
-    res = run_analysis(model, images, out, layer=args.layer)
+    res = run_analysis(model, images, out, layer=args.layer, device=_device(args.device))
     print(table(res["summary"]))
     print("wrote " + ", ".join(res["files"].values()))
     return 0
@@ -173,6 +219,8 @@ def _analyze(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .report import compare
 
+    if args.names and len(args.names) != len(args.runs):
+        raise ValueError(f"--names: give one name per run ({len(args.runs)} runs, {len(args.names)} names)")
     files = compare(args.runs, args.output, names=args.names, title=args.title)
     print(Path(files["markdown"]).read_text())
     print(f"wrote {files['markdown']} and {files['html']}")
@@ -222,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_example)
 
     fov = sub.add_parser("fov", help="write a PNG of each head's field of view for the presets")
-    fov.add_argument("--preset", action="append", help="preset name (repeatable); default: all")
+    fov.add_argument("--preset", action="append", choices=["lh-180", "lh-90", "lh-45"],
+                     help="preset name (repeatable); default: all")
     fov.add_argument("--grid", type=int, default=15)
     fov.add_argument("--out-dir", default=".")
     fov.set_defaults(func=_fov)
@@ -231,23 +280,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(tr)
     tr.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="accuracy, NLL and calibration across sizes; attacks; object sizes")
-    ev.add_argument("--checkpoint", required=True, help="run directory, model directory or released .pth")
-    ev.add_argument("--data", help="dataset (default: the run's)")
-    ev.add_argument("--data-root")
-    ev.add_argument("--sizes", type=int, nargs="+", required=True)
-    ev.add_argument("--train-size", type=int)
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ev.add_argument("--length", type=int, help="number of samples (synthetic scenes) to evaluate")
-    ev.add_argument("--seed", type=int)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--workers", type=int, default=0)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--adversarial", help="comma-separated: fgsm,pgd")
-    ev.add_argument("--eps", default="1/255,2/255")
-    ev.add_argument("--pgd-steps", type=int, default=10)
-    ev.add_argument("--adversarial-samples", type=int, default=256)
-    ev.add_argument("--by-object-size", action="store_true")
+    ev = sub.add_parser("eval", help="accuracy, NLL and calibration across sizes; attacks; object sizes",
+                        description="Evaluate a model at several image sizes. Photographs get the paper's "
+                                    "evaluation transform: at the training size the shorter side is resized to "
+                                    "size / crop_pct and the centre cropped, at any other size the shorter side is "
+                                    "resized to the size and the centre cropped.")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model",
+                       help="timm model name with pretrained weights, e.g. vit_base_patch16_lookhere_90.in1k")
+    which.add_argument("--checkpoint", help="run directory, model directory or released .pth")
+    ev.add_argument("--pretrained-file", metavar="PATH",
+                    help="with --model: read its weights from this file instead of downloading them")
+    ev.add_argument("--data", help="dataset: synthetic, synthetic-where, fashion-mnist, folder:PATH, hf:NAME "
+                                   "(a Hub name or a local folder); default: the run's")
+    ev.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:)")
+    ev.add_argument("--sizes", type=int, nargs="+", required=True, help="test image sizes (px)")
+    ev.add_argument("--train-size", type=int,
+                    help="the model's training size (default: its run's, its pretrained_cfg's, or its built size)")
+    ev.add_argument("--split", default="test", type=_split,
+                    help="split (default: test); hf: data takes its own names and slices, e.g. 'train[99%%:]'")
+    ev.add_argument("--length", type=int, help="evaluate the first LENGTH samples (synthetic: that many scenes)")
+    ev.add_argument("--seed", type=int, help="seed of synthetic scenes and PGD starts (default: the run's, else 0)")
+    ev.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    ev.add_argument("--workers", type=int, default=0,
+                    help="data-loading processes (default: 0; use more for photographs)")
+    ev.add_argument("--device", default="auto",
+                    help="auto (a GPU when there is one), cpu, cuda, cuda:1 ... (default: auto)")
+    ev.add_argument("--adversarial", type=_attacks, default=(), help="comma-separated attacks: fgsm,pgd")
+    ev.add_argument("--eps", default="1/255,2/255",
+                    help="L-inf attack sizes in pixel units of [0, 1] (default: 1/255,2/255: one and two grey levels)")
+    ev.add_argument("--pgd-steps", type=int, default=10, help="default: 10")
+    ev.add_argument("--adversarial-samples", type=int, default=256, help="images attacked (default: 256)")
+    ev.add_argument("--by-object-size", action="store_true",
+                    help="accuracy change from the training size per object-size quintile (synthetic data)")
     ev.add_argument("--lh-global-slope", type=float, help="LookHere: scale of the distance penalty at test time")
     ev.add_argument("--rope-interpolate", action=argparse.BooleanOptionalAction, default=None,
                     help="RoPE: squeeze coordinates into the training range")
@@ -258,20 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--val-length", type=int, help="validation samples for --tune-knobs (default: the split)")
     ev.add_argument("--lh-slope-scales", type=float, nargs="+", default=[0.5, 2.0],
                     help="LookHere global-slope multipliers tried by --tune-knobs")
-    ev.add_argument("--num-heads", type=int, default=12, help="heads of a released checkpoint")
-    ev.add_argument("--output")
+    ev.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
+    ev.add_argument("--output", help="folder of eval.json, eval.md and the plot (default: RUN/eval, or eval/NAME)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
 
     an = sub.add_parser("analyze", help="attention distance, head diversity, token similarity, attention maps")
-    an.add_argument("--checkpoint", required=True)
-    an.add_argument("--data")
+    an.add_argument("--checkpoint", required=True, help="run directory, model directory or released .pth")
+    an.add_argument("--data", help="dataset (default: the run's)")
     an.add_argument("--data-root")
-    an.add_argument("--sizes", type=int, nargs="+", required=True)
-    an.add_argument("--split", default="test", choices=["train", "val", "test"])
-    an.add_argument("--num-images", type=int, default=16)
+    an.add_argument("--sizes", type=int, nargs="+", required=True, help="image sizes (px)")
+    an.add_argument("--split", default="test", type=_split, help="default: test")
+    an.add_argument("--num-images", type=int, default=16, help="default: 16")
     an.add_argument("--layer", type=int, help="layer of the attention-map picture (default: last)")
-    an.add_argument("--num-heads", type=int, default=12)
+    an.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
+    an.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ... (default: auto)")
     an.add_argument("--output")
     an.set_defaults(func=_analyze)
 
@@ -293,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="LookHere vs. 2D-RoPE: train small, test large, write a report")
     dm.add_argument("--output", default="demo")
-    dm.add_argument("--quick", action="store_true", help="a 2-minute version")
+    dm.add_argument("--quick", action="store_true", help="a few-minute version: fewer scenes and epochs, three test sizes")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=_demo)
@@ -310,14 +376,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every command and subcommand: show the traceback of an error."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, also print the traceback")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_flag(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command. Exit status: 0 done, 2 a usage error (a bad flag, file or setting, named in the
+    message), 1 a failure (a missing package, the network or disk, an unexpected error)."""
+    parser = build_parser()
+    _add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    prefix = f"lookhere {args.command}"
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"lookhere {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        error, status, message = e, 2, f"{prefix}: error: {e}"
+    except (ImportError, OSError) as e:
+        error, status, message = e, 1, f"{prefix}: failed: {e}"
+    except KeyboardInterrupt as e:
+        error, status, message = e, 130, f"{prefix}: interrupted"
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, the traceback on request
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        error, status, message = e, 1, (f"{prefix}: unexpected error: {type(e).__name__}: {first} (rerun with "
+                                        f"--debug for the traceback; if the inputs are right, please report it)")
+    if debug:
+        traceback.print_exception(error)
+    print(message, file=sys.stderr)
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,13 +1,16 @@
 """Evaluation across image sizes: accuracy, NLL, calibration, adversarial robustness, object sizes.
 
 Images reach the model normalised; attacks work in pixel space ([0, 1], L-inf) and normalise again,
-so ``eps = 1/255`` means one grey level whatever the dataset's mean and std.
+so ``eps = 1/255`` means one grey level whatever the dataset's mean and std. A dataset may give each
+image a list of valid classes (ImageNet-HR, as ImageNet-ReaL): see :data:`LABEL_LIST_METRICS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -15,12 +18,18 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassCalibrationError
 
 from .data import DataSpec, build_dataset, collate
 from .position import LearnedAbsolute, LookHere, Rope2d
+
+ATTACKS = ("fgsm", "pgd")
+LABEL_LIST_METRICS = (
+    "Labels are lists of valid classes (as ImageNet-ReaL): top-k counts an image when any of the k "
+    "predictions is in its list; NLL is -log of the probability given to the list (the sum over its "
+    "classes); ECE bins the top-1 probability against top-1 correctness. With one label per image these "
+    "are the usual definitions.")
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -39,39 +48,132 @@ def load_checkpoint(path: str | Path, *, num_heads: int = 12, weights: str = "be
         for name in (weights, "best", "last"):
             if (p / name / "model.safetensors").is_file():
                 return load_model(p / name), cfg
-        raise FileNotFoundError(f"{p}: a run directory without a checkpoint yet (no best/ or last/)")
+        raise FileNotFoundError(f"--checkpoint {p}: a run directory without a checkpoint yet (no best/ or last/)")
     if (p / "config.json").is_file():
         return load_model(p), None
-    raise FileNotFoundError(f"{p}: not a run directory, model directory or checkpoint file")
+    raise FileNotFoundError(f"--checkpoint {p}: not a run directory, model directory or checkpoint file")
+
+
+def load_pretrained(name: str, file: str | os.PathLike | None = None) -> nn.Module:
+    """A timm model with its pretrained weights, loaded the way timm users load them:
+    ``timm.create_model(name, pretrained=True)``, which downloads the file its ``pretrained_cfg``
+    names, or reads ``file`` instead (``pretrained_cfg_overlay=dict(file=...)``) for offline use."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(name):
+        raise ValueError(f"--model {name!r}: not a timm model name (list them: timm.list_pretrained('*lookhere*'))")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:  # an unknown pretrained tag
+        raise ValueError(f"--model {name!r}: {e} (list them: timm.list_pretrained())") from None
+    if file is not None:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"--pretrained-file {file} does not exist")
+    elif not (cfg and (cfg.hf_hub_id or cfg.url or cfg.file)):
+        raise ValueError(f"--model {name!r}: timm knows no pretrained weights for it; name one that has them "
+                         f"(timm.list_pretrained()) or pass its weights with --pretrained-file PATH")
+    overlay = dict(file=str(file)) if file is not None else None
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except OSError as e:
+        if file is not None:
+            raise ValueError(f"--pretrained-file {file}: unreadable: {str(e).strip().splitlines()[0]}") from e
+        raise ConnectionError(f"--model {name!r}: could not get its weights ({str(e).strip().splitlines()[0]}); "
+                              f"check the connection, or download the file and pass --pretrained-file PATH") from e
+    except (RuntimeError, ValueError) as e:  # weights that do not fit, an unsafe or unreadable file
+        where = f"--pretrained-file {file}" if file is not None else f"--model {name!r}"
+        raise ValueError(f"{where}: the weights do not load into {name}: {str(e).strip().splitlines()[0]}") from e
+    return model.eval()
+
+
+def training_size(model: nn.Module, run_config: Any = None) -> int:
+    """The size a model was trained at: its run's ``img_size``, else its timm ``pretrained_cfg``'s
+    input size, else the size it was built for."""
+    if run_config is not None:
+        return int(run_config.img_size)
+    pretrained = getattr(model, "pretrained_cfg", None)
+    if pretrained and pretrained.get("input_size"):
+        return int(pretrained["input_size"][-1])
+    built = getattr(getattr(model, "config", None), "img_size", None)
+    if built is None:
+        raise ValueError("cannot tell the model's training size; pass --train-size")
+    return int(built if isinstance(built, int) else built[-1])
+
+
+def model_data_config(model: nn.Module, train_size: int) -> dict[str, Any]:
+    """timm's data config of the model (mean, std, interpolation, crop_pct, crop_mode: its
+    ``pretrained_cfg`` or timm's defaults), with ``input_size`` set to its training size."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = (cfg["input_size"][0], train_size, train_size)
+    return cfg
+
+
+def patch_size_of(model: nn.Module) -> Optional[int]:
+    size = getattr(model, "patch_size", None) or getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return int(size if isinstance(size, int) else size[0]) if size is not None else None
 
 
 # --- metrics -----------------------------------------------------------------------------------
+def label_sets(labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` class indices or ``(B, K)`` lists padded with -1, as ``(B, K)`` lists."""
+    return labels[:, None] if labels.ndim == 1 else labels
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per image: is any of the ``k`` highest-scoring classes among its valid classes?"""
+    top = logits.topk(k, dim=-1).indices
+    return (top[:, :, None] == label_sets(labels)[:, None, :]).any(-1).any(-1)
+
+
+def label_set_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``-log`` of the probability the model gives to the image's valid classes (their sum); with
+    one class per image, the cross-entropy."""
+    sets = label_sets(labels)
+    log_p = logits.float().log_softmax(-1).gather(-1, sets.clamp_min(0)).masked_fill(sets < 0, float("-inf"))
+    nll = -log_p.logsumexp(-1)
+    return {"mean": nll.mean, "sum": nll.sum}.get(reduction, lambda: nll)()
+
+
 @dataclass
 class Metrics:
-    """Accumulates logits and labels; top-k, NLL and 15-bin ECE by torchmetrics."""
+    """Accumulates per-image top-1/top-5 correctness, NLL (:func:`label_set_nll`) and torchmetrics'
+    15-bin ECE; labels are class indices or lists of valid classes (:data:`LABEL_LIST_METRICS`)."""
 
     num_classes: int
 
     def __post_init__(self) -> None:
-        self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
-        self.top5 = MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro")
         self.ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")
         self.nll_sum, self.n = 0.0, 0
+        self.label_lists = False
         self.correct: list[torch.Tensor] = []
+        self.correct5: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.float().cpu(), labels.cpu()
-        self.top1.update(logits, labels)
-        self.top5.update(logits, labels)
-        self.ece.update(logits.softmax(-1), labels)
-        self.nll_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        sets = label_sets(labels)
+        if sets.max() >= self.num_classes or (sets[:, 0] < 0).any():
+            bad = sets[(sets >= self.num_classes) | (sets[:, :1] < 0)].tolist()
+            raise ValueError(f"label {bad[0]} is outside the model's {self.num_classes} classes: "
+                             f"do --data and the model have the same classes?")
+        self.label_lists |= labels.ndim == 2
+        probs = logits.softmax(-1)
+        pred = probs.argmax(-1)
+        top1 = (pred[:, None] == sets).any(-1)
+        # torchmetrics scores argmax == target: the prediction stands for the list when it is in it
+        self.ece.update(probs, torch.where(top1, pred, sets[:, 0]))
+        self.nll_sum += label_set_nll(logits, labels, "sum").item()
         self.n += len(labels)
-        self.correct.append(logits.argmax(-1) == labels)
+        self.correct.append(top1)
+        self.correct5.append(topk_correct(logits, labels, min(5, self.num_classes)))
 
     def compute(self) -> dict[str, float]:
         if self.n == 0:
             raise ValueError("no samples were evaluated")
-        return {"top1": self.top1.compute().item(), "top5": self.top5.compute().item(),
+        return {"top1": self.per_sample_correct().double().mean().item(),
+                "top5": torch.cat(self.correct5).double().mean().item(),
                 "nll": self.nll_sum / self.n, "ece": self.ece.compute().item(), "n": self.n}
 
     def per_sample_correct(self) -> torch.Tensor:
@@ -102,7 +204,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     model.eval()
     for _ in range(steps):
         adv.requires_grad_(True)
-        loss = F.cross_entropy(model((adv - m) / s), y)
+        loss = label_set_nll(model((adv - m) / s), y)
         (grad,) = torch.autograd.grad(loss, adv)
         adv = adv.detach() + step_size * grad.sign()
         adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
@@ -216,11 +318,37 @@ class EvalSettings:
     tune_knobs: bool = False  # pick each size's best test-time knob setting on the validation split
     val_length: Optional[int] = None  # validation samples used to pick it
     lh_slope_scales: tuple[float, ...] = (0.5, 2.0)
+    data_config: Optional[dict] = None  # photographs: timm data config (default: model_data_config)
+
+    def check(self, patch_size: Optional[int] = None) -> None:
+        """Refuse, before any work, settings whose results cannot be produced."""
+        if not self.sizes:
+            raise ValueError("--sizes: give at least one size")
+        for size in self.sizes:
+            if size < 1:
+                raise ValueError(f"--sizes: {size} px; sizes must be >= 1")
+            if patch_size and size % patch_size:
+                raise ValueError(f"--sizes: {size} px is not a multiple of the patch size {patch_size}")
+        unknown = [a for a in self.adversarial if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"--adversarial {','.join(unknown)}: unknown attack; allowed: {', '.join(ATTACKS)}")
+        if self.adversarial and not self.eps:
+            raise ValueError("--eps: give at least one value for --adversarial")
+        train_size = self.train_size or self.sizes[0]
+        for flag, on in (("--adversarial", bool(self.adversarial)), ("--by-object-size", self.by_object_size)):
+            if on and train_size not in self.sizes:
+                raise ValueError(f"{flag} measures at the training size, {train_size} px, which is not among "
+                                 f"--sizes {' '.join(map(str, self.sizes))}: add it (or set --train-size)")
+        for flag in ("batch_size", "adversarial_samples", "pgd_steps"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if self.length is not None and self.length < 1:
+            raise ValueError(f"--length must be >= 1, got {self.length}")
 
 
 def _split(settings: EvalSettings, size: int, split: str, length: Optional[int]):
-    return build_dataset(DataSpec(settings.data, size, None, settings.seed, settings.data_root), split,
-                         train=False, length=length)
+    spec = DataSpec(settings.data, size, None, settings.seed, settings.data_root, data_config=settings.data_config)
+    return build_dataset(spec, split, train=False, length=length)
 
 
 def _change_by_quintile(correct_by_size: dict[int, torch.Tensor], train_size: int, q: np.ndarray) -> dict:
@@ -247,9 +375,12 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
     """
     from tqdm import tqdm
 
+    settings.check(patch_size_of(model))
     device = torch.device(device)
     model = model.to(device).eval()
     train_size = settings.train_size or settings.sizes[0]
+    if settings.data_config is None:
+        settings = dataclasses.replace(settings, data_config=model_data_config(model, train_size))
     num_classes = settings.num_classes or model.num_classes
     results: dict[str, Any] = {"data": settings.data, "split": settings.split, "train_size": train_size,
                                "sizes": {}, "adversarial": {}, "by_object_size": None}
@@ -261,15 +392,16 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
         bar.close()
         return m
 
-    for size in settings.sizes:
-        if size % model.patch_size:
-            raise ValueError(f"--sizes: {size} px is not a multiple of the patch size {model.patch_size}")
     test = {size: _split(settings, size, settings.split, settings.length) for size in settings.sizes}
+    if settings.by_object_size and not hasattr(test[train_size], "object_size"):
+        raise ValueError(f"--by-object-size: dataset {settings.data!r} does not know its object sizes")
     correct: dict[int, torch.Tensor] = {}
     for size, ds in test.items():
         m = measure(ds, f"{size}px")
         results["sizes"][str(size)] = m.compute()
         correct[size] = m.per_sample_correct()
+        if m.label_lists:
+            results["label_lists"] = LABEL_LIST_METRICS
         if size == train_size and settings.adversarial:
             results["adversarial"] = _adversarial(model, ds, settings, device)
 
@@ -295,10 +427,8 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
                 apply_knobs(model, **grid[0])
             results["knobs"][str(size)] = {"setting": choice, "val_top1": scores}
 
-    if settings.by_object_size and train_size in test:
+    if settings.by_object_size:
         ds = test[train_size]
-        if not hasattr(ds, "object_size"):
-            raise ValueError(f"--by-object-size: dataset {settings.data!r} does not know its object sizes")
         sizes_of_objects = np.array([ds.object_size(i) for i in range(len(ds))])
         q = object_size_quintiles(sizes_of_objects)
         edges = np.quantile(sizes_of_objects, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]).tolist()
@@ -315,8 +445,6 @@ def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     gen = torch.Generator().manual_seed(settings.seed)
     for attack in settings.adversarial:
-        if attack not in ("fgsm", "pgd"):
-            raise ValueError(f"--adversarial {attack!r}; allowed: fgsm, pgd")
         for eps in settings.eps:
             correct = total = 0
             for images, labels, _ in _loader(subset, settings.batch_size, settings.workers):
@@ -328,7 +456,7 @@ def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
                                      step_size=2.5 * eps / settings.pgd_steps, mean=mean, std=std,
                                      random_start=True, generator=gen)
                 with torch.no_grad():
-                    correct += (model(adv).argmax(-1) == labels).sum().item()
+                    correct += topk_correct(model(adv), labels, 1).sum().item()
                 total += len(labels)
             out[f"{attack}@{eps * 255:g}/255"] = correct / max(total, 1)
     return out
@@ -339,6 +467,8 @@ def markdown_table(results: dict[str, Any], name: str = "model") -> str:
     lines = [f"| {name} | size | top-1 | top-5 | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
     for size, m in results["sizes"].items():
         lines.append(f"| | {size} | {m['top1']:.4f} | {m['top5']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} |")
+    if results.get("label_lists"):
+        lines += ["", results["label_lists"]]
     if results.get("tuned"):
         lines += ["", "With each size's test-time setting chosen on the validation split:", "",
                   "| size | setting | val top-1 per setting | top-1 | NLL | ECE |", "|---:|---|---|---:|---:|---:|"]

@@ -2,12 +2,15 @@
 
 Photographs (folders, Hugging Face) go through timm's dataset and transform factories: DeiT-III's
 recipe for training (random resized crop, flip, one of grayscale / solarize / blur: timm's ``3a``
-policy, colour jitter) and resize + centre crop for evaluation. Synthetic scenes are rendered at
-the requested size; Fashion-MNIST is resized.
+policy, colour jitter) and the paper's evaluation transform (:func:`eval_transform`). A Hugging Face
+dataset whose label column holds lists of valid classes (``labels``, as ImageNet-HR) yields each
+image's list as a tensor padded with ``-1``. Synthetic scenes are rendered at the requested size;
+Fashion-MNIST is resized.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,10 @@ import torch
 from torch.utils.data import Dataset, Subset, default_collate
 
 from .fashion_mnist import DEFAULT_ROOT, FashionMNIST
-from .synthetic import SyntheticScenes
+from .synthetic import SPLITS, SyntheticScenes
 
 DATASETS = ("synthetic", "synthetic-where", "fashion-mnist", "folder:PATH", "hf:NAME")
+LABEL_COLUMNS = ("label", "labels")  # a Hugging Face dataset's class column: one class, or a list of valid ones
 
 
 @dataclass
@@ -30,6 +34,9 @@ class DataSpec:
     seed: int = 0
     root: str | None = None
     hf_val_split: str = "validation"
+    # Evaluation of photographs: the model's timm data config (mean, std, interpolation, crop_pct,
+    # crop_mode; input_size is its training size). None: img_size is the training size, timm's defaults.
+    data_config: dict | None = None
 
 
 class SkipBad(Dataset):
@@ -62,41 +69,115 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, labels, skipped
 
 
+def eval_transform(img_size: int | tuple[int, int], data_config: dict | None = None):
+    """The paper's evaluation transform of a photograph, by timm's ``create_transform``.
+
+    At the model's training size (``data_config["input_size"]``) the shorter side is resized to
+    ``size / crop_pct`` and the centre cropped (224 px at crop 0.875: 256, then 224); at any other
+    size the shorter side is resized to that size and the centre cropped, so a square image is
+    resized once. PIL resizing is antialiased.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    cfg = resolve_data_config(dict(data_config) if data_config else {"input_size": (3, *size)})
+    at_training_size = tuple(cfg["input_size"][-2:]) == size
+    return create_transform(size[0] if size[0] == size[1] else size, is_training=False,
+                            interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+                            crop_pct=cfg["crop_pct"] if at_training_size else 1.0, crop_mode=cfg["crop_mode"])
+
+
+def _label_list(labels: list[int], length: int) -> torch.Tensor:
+    """An image's valid classes, padded with -1 to the dataset's longest list."""
+    return torch.tensor(list(labels) + [-1] * (length - len(labels)), dtype=torch.long)
+
+
+def _hf_photos(target: str, split: str, spec: DataSpec, train: bool, transform):
+    """A Hugging Face dataset through timm's reader; its class column is ``label`` or, failing that,
+    ``labels`` (lists of valid classes are allowed for evaluation)."""
+    try:
+        import datasets  # noqa: F401
+        from timm.data import create_dataset
+    except ImportError as e:
+        raise ImportError("hf: datasets need the 'datasets' package: pip install 'lookhere[hf]'") from e
+    hf_split = {"val": spec.hf_val_split}.get(split, split)
+
+    def load(column: str):
+        try:
+            return create_dataset(f"hfds/{target}", root=spec.root, split=hf_split, transform=transform,
+                                  target_key=column)
+        except ValueError as e:
+            if "split" not in str(e).lower() and "instruction" not in str(e).lower():
+                raise
+            raise ValueError(f"--split {split!r} of hf:{target}: {e} (a split name, optionally sliced: "
+                             f"'train[99%:]', 'test[:500]')") from None
+
+    ds = load(LABEL_COLUMNS[0])
+    features = ds.reader.dataset.features
+    column = next((c for c in LABEL_COLUMNS if c in features), None)
+    if column is None:
+        raise ValueError(f"--data hf:{target}: no class column (expected one of {', '.join(LABEL_COLUMNS)}; "
+                         f"found {', '.join(features)})")
+    if column != LABEL_COLUMNS[0]:
+        ds = load(column)
+    table = ds.reader.dataset
+    if hasattr(features[column], "feature"):  # a list of valid classes per image
+        if train:
+            raise ValueError(f"--data hf:{target}: its '{column}' column holds lists of valid classes, "
+                             f"an evaluation set; training needs one class per image")
+        lengths = [len(x) for x in table[column]]
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise ValueError(f"--data hf:{target} split {hf_split!r}: {len(empty)} image(s) have an empty "
+                             f"'{column}' list (first: row {empty[0]}); each image needs at least one class")
+        ds.target_transform = functools.partial(_label_list, length=max(lengths, default=1))
+    return ds
+
+
 def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool):
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 
     size = spec.img_size if isinstance(spec.img_size, int) else tuple(spec.img_size)
-    transform = create_transform(
-        size, is_training=train, auto_augment="3a" if train else None, color_jitter=0.3,
-        interpolation="bicubic", crop_pct=0.875, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-    )
+    if train:
+        transform = create_transform(size, is_training=True, auto_augment="3a", color_jitter=0.3,
+                                     interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    else:
+        transform = eval_transform(size, spec.data_config)
+        cfg = spec.data_config or {}
+        mean, std = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
     if kind == "folder":
         root = Path(target)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/{split}/CLASS/IMAGE)")
-        ds = create_dataset("", root=str(root), split=split, search_split=True, transform=transform)
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        folder = next((root / s for s in (split, *(("validation",) if split == "val" else ())) if (root / s).is_dir()),
+                      None)
+        if folder is None:
+            raise FileNotFoundError(f"--data folder:{root} has no {split}/ folder "
+                                    f"(found: {', '.join(found) or 'none'}); pass --split with one of them")
+        ds = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
     else:
-        hf_split = {"val": spec.hf_val_split}.get(split, split)
-        try:
-            ds = create_dataset(f"hfds/{target}", root=spec.root, split=hf_split, transform=transform)
-        except ImportError as e:
-            raise ImportError("hf: datasets need the 'datasets' package: pip install 'lookhere[hf]'") from e
+        ds = _hf_photos(target, split, spec, train, transform)
     ds._max_retries = 1  # let SkipBad see (and count) an unreadable image instead of silently replacing it
     if len(ds) == 0:
         raise FileNotFoundError(f"{kind}:{target} has no images for split {split!r}")
-    ds.mean, ds.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    ds.mean, ds.std = mean, std
     labels = getattr(getattr(ds, "reader", None), "class_to_idx", None)
     ds.num_classes = len(labels) if labels else None
     return ds
 
 
 def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, length: int | None = None) -> Dataset:
-    """The ``split`` (train, val, test) of a dataset, wrapped so a bad sample is skipped and counted.
+    """The ``split`` of a dataset (train, val, test; a folder's subfolder; a Hugging Face split, sliced
+    as ``train[99%:]``), wrapped so a bad sample is skipped and counted.
 
     ``length`` keeps only the first ``length`` samples (synthetic: exactly that many scenes).
     """
     train = split == "train" if train is None else train
     name = spec.name
+    if name in ("synthetic", "synthetic-where", "fashion-mnist") and split not in SPLITS:
+        raise ValueError(f"--split {split!r}: {name} has the splits {', '.join(SPLITS)}")
     if name in ("synthetic", "synthetic-where"):
         n = spec.length or 4000
         length = length or (n if split == "train" else max(1, n // 5))
@@ -110,7 +191,7 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
             raise ValueError(f"--data {name!r} needs a path or name after '{kind}:'")
         ds = _timm_photos(kind, target, split, spec, train)
     else:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        raise ValueError(f"--data {name!r}: unknown dataset; allowed: {', '.join(DATASETS)}")
     if length is not None and length < len(ds):
         kept = Subset(ds, range(length))
         for attr in ("mean", "std", "num_classes", "object_size"):
