@@ -16,8 +16,9 @@ training grid's coordinate range.
 
 from __future__ import annotations
 
+import inspect
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable, Mapping
 
 import torch
@@ -33,8 +34,11 @@ from .config import PRESETS, LookHereConfig, resolve_config
 
 @lru_cache(maxsize=32)
 def _grid_yx(gy: int, gx: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.arange(gy * gx, device=device)
-    return (idx // gx).float(), (idx % gx).float()
+    # Cached across calls, so never an inference tensor: one built under torch.inference_mode
+    # would break every later forward that autograd records.
+    with torch.inference_mode(False):
+        idx = torch.arange(gy * gx, device=device)
+        return (idx // gx).float(), (idx % gx).float()
 
 
 def patch_coords(grid: tuple[int, int], train_grid: tuple[int, int] | None = None, *, device="cpu",
@@ -61,6 +65,10 @@ class PositionEncoding(nn.Module):
 
     name = "none"
     relative = False
+
+    def init_weights(self) -> None:
+        """Set this encoding's parameters to its own initialisation (called at construction; the
+        ViT's generic initialisation leaves the encoding alone)."""
 
     def embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return x
@@ -97,7 +105,7 @@ class LookHere(PositionEncoding):
     relative = True
 
     def __init__(self, config: str | Mapping[str, Any] | LookHereConfig, depth: int, num_heads: int,
-                 backend: str = "auto", **_: Any):
+                 backend: str = "auto"):
         super().__init__()
         self.backend = backend
         self.name = config if isinstance(config, str) else "lookhere"
@@ -134,11 +142,16 @@ class LearnedAbsolute(PositionEncoding):
     name = "learned-1d"
     RESAMPLE = ("bicubic", "grid")
 
-    def __init__(self, embed_dim: int, grid_size: tuple[int, int], resample: str = "bicubic", **_: Any):
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int], resample: str = "bicubic"):
         super().__init__()
+        if resample not in self.RESAMPLE:
+            raise ValueError(f"learned-1d resample={resample!r}; allowed: {', '.join(self.RESAMPLE)}")
         self.grid_size = tuple(grid_size)
         self.resample = resample
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
 
     def table(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -159,7 +172,7 @@ class SinCos2d(PositionEncoding):
 
     name = "sincos-2d"
 
-    def __init__(self, embed_dim: int, **_: Any):
+    def __init__(self, embed_dim: int):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"sincos-2d needs embed_dim divisible by 4, got {embed_dim}")
@@ -174,11 +187,14 @@ class Factorized(PositionEncoding):
 
     name = "factorized"
 
-    def __init__(self, embed_dim: int, grid_size: tuple[int, int], **_: Any):
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int]):
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.row_embed = nn.Parameter(torch.zeros(1, grid_size[0], embed_dim))
         self.col_embed = nn.Parameter(torch.zeros(1, grid_size[1], embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
         trunc_normal_(self.row_embed, std=0.02)
         trunc_normal_(self.col_embed, std=0.02)
 
@@ -207,20 +223,28 @@ class Fourier(PositionEncoding):
     """Learnable Fourier features of (y, x) through an MLP (Li et al., NeurIPS 2021).
 
     Coordinates are patch centres divided by the training grid (0..1 there), so a larger grid is
-    evaluated at coordinates beyond 1, on the same scale.
+    evaluated at coordinates beyond 1, on the same scale. The frequencies start at N(0, 1/gamma^2),
+    the paper's initialisation; the MLP like the ViT's other linear layers.
     """
 
     name = "fourier"
 
     def __init__(self, embed_dim: int, grid_size: tuple[int, int], num_features: int = 256,
-                 hidden_dim: int | None = None, gamma: float = 1.0, **_: Any):
+                 hidden_dim: int | None = None, gamma: float = 1.0):
         super().__init__()
         self.grid_size = tuple(grid_size)
+        self.gamma = gamma
         self.proj = nn.Linear(2, num_features // 2, bias=False)
-        nn.init.normal_(self.proj.weight, std=1.0 / gamma)
         hidden = hidden_dim or embed_dim
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
         self.num_features = num_features
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.proj.weight, std=1.0 / self.gamma)
+        for layer in (self.mlp[0], self.mlp[2]):
+            trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
 
     def features(self, grid: tuple[int, int], device) -> torch.Tensor:
         y, x = patch_coords(grid, device=device)
@@ -241,11 +265,14 @@ class RelativeBias(PositionEncoding):
     name = "rpe-learned"
     relative = True
 
-    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], **_: Any):
+    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int]):
         super().__init__()
         self.grid_size = tuple(grid_size)
         gy, gx = grid_size
         self.table = nn.Parameter(torch.zeros(depth, num_heads, 2 * gy - 1, 2 * gx - 1))
+        self.init_weights()
+
+    def init_weights(self) -> None:
         trunc_normal_(self.table, std=0.02)
 
     def bias(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
@@ -273,7 +300,7 @@ class Alibi2d(PositionEncoding):
     name = "alibi-2d"
     relative = True
 
-    def __init__(self, num_heads: int, **_: Any):
+    def __init__(self, num_heads: int):
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
@@ -302,21 +329,28 @@ class Rope2d(PositionEncoding):
     relative = True
 
     def __init__(self, embed_dim: int, num_heads: int, depth: int, grid_size: tuple[int, int],
-                 mixed: bool, theta: float | None = None, interpolate: bool = False, **_: Any):
+                 mixed: bool, theta: float | None = None, interpolate: bool = False):
         super().__init__()
         head_dim = embed_dim // num_heads
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
         self.name = "rope-2d-mixed" if mixed else "rope-2d-axial"
-        self.grid_size, self.interpolate = tuple(grid_size), interpolate
+        self.grid_size, self.interpolate = tuple(grid_size), bool(interpolate)
+        self.theta = theta or (10.0 if mixed else 100.0)
         if mixed:
-            self.freqs = nn.Parameter(init_random_2d_freqs(head_dim, depth, num_heads, temperature=theta or 10.0))
+            self.freqs = nn.Parameter(init_random_2d_freqs(head_dim, depth, num_heads, temperature=self.theta))
         else:
-            mag = 1.0 / (theta or 100.0) ** (torch.arange(0, head_dim, 4).float() / head_dim)
+            mag = 1.0 / self.theta ** (torch.arange(0, head_dim, 4).float() / head_dim)
             zero = torch.zeros_like(mag)
             fx, fy = torch.cat([mag, zero]), torch.cat([zero, mag])
             freqs = torch.stack([fx, fy])[:, None, None].expand(2, depth, num_heads, head_dim // 2)
             self.register_buffer("freqs", freqs.contiguous(), persistent=False)
+
+    def init_weights(self) -> None:
+        if isinstance(self.freqs, nn.Parameter):
+            depth, heads, pairs = self.freqs.shape[1:]
+            with torch.no_grad():
+                self.freqs.copy_(init_random_2d_freqs(2 * pairs, depth, heads, temperature=self.theta))
 
     def rotary(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
         y, x = patch_coords(grid, self.grid_size, device=self.freqs.device, interpolate=self.interpolate)
@@ -334,30 +368,56 @@ class Rope2d(PositionEncoding):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
-def _lookhere_factory(preset: str) -> Callable[..., PositionEncoding]:
-    def build(*, num_heads: int, depth: int, lookhere_config=None, backend: str = "auto", **_: Any) -> PositionEncoding:
-        return LookHere(lookhere_config or preset, depth, num_heads, backend=backend)
-
-    return build
-
-
-# name -> factory(embed_dim=, num_heads=, depth=, grid_size=(training grid), **options)
+# name -> factory. Every factory takes some of the model's ``embed_dim``, ``num_heads``, ``depth``
+# and ``grid_size`` (the training grid); its other keyword arguments are the encoding's options.
 POSITION_ENCODINGS: dict[str, Callable[..., PositionEncoding]] = {
-    "none": lambda **kw: PositionEncoding(),
-    "learned-1d": lambda **kw: LearnedAbsolute(**kw),
-    "sincos-2d": lambda **kw: SinCos2d(**kw),
-    "factorized": lambda **kw: Factorized(**kw),
-    "fourier": lambda **kw: Fourier(**kw),
-    "rpe-learned": lambda **kw: RelativeBias(**kw),
-    "alibi-2d": lambda **kw: Alibi2d(**kw),
-    "rope-2d-axial": lambda **kw: Rope2d(mixed=False, **kw),
-    "rope-2d-mixed": lambda **kw: Rope2d(mixed=True, **kw),
-    **{name: _lookhere_factory(name) for name in PRESETS},
-    "lookhere": _lookhere_factory("lh-90"),  # any LookHere config, given as lookhere_config
+    "none": PositionEncoding,
+    "learned-1d": LearnedAbsolute,
+    "sincos-2d": SinCos2d,
+    "factorized": Factorized,
+    "fourier": Fourier,
+    "rpe-learned": RelativeBias,
+    "alibi-2d": Alibi2d,
+    "rope-2d-axial": partial(Rope2d, mixed=False),
+    "rope-2d-mixed": partial(Rope2d, mixed=True),
+    **{name: partial(LookHere, config=name) for name in PRESETS},
+    "lookhere": partial(LookHere, config="lh-90"),  # any LookHere config, given as lookhere_config
 }
+MODEL_ARGUMENTS = ("embed_dim", "num_heads", "depth", "grid_size")
 
 
-def build_position_encoding(name: str, **kwargs: Any) -> PositionEncoding:
+def encoding_options(name: str) -> list[str]:
+    """The options (``pos_options`` keys) that encoding ``name`` accepts."""
+    params = inspect.signature(POSITION_ENCODINGS[name]).parameters
+    fixed = POSITION_ENCODINGS[name].keywords if isinstance(POSITION_ENCODINGS[name], partial) else {}
+    return [p for p in params if p not in MODEL_ARGUMENTS and p not in fixed]
+
+
+def build_position_encoding(name: str, *, embed_dim: int, num_heads: int, depth: int, grid_size: tuple[int, int],
+                            lookhere_config: str | Mapping[str, Any] | LookHereConfig | None = None,
+                            **options: Any) -> PositionEncoding:
+    """The encoding ``name`` for a model of the given shape; unknown options are an error.
+
+    ``lookhere_config`` goes with ``name="lookhere"``; with a preset name (``"lh-90"``) it must
+    equal that preset, so a model never carries one name and another config.
+    """
     if name not in POSITION_ENCODINGS:
         raise ValueError(f"unknown pos_encoding={name!r}; allowed: {', '.join(POSITION_ENCODINGS)}")
-    return POSITION_ENCODINGS[name](**kwargs)
+    allowed = encoding_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"pos_options {unknown} are not options of pos_encoding={name!r}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    if lookhere_config is not None:
+        if name == "lookhere":
+            options["config"] = lookhere_config
+        elif name in PRESETS:
+            if resolve_config(lookhere_config) != resolve_config(name):
+                raise ValueError(f"lookhere_config differs from the preset pos_encoding={name!r}; use "
+                                 f"pos_encoding='lookhere' for a config of your own, or leave lookhere_config unset")
+        else:
+            raise ValueError(f"lookhere_config is set but pos_encoding={name!r} is not LookHere; allowed with: "
+                             f"lookhere, {', '.join(PRESETS)}")
+    model = dict(embed_dim=embed_dim, num_heads=num_heads, depth=depth, grid_size=tuple(grid_size))
+    params = inspect.signature(POSITION_ENCODINGS[name]).parameters
+    return POSITION_ENCODINGS[name](**{k: v for k, v in model.items() if k in params}, **options)

@@ -14,8 +14,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, register_notrace_function, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 
 from .position import PositionEncoding, build_position_encoding
@@ -71,6 +71,37 @@ def _pair(x: Union[int, tuple[int, int]]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+# The patch grid is read from the input's shape and the position encoding computes with it in Python
+# (cached tables, masks, coordinates), so both stay opaque to torch.fx: a traced model keeps them as
+# calls that run at every forward, and works at any image size.
+@register_notrace_function
+def image_grid(x: torch.Tensor, patch_size: int, in_chans: int) -> tuple[int, int]:
+    """Check an image batch and return its patch grid, with a message that says what is wrong."""
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
+    _, c, h, w = x.shape
+    if c != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+    p = patch_size
+    if h % p or w % p or h == 0 or w == 0:
+        raise ValueError(
+            f"image size {h}x{w} is not a positive multiple of the patch size {p}; "
+            f"resize or crop to e.g. {max(p, h // p * p)}x{max(p, w // p * p)}"
+        )
+    return h // p, w // p
+
+
+@register_notrace_function
+def embed_positions(pos: PositionEncoding, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    return pos.embed(x, grid)
+
+
+@register_notrace_function
+def attend_positions(pos: PositionEncoding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                     layer: int, num_prefix_tokens: int, dropout_p: float) -> torch.Tensor:
+    return pos.attend(q, k, v, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose score computation is delegated to the position encoding."""
 
@@ -88,8 +119,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = pos.attend(q, k, v, grid=grid, layer=self.layer, num_prefix_tokens=num_prefix_tokens,
-                       dropout_p=self.attn_drop if self.training else 0.0)
+        x = attend_positions(pos, q, k, v, grid, self.layer, num_prefix_tokens,
+                             self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
@@ -163,15 +194,11 @@ class VisionTransformer(nn.Module):
         return nn.Linear(self.embed_dim, num_classes)
 
     def _init_weights(self) -> None:
+        """DeiT-III's initialisation for every layer but the position encoding's, which owns its own."""
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for name, child in self.named_children():
+            if child is not self.pos_encoding:
+                named_apply(_init_vit_layer, child, name)
         if isinstance(self.head, Mlp):  # start at uniform predictions, as the published model does
             nn.init.zeros_(self.head.fc2.weight)
             nn.init.constant_(self.head.fc2.bias, -float(torch.tensor(self.num_classes).log()))
@@ -206,23 +233,12 @@ class VisionTransformer(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def grid_for(self, x: torch.Tensor) -> tuple[int, int]:
         """Check an image batch and return its patch grid, with a message that says what is wrong."""
-        if x.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
-        p = self.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(
-                f"image size {h}x{w} is not a positive multiple of the patch size {p}; "
-                f"resize or crop to e.g. {max(p, h // p * p)}x{max(p, w // p * p)}"
-            )
-        return h // p, w // p
+        return image_grid(x, self.patch_size, self.config.in_chans)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        grid = self.grid_for(x)
+        grid = image_grid(x, self.patch_size, self.config.in_chans)
         x = self.patch_embed(x).flatten(1, 2)
-        x = self.pos_encoding.embed(x, grid)
+        x = embed_positions(self.pos_encoding, x, grid)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1), grid
 
     def _block(self, blk: Block, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -288,6 +304,16 @@ class VisionTransformer(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take
+
+
+def _init_vit_layer(module: nn.Module, name: str = "") -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
