@@ -205,9 +205,10 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        # Position tables and frequencies, like timm's pos_embed; the Fourier MLP's weights still decay.
+        # Position tables, frequencies and scalars, like timm's pos_embed; the encodings' linear layers decay.
         names = {n for n, _ in self.pos_encoding.named_parameters(prefix="pos_encoding")}
-        return {"cls_token"} | {n for n in names if not n.startswith("pos_encoding.mlp.")}
+        linear = {f"{n}.weight" for n, m in self.pos_encoding.named_modules(prefix="pos_encoding") if isinstance(m, nn.Linear)}
+        return {"cls_token"} | (names - linear)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -353,7 +354,7 @@ SIZES = {
 _VARIANTS = {"180": "lh-180", "90": "lh-90", "45": "lh-45"}
 # The paper's baselines on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
 BASELINES = ("none", "learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d",
-             "rope-2d-axial", "rope-2d-mixed")
+             "rope-2d-axial", "rope-2d-mixed", "fire", "pape", "rope-2d-dinov3")
 
 
 def _name(size: str, pos_encoding: str) -> str:
