@@ -329,3 +329,10 @@ def test_traced_by_timms_fx_feature_extractor(name):
     traced(torch.randn(2, 3, 40, 32))[last].sum().backward()
     missing = [n for n, p in traced.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_weight_decay_spares_tables_frequencies_and_scalars_only():
+    assert small("fourier").no_weight_decay() == {"cls_token", "pos_encoding.proj.weight"}  # as before
+    assert small("fire").no_weight_decay() == {"cls_token", "pos_encoding.c", "pos_encoding.threshold_scale"}
+    assert small("pape").no_weight_decay() == {"cls_token"}
+    assert small("rpe-learned").no_weight_decay() == {"cls_token", "pos_encoding.table"}

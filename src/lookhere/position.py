@@ -70,6 +70,13 @@ class PositionEncoding(nn.Module):
         """Set this encoding's parameters to its own initialisation (called at construction; the
         ViT's generic initialisation leaves the encoding alone)."""
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: tables, frequencies and scalars, like timm's pos_embed;
+        linear layers (MLPs, projections) follow the optimiser's usual rule."""
+        linear = {f"{n}.{p}" for n, m in self.named_modules() if isinstance(m, nn.Linear)
+                  for p, _ in m.named_parameters(recurse=False)}
+        return {n for n, _ in self.named_parameters()} - linear
+
     def embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return x
 
@@ -245,6 +252,9 @@ class Fourier(PositionEncoding):
         for layer in (self.mlp[0], self.mlp[2]):
             trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"proj.weight"}  # the frequencies
 
     def features(self, grid: tuple[int, int], device) -> torch.Tensor:
         y, x = patch_coords(grid, device=device)
@@ -493,7 +503,9 @@ class Pape(PositionEncoding):
 
     def _augmented(self, q, k, grid, layer, num_prefix_tokens):
         qf, kf = self.features(q, grid, layer, num_prefix_tokens)
-        return torch.cat([q.float(), qf], -1), torch.cat([k.float(), kf.expand(k.shape[0], -1, -1, -1)], -1)
+        qa, ka = torch.cat([q.float(), qf], -1), torch.cat([k.float(), kf.expand(k.shape[0], -1, -1, -1)], -1)
+        pad = -qa.shape[-1] % 8  # zero features up to a multiple of 8: GPU kernels need it for the fused path
+        return F.pad(qa, (0, pad)), F.pad(ka, (0, pad))
 
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
         with torch.autocast(q.device.type, enabled=False):

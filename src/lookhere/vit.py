@@ -205,10 +205,7 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        # Position tables, frequencies and scalars, like timm's pos_embed; the encodings' linear layers decay.
-        names = {n for n, _ in self.pos_encoding.named_parameters(prefix="pos_encoding")}
-        linear = {f"{n}.weight" for n, m in self.pos_encoding.named_modules(prefix="pos_encoding") if isinstance(m, nn.Linear)}
-        return {"cls_token"} | (names - linear)
+        return {"cls_token"} | {f"pos_encoding.{n}" for n in self.pos_encoding.no_weight_decay()}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -352,7 +349,7 @@ SIZES = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 _VARIANTS = {"180": "lh-180", "90": "lh-90", "45": "lh-45"}
-# The paper's baselines on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
+# The paper's baselines and newer encodings on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
 BASELINES = ("none", "learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d",
              "rope-2d-axial", "rope-2d-mixed", "fire", "pape", "rope-2d-dinov3")
 
