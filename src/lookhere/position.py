@@ -1,8 +1,9 @@
 """Position encodings as modules with two hooks the ViT calls at every forward.
 
-- ``embed(x, grid)`` adds absolute position information to the patch tokens ``(B, N, C)``.
-- ``attend(q, k, v, grid=..., layer=..., num_prefix_tokens=...)`` runs one layer's attention,
-  where relative encodings (LookHere, RoPE, biases) act.
+- ``embed(x, grid)`` adds absolute position information to the patch tokens ``(B, N, C)`` (once
+  per forward, before the blocks).
+- ``attend(q, k, v, grid=..., layer=..., num_prefix_tokens=..., dropout_p=...)`` runs one layer's
+  attention, where relative encodings (LookHere, RoPE, biases) act.
 
 Both receive the current grid ``(rows, cols)``, so the model runs at any image size with no set-up
 call. Prefix tokens (CLS) come first in q, k, v and are never encoded or masked.
@@ -11,7 +12,11 @@ Coordinates, the same for every encoding: patch ``i`` of a ``gy x gx`` grid is a
 column ``x = i % gx`` (row-major, top-left first), measured in patches, so a larger grid simply
 extends the training grid's coordinates. Encodings that normalise coordinates (Fourier) divide by
 the training grid; ``interpolate=True`` (RoPE's test-time knob) instead squeezes any grid into the
-training grid's coordinate range.
+training grid's coordinate range. RoPE-DINOv3 maps every grid onto [-1, 1] per axis, and FIRE
+normalises offsets by the test grid's extent unless told to use the training grid's.
+
+Each encoding initialises its own parameters (``init_weights``, called at construction), and takes
+only the options its constructor names: ``build_position_encoding`` refuses any other.
 """
 
 from __future__ import annotations
