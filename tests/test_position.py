@@ -248,7 +248,7 @@ def test_baselines_in_timm():
 @pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
 def test_unfused_attention_weights_equal_the_fused_path(name):
     """The analysis path (explicit weights) and the fast path compute the same attention."""
-    pe = encoding(name)
+    pe = encoding(name).eval()  # training mode would draw new coordinate augmentations per call (dinov3)
     grid, p = (3, 5), 1
     q, k, v = torch.randn(3, 2, 12, p + 15, 4).unbind(0)
     with torch.no_grad():
@@ -256,3 +256,83 @@ def test_unfused_attention_weights_equal_the_fused_path(name):
         weights = pe.attention_weights(q, k, grid=grid, layer=1, num_prefix_tokens=p)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 12, p + 15))
     torch.testing.assert_close(weights @ v, fused, rtol=1e-5, atol=1e-5)
+
+
+# --- each encoding owns its initialisation and its options --------------------------------------
+@pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
+def test_the_vit_initialisation_leaves_the_encoding_as_it_initialised_itself(name):
+    model = small(name)
+    before = {k: v.clone() for k, v in model.pos_encoding.state_dict().items()}
+    model._init_weights()
+    for k, v in model.pos_encoding.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("gamma", [1.0, 4.0])
+def test_fourier_frequencies_keep_their_own_scale_in_the_model(gamma):
+    torch.manual_seed(0)
+    w = small("fourier", pos_options={"gamma": gamma}).pos_encoding.proj.weight  # 256 draws of N(0, 1/gamma^2)
+    assert abs(float(w.detach().std()) * gamma - 1.0) < 0.2
+
+
+@pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
+def test_unknown_options_are_refused_with_the_allowed_ones(name):
+    from lookhere.position import encoding_options
+
+    with pytest.raises(ValueError, match=rf"\['interpolat'\] are not options of pos_encoding='{name}'; allowed: "):
+        small(name, pos_options={"interpolat": True})
+    for option in encoding_options(name):
+        assert option not in ("embed_dim", "num_heads", "depth", "grid_size", "config", "mixed")
+
+
+def test_rope_options_are_listed():
+    with pytest.raises(ValueError, match="allowed: theta, interpolate"):
+        small("rope-2d-axial", pos_options={"interpolat": True})
+    assert small("rope-2d-axial", pos_options={"interpolate": True}).pos_encoding.interpolate
+
+
+def test_a_lookhere_config_must_agree_with_the_encoding_name():
+    with pytest.raises(ValueError, match="lookhere_config differs from the preset pos_encoding='lh-180'"):
+        small("lh-180", lookhere_config=lookhere.PRESETS["lh-45"])
+    with pytest.raises(ValueError, match="pos_encoding='rope-2d-axial' is not LookHere; allowed with: lookhere, lh-180"):
+        small("rope-2d-axial", lookhere_config=lookhere.PRESETS["lh-45"])
+    same = small("lh-180", lookhere_config=lookhere.PRESETS["lh-180"]).pos_encoding
+    assert same.name == "lh-180" and same.config == lookhere.LookHereConfig.from_dict(lookhere.PRESETS["lh-180"])
+    own = small("lookhere", lookhere_config=lookhere.PRESETS["lh-45"]).pos_encoding
+    assert own.name == "lookhere" and own.config.head_directions == "eighths1-eighths2-none"
+
+
+def test_a_grid_first_seen_in_inference_mode_still_trains():
+    model = small("rope-2d-mixed")
+    x = torch.randn(1, 3, 8 * 7, 8 * 5)  # a grid no other test uses: its coordinates are cached here
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert model.pos_encoding.freqs.grad is not None
+
+
+# --- torch.fx ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
+def test_traced_by_timms_fx_feature_extractor(name):
+    """A traced model computes what the model does, at sizes other than the traced one, and trains."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = small(name, depth=1).eval()
+    last = get_graph_node_names(model)[1][-1]
+    traced = create_feature_extractor(model, [last])
+    for size in [(32, 32), (48, 24)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x)[last], model(x), rtol=0, atol=0)
+    traced.train()
+    traced(torch.randn(2, 3, 40, 32))[last].sum().backward()
+    missing = [n for n, p in traced.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_weight_decay_spares_tables_frequencies_and_scalars_only():
+    assert small("fourier").no_weight_decay() == {"cls_token", "pos_encoding.proj.weight"}  # as before
+    assert small("fire").no_weight_decay() == {"cls_token", "pos_encoding.c", "pos_encoding.threshold_scale"}
+    assert small("pape").no_weight_decay() == {"cls_token"}
+    assert small("rpe-learned").no_weight_decay() == {"cls_token", "pos_encoding.table"}

@@ -176,6 +176,16 @@ def test_released_architecture():
         assert block.drop_path1.drop_prob == block.drop_path2.drop_prob == 0.1
 
 
+def test_a_new_released_head_starts_as_the_first_did():
+    cfg = ViTConfig(pos_encoding="lookhere", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=4, head_hidden_dim=64,
+                    lookhere_config={"head_directions": "halves", "global_slope": 2.0, "layer_slopes": [1.0, 1.0]})
+    model = create_vit(**cfg.to_dict())
+    model.reset_classifier(7)
+    head = model.get_classifier()
+    assert torch.all(head.fc2.weight == 0) and torch.allclose(head.fc2.bias, torch.full((7,), -math.log(7)))
+    assert head.fc1.weight.std() < 0.03 and torch.all(head.fc1.bias == 0)  # trunc_normal(0.02), not nn.Linear's
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_lookhere_180", "vit_small_patch16_lookhere_45"])
 def test_timm_contract(name):
     model = timm.create_model(name, pretrained=False, num_classes=7, drop_path_rate=0.1, img_size=64).eval()

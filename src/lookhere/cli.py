@@ -163,7 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError("--pretrained-file goes with --model NAME; --checkpoint takes the file itself")
         (model, cfg), name = load_checkpoint(args.checkpoint, num_heads=args.num_heads), Path(args.checkpoint).name
     apply_knobs(model, lh_global_slope=args.lh_global_slope, rope_interpolate=args.rope_interpolate,
-                pos_resample=args.pos_resample)
+                pos_resample=args.pos_resample, fire_normalize=args.fire_normalize)
     data = args.data or (cfg.data if cfg else None)
     if not data:
         raise ValueError("--data is required for a model without a training run "
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="RoPE: squeeze coordinates into the training range")
     ev.add_argument("--pos-resample", choices=["bicubic", "grid"],
                     help="learned-1d: resize the table (bicubic) or read it at squeezed coordinates (grid)")
+    ev.add_argument("--fire-normalize", choices=["test", "train"],
+                    help="FIRE: normalise offsets by the test grid's extent (FIRE's own) or the training grid's")
     ev.add_argument("--tune-knobs", action="store_true",
                     help="also evaluate each larger size with the encoding's knob setting chosen on the val split")
     ev.add_argument("--val-length", type=int, help="validation samples for --tune-knobs (default: the split)")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassCalibrationError
 
 from .data import DataSpec, build_dataset, collate
-from .position import LearnedAbsolute, LookHere, Rope2d
+from .position import Fire, LearnedAbsolute, LookHere, Rope2d
 
 ATTACKS = ("fgsm", "pgd")
 LABEL_LIST_METRICS = (
@@ -235,9 +235,10 @@ def parse_eps(text: str) -> list[float]:
 
 # --- test-time knobs ----------------------------------------------------------------------------
 def apply_knobs(model: nn.Module, *, lh_global_slope: Optional[float] = None, rope_interpolate: Optional[bool] = None,
-                pos_resample: Optional[str] = None) -> None:
+                pos_resample: Optional[str] = None, fire_normalize: Optional[str] = None) -> None:
     """Set an encoding's test-time extrapolation knob: LookHere's global slope, RoPE's coordinate
-    interpolation, learned-1d's table resampling. A knob the model's encoding lacks is an error."""
+    interpolation, learned-1d's table resampling, FIRE's normaliser (the test or the training grid's
+    extent). A knob the model's encoding lacks, or a value it does not know, is an error."""
     pe = model.pos_encoding
     if lh_global_slope is not None:
         if not isinstance(pe, LookHere):
@@ -250,7 +251,15 @@ def apply_knobs(model: nn.Module, *, lh_global_slope: Optional[float] = None, ro
     if pos_resample is not None:
         if not isinstance(pe, LearnedAbsolute):
             raise ValueError(f"pos_resample applies to learned-1d models, not {pe.name}")
+        if pos_resample not in pe.RESAMPLE:
+            raise ValueError(f"pos_resample={pos_resample!r}; allowed: {', '.join(pe.RESAMPLE)}")
         pe.resample = pos_resample
+    if fire_normalize is not None:
+        if not isinstance(pe, Fire):
+            raise ValueError(f"fire_normalize applies to FIRE models, not {pe.name}")
+        if fire_normalize not in pe.NORMALIZE:
+            raise ValueError(f"fire_normalize={fire_normalize!r}; allowed: {', '.join(pe.NORMALIZE)}")
+        pe.normalize = fire_normalize
 
 
 def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0)) -> list[dict[str, Any]]:
@@ -264,6 +273,8 @@ def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0)) -
         return [{"rope_interpolate": v} for v in (pe.interpolate, not pe.interpolate)]
     if isinstance(pe, LearnedAbsolute):
         return [{"pos_resample": v} for v in (pe.resample, *(r for r in pe.RESAMPLE if r != pe.resample))]
+    if isinstance(pe, Fire):
+        return [{"fire_normalize": v} for v in (pe.normalize, *(n for n in pe.NORMALIZE if n != pe.normalize))]
     return []
 
 

@@ -1,8 +1,9 @@
 """Position encodings as modules with two hooks the ViT calls at every forward.
 
-- ``embed(x, grid)`` adds absolute position information to the patch tokens ``(B, N, C)``.
-- ``attend(q, k, v, grid=..., layer=..., num_prefix_tokens=...)`` runs one layer's attention,
-  where relative encodings (LookHere, RoPE, biases) act.
+- ``embed(x, grid)`` adds absolute position information to the patch tokens ``(B, N, C)`` (once
+  per forward, before the blocks).
+- ``attend(q, k, v, grid=..., layer=..., num_prefix_tokens=..., dropout_p=...)`` runs one layer's
+  attention, where relative encodings (LookHere, RoPE, biases) act.
 
 Both receive the current grid ``(rows, cols)``, so the model runs at any image size with no set-up
 call. Prefix tokens (CLS) come first in q, k, v and are never encoded or masked.
@@ -11,21 +12,26 @@ Coordinates, the same for every encoding: patch ``i`` of a ``gy x gx`` grid is a
 column ``x = i % gx`` (row-major, top-left first), measured in patches, so a larger grid simply
 extends the training grid's coordinates. Encodings that normalise coordinates (Fourier) divide by
 the training grid; ``interpolate=True`` (RoPE's test-time knob) instead squeezes any grid into the
-training grid's coordinate range.
+training grid's coordinate range. RoPE-DINOv3 maps every grid onto [-1, 1] per axis, and FIRE
+normalises offsets by the test grid's extent unless told to use the training grid's.
+
+Each encoding initialises its own parameters (``init_weights``, called at construction), and takes
+only the options its constructor names: ``build_position_encoding`` refuses any other.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.layers.pos_embed_sincos import (apply_rot_embed_cat, build_sincos2d_pos_embed, get_mixed_freqs,
-                                          init_random_2d_freqs)
+from timm.layers.pos_embed_sincos import (RotaryEmbeddingDinoV3, apply_rot_embed_cat, build_sincos2d_pos_embed,
+                                          get_mixed_freqs, init_random_2d_freqs)
 
 from .attention import lookhere_attention
 from .config import PRESETS, LookHereConfig, resolve_config
@@ -33,8 +39,11 @@ from .config import PRESETS, LookHereConfig, resolve_config
 
 @lru_cache(maxsize=32)
 def _grid_yx(gy: int, gx: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.arange(gy * gx, device=device)
-    return (idx // gx).float(), (idx % gx).float()
+    # Cached across calls, so never an inference tensor: one built under torch.inference_mode
+    # would break every later forward that autograd records.
+    with torch.inference_mode(False):
+        idx = torch.arange(gy * gx, device=device)
+        return (idx // gx).float(), (idx % gx).float()
 
 
 def patch_coords(grid: tuple[int, int], train_grid: tuple[int, int] | None = None, *, device="cpu",
@@ -61,6 +70,17 @@ class PositionEncoding(nn.Module):
 
     name = "none"
     relative = False
+
+    def init_weights(self) -> None:
+        """Set this encoding's parameters to its own initialisation (called at construction; the
+        ViT's generic initialisation leaves the encoding alone)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: tables, frequencies and scalars, like timm's pos_embed;
+        linear layers (MLPs, projections) follow the optimiser's usual rule."""
+        linear = {f"{n}.{p}" for n, m in self.named_modules() if isinstance(m, nn.Linear)
+                  for p, _ in m.named_parameters(recurse=False)}
+        return {n for n, _ in self.named_parameters()} - linear
 
     def embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return x
@@ -97,7 +117,7 @@ class LookHere(PositionEncoding):
     relative = True
 
     def __init__(self, config: str | Mapping[str, Any] | LookHereConfig, depth: int, num_heads: int,
-                 backend: str = "auto", **_: Any):
+                 backend: str = "auto"):
         super().__init__()
         self.backend = backend
         self.name = config if isinstance(config, str) else "lookhere"
@@ -134,11 +154,16 @@ class LearnedAbsolute(PositionEncoding):
     name = "learned-1d"
     RESAMPLE = ("bicubic", "grid")
 
-    def __init__(self, embed_dim: int, grid_size: tuple[int, int], resample: str = "bicubic", **_: Any):
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int], resample: str = "bicubic"):
         super().__init__()
+        if resample not in self.RESAMPLE:
+            raise ValueError(f"learned-1d resample={resample!r}; allowed: {', '.join(self.RESAMPLE)}")
         self.grid_size = tuple(grid_size)
         self.resample = resample
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
 
     def table(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -159,7 +184,7 @@ class SinCos2d(PositionEncoding):
 
     name = "sincos-2d"
 
-    def __init__(self, embed_dim: int, **_: Any):
+    def __init__(self, embed_dim: int):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"sincos-2d needs embed_dim divisible by 4, got {embed_dim}")
@@ -174,11 +199,14 @@ class Factorized(PositionEncoding):
 
     name = "factorized"
 
-    def __init__(self, embed_dim: int, grid_size: tuple[int, int], **_: Any):
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int]):
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.row_embed = nn.Parameter(torch.zeros(1, grid_size[0], embed_dim))
         self.col_embed = nn.Parameter(torch.zeros(1, grid_size[1], embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
         trunc_normal_(self.row_embed, std=0.02)
         trunc_normal_(self.col_embed, std=0.02)
 
@@ -207,20 +235,31 @@ class Fourier(PositionEncoding):
     """Learnable Fourier features of (y, x) through an MLP (Li et al., NeurIPS 2021).
 
     Coordinates are patch centres divided by the training grid (0..1 there), so a larger grid is
-    evaluated at coordinates beyond 1, on the same scale.
+    evaluated at coordinates beyond 1, on the same scale. The frequencies start at N(0, 1/gamma^2),
+    the paper's initialisation; the MLP like the ViT's other linear layers.
     """
 
     name = "fourier"
 
     def __init__(self, embed_dim: int, grid_size: tuple[int, int], num_features: int = 256,
-                 hidden_dim: int | None = None, gamma: float = 1.0, **_: Any):
+                 hidden_dim: int | None = None, gamma: float = 1.0):
         super().__init__()
         self.grid_size = tuple(grid_size)
+        self.gamma = gamma
         self.proj = nn.Linear(2, num_features // 2, bias=False)
-        nn.init.normal_(self.proj.weight, std=1.0 / gamma)
         hidden = hidden_dim or embed_dim
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
         self.num_features = num_features
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.proj.weight, std=1.0 / self.gamma)
+        for layer in (self.mlp[0], self.mlp[2]):
+            trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"proj.weight"}  # the frequencies
 
     def features(self, grid: tuple[int, int], device) -> torch.Tensor:
         y, x = patch_coords(grid, device=device)
@@ -241,11 +280,14 @@ class RelativeBias(PositionEncoding):
     name = "rpe-learned"
     relative = True
 
-    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], **_: Any):
+    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int]):
         super().__init__()
         self.grid_size = tuple(grid_size)
         gy, gx = grid_size
         self.table = nn.Parameter(torch.zeros(depth, num_heads, 2 * gy - 1, 2 * gx - 1))
+        self.init_weights()
+
+    def init_weights(self) -> None:
         trunc_normal_(self.table, std=0.02)
 
     def bias(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
@@ -273,7 +315,7 @@ class Alibi2d(PositionEncoding):
     name = "alibi-2d"
     relative = True
 
-    def __init__(self, num_heads: int, **_: Any):
+    def __init__(self, num_heads: int):
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
@@ -302,21 +344,28 @@ class Rope2d(PositionEncoding):
     relative = True
 
     def __init__(self, embed_dim: int, num_heads: int, depth: int, grid_size: tuple[int, int],
-                 mixed: bool, theta: float | None = None, interpolate: bool = False, **_: Any):
+                 mixed: bool, theta: float | None = None, interpolate: bool = False):
         super().__init__()
         head_dim = embed_dim // num_heads
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
         self.name = "rope-2d-mixed" if mixed else "rope-2d-axial"
-        self.grid_size, self.interpolate = tuple(grid_size), interpolate
+        self.grid_size, self.interpolate = tuple(grid_size), bool(interpolate)
+        self.theta = theta or (10.0 if mixed else 100.0)
         if mixed:
-            self.freqs = nn.Parameter(init_random_2d_freqs(head_dim, depth, num_heads, temperature=theta or 10.0))
+            self.freqs = nn.Parameter(init_random_2d_freqs(head_dim, depth, num_heads, temperature=self.theta))
         else:
-            mag = 1.0 / (theta or 100.0) ** (torch.arange(0, head_dim, 4).float() / head_dim)
+            mag = 1.0 / self.theta ** (torch.arange(0, head_dim, 4).float() / head_dim)
             zero = torch.zeros_like(mag)
             fx, fy = torch.cat([mag, zero]), torch.cat([zero, mag])
             freqs = torch.stack([fx, fy])[:, None, None].expand(2, depth, num_heads, head_dim // 2)
             self.register_buffer("freqs", freqs.contiguous(), persistent=False)
+
+    def init_weights(self) -> None:
+        if isinstance(self.freqs, nn.Parameter):
+            depth, heads, pairs = self.freqs.shape[1:]
+            with torch.no_grad():
+                self.freqs.copy_(init_random_2d_freqs(2 * pairs, depth, heads, temperature=self.theta))
 
     def rotary(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
         y, x = patch_coords(grid, self.grid_size, device=self.freqs.device, interpolate=self.interpolate)
@@ -334,30 +383,247 @@ class Rope2d(PositionEncoding):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
-def _lookhere_factory(preset: str) -> Callable[..., PositionEncoding]:
-    def build(*, num_heads: int, depth: int, lookhere_config=None, backend: str = "auto", **_: Any) -> PositionEncoding:
-        return LookHere(lookhere_config or preset, depth, num_heads, backend=backend)
+class Fire(PositionEncoding):
+    """FIRE (Li et al., ICLR 2024): an attention bias computed by a small MLP per layer from the
+    log-scaled offset, normalised by a length.
 
-    return build
+    In 1D, ``bias(i, j) = MLP(psi(i - j) / psi(max(n, L)))`` with ``psi(r) = log(|c| r + 1)``,
+    ``n`` the length seen so far, ``c`` and the threshold ``L`` learned. The 2D form used here takes the
+    offset per axis, with its sign: ``MLP(phi_y(dy), phi_x(dx))``, ``phi_a(d) = sign(d) psi(|d|) /
+    psi(max(E_a, L))``, ``E_a`` the grid's extent along the axis (rows - 1 or columns - 1). Per axis,
+    because attention in an image is not causal: the sign tells above from below and left from
+    right (as the learned relative bias and LookHere do), each axis of a non-square grid is normalised
+    by its own extent, and the MLP can still learn any function of the Euclidean distance from the two.
+    Each layer has its own MLP (2 -> ``width`` -> heads, ReLU), ``c`` and ``L``.
+
+    ``normalize`` is the test-time knob: ``"test"`` (FIRE's own extension: the normaliser is the
+    current input's extent, so every grid's offsets span [-1, 1], an interpolation of the training
+    range) or ``"train"`` (the training grid's extent, so a larger grid reaches offsets beyond 1).
+    """
+
+    name = "fire"
+    relative = True
+    NORMALIZE = ("test", "train")
+
+    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], width: int = 32, init_c: float = 0.1,
+                 init_threshold: float | None = None, normalize: str = "test"):
+        super().__init__()
+        if normalize not in self.NORMALIZE:
+            raise ValueError(f"fire normalize={normalize!r}; allowed: {', '.join(self.NORMALIZE)}")
+        self.grid_size, self.normalize, self.init_c = tuple(grid_size), normalize, init_c
+        # FIRE starts L at a quarter of its training length (512 of 2048 tokens); here of the larger extent.
+        self.register_buffer("init_threshold", torch.tensor(
+            float(init_threshold if init_threshold is not None else max(grid_size[0] - 1, grid_size[1] - 1, 1) / 4)))
+        self.c = nn.Parameter(torch.empty(depth))
+        self.threshold_scale = nn.Parameter(torch.empty(depth))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, num_heads))
+                                 for _ in range(depth))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.c, self.init_c)
+        nn.init.ones_(self.threshold_scale)
+        for mlp in self.mlp:
+            mlp[0].reset_parameters()
+            mlp[2].reset_parameters()
+
+    def offset_table(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
+        """``(H, 2 gy - 1, 2 gx - 1)``: the bias at each offset ``(dy, dx)``, ``dy = -(gy - 1) .. gy - 1``."""
+        if self.normalize not in self.NORMALIZE:
+            raise ValueError(f"fire normalize={self.normalize!r}; allowed: {', '.join(self.NORMALIZE)}")
+        extent_grid = grid if self.normalize == "test" else self.grid_size
+        c = self.c[layer].abs()
+        threshold = (self.threshold_scale[layer] * self.init_threshold).abs()
+        device = self.c.device
+        phis = []
+        for g, e in zip(grid, extent_grid):
+            d = torch.arange(-(g - 1), g, device=device, dtype=torch.float32)
+            norm = torch.log(c * torch.maximum(threshold, torch.tensor(float(e - 1), device=device)) + 1) + 1e-6
+            phis.append(d.sign() * torch.log(c * d.abs() + 1) / norm)
+        dy, dx = torch.meshgrid(*phis, indexing="ij")
+        return self.mlp[layer](torch.stack([dy, dx], dim=-1)).permute(2, 0, 1)
+
+    def bias(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
+        """``(H, N, N)``: the offset table read at every (query, key) pair; offset = key - query."""
+        table = self.offset_table(grid, layer)
+        y, x = patch_coords(grid, device=table.device)
+        dy = (y[None, :] - y[:, None]).long() + grid[0] - 1
+        dx = (x[None, :] - x[:, None]).long() + grid[1] - 1
+        return table[:, dy, dx]
+
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
+        return _attend_with_bias(q, k, v, self.bias(grid, layer), num_prefix_tokens, dropout_p)
+
+    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
+        return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
 
 
-# name -> factory(embed_dim=, num_heads=, depth=, grid_size=(training grid), **options)
+class Pape(PositionEncoding):
+    """PaPE (Øhrstrøm et al., 2026, "Where to attend"): each query scores every key with a sum of
+    parabolas in their 2D offset, whose shape the query chooses.
+
+    Per layer, head ``h`` and parabola ``r``: a learned direction ``w`` projects the offset,
+    ``d = w . (p_query - p_key)``, and ``bias = sum_r (-a_r d^2 + b_r d) / sqrt(head_dim)`` with
+    ``a_r = softplus(.) >= 0`` and ``b_r`` linear in the query token: a peak at the offset
+    ``b / 2a`` along ``w``, of width ``1 / sqrt(a)``. The authors compute ``a, b`` from the layer's
+    input; the attention hook sees the layer's queries (all heads concatenated), an affine and
+    generically invertible function of that input, so the same family of biases. Positions are patch
+    indices; a larger grid extends them (the authors' extension), and there is no test-time knob.
+
+    The bias is never materialised: expanding the square makes it one dot product of ``1 + 2P``
+    extra query and key features, appended to q and k (as the authors do), computed in float32
+    whatever the autocast dtype, since the expanded terms cancel.
+    """
+
+    name = "pape"
+    relative = True
+
+    def __init__(self, embed_dim: int, num_heads: int, depth: int, parabolas: int = 50):
+        super().__init__()
+        self.num_heads, self.parabolas = num_heads, parabolas
+        self.direction = nn.ModuleList(nn.Linear(2, num_heads * parabolas, bias=False) for _ in range(depth))
+        self.shape = nn.ModuleList(nn.Linear(embed_dim, 2 * num_heads * parabolas, bias=False) for _ in range(depth))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for layer in (*self.direction, *self.shape):
+            layer.reset_parameters()  # PyTorch's default, as the authors use
+
+    def features(self, q: torch.Tensor, grid: tuple[int, int], layer: int, num_prefix_tokens: int):
+        """Extra query ``(B, H, T, 1 + 2P)`` and key ``(1, H, T, 1 + 2P)`` features (float32) whose dot
+        product is the bias, 0 for prefix tokens."""
+        B, H, T, D = q.shape
+        p, P = num_prefix_tokens, self.parabolas
+        y, x = patch_coords(grid, device=q.device)
+        # Centred: the bias depends only on offsets, and smaller coordinates lose less to cancellation.
+        pos = torch.stack([y - (grid[0] - 1) / 2, x - (grid[1] - 1) / 2], dim=-1)
+        u = self.direction[layer](pos).view(-1, H, P).transpose(0, 1)  # (H, N, P)
+        ab = self.shape[layer](q[:, :, p:].transpose(1, 2).reshape(B, T - p, H * D).float())
+        a, b = ab.view(B, T - p, 2, H, P).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, P) each
+        a = F.softplus(a)
+        # sum_r -a (u_q - u_k)^2 + b (u_q - u_k) = [sum_r -a u_q^2 + b u_q] + (2 a u_q - b) . u_k - a . u_k^2
+        qf = torch.cat([(b * u - a * u * u).sum(-1, keepdim=True), 2 * a * u - b, -a], dim=-1)
+        kf = torch.cat([torch.ones_like(u[..., :1]), u, u * u], dim=-1)[None]
+        return F.pad(qf, (0, 0, p, 0)), F.pad(kf, (0, 0, p, 0))
+
+    def _augmented(self, q, k, grid, layer, num_prefix_tokens):
+        qf, kf = self.features(q, grid, layer, num_prefix_tokens)
+        qa, ka = torch.cat([q.float(), qf], -1), torch.cat([k.float(), kf.expand(k.shape[0], -1, -1, -1)], -1)
+        pad = -qa.shape[-1] % 8  # zero features up to a multiple of 8: GPU kernels need it for the fused path
+        return F.pad(qa, (0, pad)), F.pad(ka, (0, pad))
+
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
+        with torch.autocast(q.device.type, enabled=False):
+            qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
+            out = F.scaled_dot_product_attention(qa, ka, v.float(), dropout_p=dropout_p, scale=q.shape[-1] ** -0.5)
+        return out.to(v.dtype)
+
+    def attention_weights(self, q, k, *, grid, layer, num_prefix_tokens):
+        qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
+        return ((qa @ ka.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+
+
+class RopeDinoV3(PositionEncoding):
+    """2D RoPE with normalised, augmented coordinates (DINOv3), by timm's ``RotaryEmbeddingDinoV3``.
+
+    Patch centres are normalised per axis to [-1, 1], so any grid is an interpolation of the
+    training grid's range (the extension; no test-time knob). In training mode the coordinates of each
+    forward get DINOv3's random augmentation, one draw shared by all layers: ``shift_coords``
+    (uniform shift), ``jitter_coords`` (per-axis log-uniform scale), ``rescale_coords`` (shared
+    log-uniform scale; DINOv3 trains with 2). One rotation for all layers and heads, periods
+    ``temperature ** (4k / head_dim)``, rotate-half layout, as DINOv3.
+    """
+
+    name = "rope-2d-dinov3"
+    relative = True
+
+    def __init__(self, embed_dim: int, num_heads: int, temperature: float = 100.0, shift_coords: float | None = None,
+                 jitter_coords: float | None = None, rescale_coords: float | None = 2.0):
+        super().__init__()
+        head_dim = embed_dim // num_heads
+        if head_dim % 4:
+            raise ValueError(f"rope-2d-dinov3 needs a head dim divisible by 4, got {head_dim}")
+        self.rope = RotaryEmbeddingDinoV3(head_dim, temperature=temperature, normalize_coords="separate",
+                                          rotate_half=True, shift_coords=shift_coords, jitter_coords=jitter_coords,
+                                          rescale_coords=rescale_coords)
+        self._drawn: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def embed(self, x, grid):
+        # Once per forward: the layers' attend calls (and a checkpointed block's recomputation) share the draw.
+        augment = self.training and self.rope.aug_active
+        self._drawn = (tuple(grid), self.rope.get_embed(list(grid))) if augment else None
+        return x
+
+    def rotary(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(N, 2 * head_dim)`` sin and cos; this forward's augmented draw in training mode."""
+        if self._drawn is not None and self.training and self._drawn[0] == tuple(grid):
+            return self._drawn[1]
+        return self.rope.get_embed(list(grid))
+
+    def rotate(self, q, k, *, grid, layer, num_prefix_tokens):
+        emb, p = self.rotary(grid).to(q.device), num_prefix_tokens
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], emb, half=True)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], emb, half=True)], dim=2)
+        return q, k
+
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
+        q, k = self.rotate(q, k, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+# name -> factory. Every factory takes some of the model's ``embed_dim``, ``num_heads``, ``depth``
+# and ``grid_size`` (the training grid); its other keyword arguments are the encoding's options.
 POSITION_ENCODINGS: dict[str, Callable[..., PositionEncoding]] = {
-    "none": lambda **kw: PositionEncoding(),
-    "learned-1d": lambda **kw: LearnedAbsolute(**kw),
-    "sincos-2d": lambda **kw: SinCos2d(**kw),
-    "factorized": lambda **kw: Factorized(**kw),
-    "fourier": lambda **kw: Fourier(**kw),
-    "rpe-learned": lambda **kw: RelativeBias(**kw),
-    "alibi-2d": lambda **kw: Alibi2d(**kw),
-    "rope-2d-axial": lambda **kw: Rope2d(mixed=False, **kw),
-    "rope-2d-mixed": lambda **kw: Rope2d(mixed=True, **kw),
-    **{name: _lookhere_factory(name) for name in PRESETS},
-    "lookhere": _lookhere_factory("lh-90"),  # any LookHere config, given as lookhere_config
+    "none": PositionEncoding,
+    "learned-1d": LearnedAbsolute,
+    "sincos-2d": SinCos2d,
+    "factorized": Factorized,
+    "fourier": Fourier,
+    "rpe-learned": RelativeBias,
+    "alibi-2d": Alibi2d,
+    "rope-2d-axial": partial(Rope2d, mixed=False),
+    "rope-2d-mixed": partial(Rope2d, mixed=True),
+    "fire": Fire,
+    "pape": Pape,
+    "rope-2d-dinov3": RopeDinoV3,
+    **{name: partial(LookHere, config=name) for name in PRESETS},
+    "lookhere": partial(LookHere, config="lh-90"),  # any LookHere config, given as lookhere_config
 }
+MODEL_ARGUMENTS = ("embed_dim", "num_heads", "depth", "grid_size")
 
 
-def build_position_encoding(name: str, **kwargs: Any) -> PositionEncoding:
+def encoding_options(name: str) -> list[str]:
+    """The options (``pos_options`` keys) that encoding ``name`` accepts."""
+    params = inspect.signature(POSITION_ENCODINGS[name]).parameters
+    fixed = POSITION_ENCODINGS[name].keywords if isinstance(POSITION_ENCODINGS[name], partial) else {}
+    return [p for p in params if p not in MODEL_ARGUMENTS and p not in fixed]
+
+
+def build_position_encoding(name: str, *, embed_dim: int, num_heads: int, depth: int, grid_size: tuple[int, int],
+                            lookhere_config: str | Mapping[str, Any] | LookHereConfig | None = None,
+                            **options: Any) -> PositionEncoding:
+    """The encoding ``name`` for a model of the given shape; unknown options are an error.
+
+    ``lookhere_config`` goes with ``name="lookhere"``; with a preset name (``"lh-90"``) it must
+    equal that preset, so a model never carries one name and another config.
+    """
     if name not in POSITION_ENCODINGS:
         raise ValueError(f"unknown pos_encoding={name!r}; allowed: {', '.join(POSITION_ENCODINGS)}")
-    return POSITION_ENCODINGS[name](**kwargs)
+    allowed = encoding_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"pos_options {unknown} are not options of pos_encoding={name!r}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    if lookhere_config is not None:
+        if name == "lookhere":
+            options["config"] = lookhere_config
+        elif name in PRESETS:
+            if resolve_config(lookhere_config) != resolve_config(name):
+                raise ValueError(f"lookhere_config differs from the preset pos_encoding={name!r}; use "
+                                 f"pos_encoding='lookhere' for a config of your own, or leave lookhere_config unset")
+        else:
+            raise ValueError(f"lookhere_config is set but pos_encoding={name!r} is not LookHere; allowed with: "
+                             f"lookhere, {', '.join(PRESETS)}")
+    model = dict(embed_dim=embed_dim, num_heads=num_heads, depth=depth, grid_size=tuple(grid_size))
+    params = inspect.signature(POSITION_ENCODINGS[name]).parameters
+    return POSITION_ENCODINGS[name](**{k: v for k, v in model.items() if k in params}, **options)

@@ -145,7 +145,8 @@ def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"{s['mean'] * scale:.{digits}f} ± {half * scale:.{digits}f}"
 
 
-SHORT = {"lh_global_slope": "slope", "rope_interpolate": "interpolate", "pos_resample": "resample"}
+SHORT = {"lh_global_slope": "slope", "rope_interpolate": "interpolate", "pos_resample": "resample",
+         "fire_normalize": "normalise"}
 
 
 def _setting_text(settings: dict[str, int]) -> str:
@@ -209,7 +210,7 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
         lines += [notes, ""]
     lines += ["Numbers are means over seeds ± the half-width of the 95% Student-t interval, in percent "
               "(NLL in nats). \"Tuned\": each encoding's test-time knob set per size on the validation "
-              "split (LookHere global slope, RoPE coordinate interpolation, learned-1d resampling).", ""]
+              "split (LookHere global slope, RoPE coordinate interpolation, learned-1d resampling, FIRE normaliser).", ""]
     if plot:
         lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
     for dataset, ds in summary.items():

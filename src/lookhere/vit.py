@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, register_notrace_function, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 
 from .config import LookHereConfig
@@ -84,6 +85,37 @@ def _pair(x: Union[int, tuple[int, int]]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+# The patch grid is read from the input's shape and the position encoding computes with it in Python
+# (cached tables, masks, coordinates), so both stay opaque to torch.fx: a traced model keeps them as
+# calls that run at every forward, and works at any image size.
+@register_notrace_function
+def image_grid(x: torch.Tensor, patch_size: int, in_chans: int) -> tuple[int, int]:
+    """Check an image batch and return its patch grid, with a message that says what is wrong."""
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
+    _, c, h, w = x.shape
+    if c != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+    p = patch_size
+    if h % p or w % p or h == 0 or w == 0:
+        raise ValueError(
+            f"image size {h}x{w} is not a positive multiple of the patch size {p}; "
+            f"resize or crop to e.g. {max(p, h // p * p)}x{max(p, w // p * p)}"
+        )
+    return h // p, w // p
+
+
+@register_notrace_function
+def embed_positions(pos: PositionEncoding, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    return pos.embed(x, grid)
+
+
+@register_notrace_function
+def attend_positions(pos: PositionEncoding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                     layer: int, num_prefix_tokens: int, dropout_p: float) -> torch.Tensor:
+    return pos.attend(q, k, v, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose score computation is delegated to the position encoding."""
 
@@ -101,8 +133,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = pos.attend(q, k, v, grid=grid, layer=self.layer, num_prefix_tokens=num_prefix_tokens,
-                       dropout_p=self.attn_drop if self.training else 0.0)
+        x = attend_positions(pos, q, k, v, grid, self.layer, num_prefix_tokens,
+                             self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
@@ -196,32 +228,30 @@ class VisionTransformer(nn.Module):
         return dataclasses.replace(self._built_config, **changes)
 
     def _make_head(self, num_classes: int) -> nn.Module:
+        """A freshly initialised head, so that a new one (reset_classifier) starts as the first did."""
         if num_classes <= 0:
             return nn.Identity()
         if self._built_config.head_hidden_dim:
-            # The published LookHere head: fc1 -> tanh -> fc2.
-            return Mlp(self.embed_dim, self._built_config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
-        return nn.Linear(self.embed_dim, num_classes)
+            # The published LookHere head: fc1 -> tanh -> fc2, starting at uniform predictions.
+            head = Mlp(self.embed_dim, self._built_config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
+            named_apply(_init_vit_layer, head)
+            nn.init.zeros_(head.fc2.weight)
+            nn.init.constant_(head.fc2.bias, -math.log(num_classes))
+            return head
+        head = nn.Linear(self.embed_dim, num_classes)
+        _init_vit_layer(head)
+        return head
 
     def _init_weights(self) -> None:
+        """DeiT-III's initialisation for every layer but the position encoding's, which owns its own."""
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if isinstance(self.head, Mlp):  # start at uniform predictions, as the published model does
-            nn.init.zeros_(self.head.fc2.weight)
-            nn.init.constant_(self.head.fc2.bias, -float(torch.tensor(self.num_classes).log()))
+        for name, child in self.named_children():
+            if child is not self.pos_encoding and child is not self.head:
+                named_apply(_init_vit_layer, child, name)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        # Position tables and frequencies, like timm's pos_embed; the Fourier MLP's weights still decay.
-        names = {n for n, _ in self.pos_encoding.named_parameters(prefix="pos_encoding")}
-        return {"cls_token"} | {n for n in names if not n.startswith("pos_encoding.mlp.")}
+        return {"cls_token"} | {f"pos_encoding.{n}" for n in self.pos_encoding.no_weight_decay()}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -247,23 +277,12 @@ class VisionTransformer(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def grid_for(self, x: torch.Tensor) -> tuple[int, int]:
         """Check an image batch and return its patch grid, with a message that says what is wrong."""
-        if x.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self._built_config.in_chans:
-            raise ValueError(f"expected {self._built_config.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
-        p = self.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(
-                f"image size {h}x{w} is not a positive multiple of the patch size {p}; "
-                f"resize or crop to e.g. {max(p, h // p * p)}x{max(p, w // p * p)}"
-            )
-        return h // p, w // p
+        return image_grid(x, self.patch_size, self._built_config.in_chans)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.grid_for(x)
         x = self.patch_embed(x).flatten(1, 2)
-        x = self.pos_encoding.embed(x, grid)
+        x = embed_positions(self.pos_encoding, x, grid)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1), grid
 
     def _block(self, blk: Block, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -331,6 +350,16 @@ class VisionTransformer(nn.Module):
         return take
 
 
+def _init_vit_layer(module: nn.Module, name: str = "") -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 def create_vit(pos_encoding: str = "lh-90", img_size: Union[int, tuple[int, int]] = 224, patch_size: int = 16,
                embed_dim: int = 768, depth: int = 12, num_heads: int = 12, num_classes: int = 1000,
                **kwargs: Any) -> VisionTransformer:
@@ -347,9 +376,9 @@ SIZES = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 _VARIANTS = {"180": "lh-180", "90": "lh-90", "45": "lh-45"}
-# The paper's baselines on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
+# The paper's baselines and newer encodings on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
 BASELINES = ("none", "learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d",
-             "rope-2d-axial", "rope-2d-mixed")
+             "rope-2d-axial", "rope-2d-mixed", "fire", "pape", "rope-2d-dinov3")
 
 
 def _name(size: str, pos_encoding: str) -> str:
