@@ -12,18 +12,13 @@ with the same table trick.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 
-from .config import LookHereConfig
-from .masks import HeadSpec, fov_from_tables, head_tables
+from .geometry import field_of_view, transform_distance
+from .plan import SIDES, AttentionPlan
 
 Tensor = torch.Tensor
-
-# The side a head's FOV lies on; "all" for heads that see both sides.
-ORIENTATIONS = ("up", "down", "left", "right", "all")
 
 
 def _original_offsets(o: str, dyn: Tensor, dxn: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,67 +45,52 @@ def _layout(o: str, gy: int, gx: int, device) -> tuple[tuple[int, int], Tensor]:
     return tuple(orig.shape), orig.reshape(-1)
 
 
-@lru_cache(maxsize=64)
-def head_groups(heads: tuple[HeadSpec, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Heads by orientation: the side their whole FOV lies on (checked on offsets up to 64)."""
-    tables = head_tables(heads)
-    r = torch.arange(-64, 65)
-    fov = fov_from_tables(tables.coef, r[:, None], r[None, :])  # (H, 129, 129) over (dy, dx)
-    dy, dx = r[:, None], r[None, :]
-    sides = {"up": dy <= 0, "down": dy >= 0, "left": dx <= 0, "right": dx >= 0}
-    groups: dict[str, list[int]] = {o: [] for o in ORIENTATIONS}
-    for h in range(len(heads)):
-        side = next((o for o, half in sides.items() if not (fov[h] & ~half).any()), "all")
-        groups[side].append(h)
-    return tuple((o, tuple(hs)) for o, hs in groups.items() if hs)
+def side_groups(sides: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Head indices by the side their FOV lies on, in the order of :data:`SIDES`."""
+    return tuple((o, tuple(h for h, s in enumerate(sides) if s == o)) for o in SIDES if o in sides)
 
 
-def supported(config: LookHereConfig, heads: tuple[HeadSpec, ...]) -> bool:
-    """Translation-equivariant biases only: masks with -inf fill and no ``center`` heads."""
-    return config.fill_with == "inf" and all(h.penalty != "center" for h in heads)
-
-
-@lru_cache(maxsize=32)
-def _unscaled_table(config: LookHereConfig, heads: tuple[HeadSpec, ...], o: str, grid: tuple[int, int],
-                    device: str, rows_below: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _unscaled_table(plan: AttentionPlan, pattern: int, o: str, group: tuple[int, ...], grid: tuple[int, int],
+                    device, rows_below: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Layer-independent parts of a group's bias table over (query column, key row offset, key
     column): the distance ``(gx', M, gx')`` shared by all heads, each head's FOV ``(G, gx', M, gx')``,
     which heads carry the distance penalty, and the layout permutation. Key row offsets run from
     ``-(gy'-1)`` to ``rows_below`` (one-sided heads never need more)."""
     gy, gx = grid
     (ny, nx), perm = _layout(o, gy, gx, device)
-    group = dict(head_groups(heads))[o]
-    tables = head_tables(tuple(heads[h] for h in group), device)
+    idx = torch.tensor(group, device=plan.coef.device)
+    coef, kind = plan.coef[pattern, idx].to(device), plan.kind[pattern, idx].to(device)
     xq = torch.arange(nx, device=device)[:, None, None]
     dyn = torch.arange(-(ny - 1), rows_below + 1, device=device)[None, :, None]
     dxn = torch.arange(nx, device=device)[None, None, :] - xq
     dy, dx = _original_offsets(o, dyn.expand(nx, -1, nx), dxn.expand(-1, dyn.shape[1], -1))
-    fov = fov_from_tables(tables.coef, dy, dx)
-    d2 = (dy * dy + dx * dx).float()
-    dist = d2 if config.distance == "square" else d2.sqrt() if config.distance == "linear" else d2.sqrt().sqrt()
-    return dist, fov, (tables.kind == 0), perm
+    fov = field_of_view(coef, dy, dx)
+    dist = transform_distance((dy * dy + dx * dx).float(), plan.config.distance)
+    return dist, fov, (kind == 0), perm
 
 
-def slab_attention(q: Tensor, k: Tensor, v: Tensor, *, config: LookHereConfig, heads: tuple[HeadSpec, ...],
-                   scales: list[float], grid: tuple[int, int], num_prefix_tokens: int,
-                   rows_per_call: int = 4, dropout_p: float = 0.0) -> Tensor:
-    """LookHere attention for configs that :func:`supported` accepts."""
+def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: int, grid: tuple[int, int],
+                   num_prefix_tokens: int, dropout_p: float = 0.0, rows_per_call: int = 4) -> Tensor:
+    """LookHere attention for plans whose bias depends on the offset alone (``plan.offset_only``)."""
     gy, gx = grid
     p = num_prefix_tokens
     B, H, T, D = q.shape
-    device = str(q.device)
+    pattern = plan.layer_pattern[layer]
+    scales = plan.scale[layer].to(q.device)
     out = torch.empty_like(q)
     if p:
         out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)
-    for o, group in head_groups(heads):
+    for o, group in side_groups(plan.sides[pattern]):
         G = len(group)
         ny, nx = (gy, gx) if o in ("up", "down", "all") else (gx, gy)
         rows_below = ny - 1 if o == "all" else min(ny - 1, rows_per_call - 1)
-        dist, fov, has_distance, perm = _unscaled_table(config, heads, o, grid, device, rows_below)
-        scale = torch.tensor([scales[h] for h in group], dtype=torch.float32, device=q.device) * has_distance
+        dist, fov, has_distance, perm = plan.cached(
+            ("slab", pattern, o, grid, q.device, rows_below),
+            lambda: _unscaled_table(plan, pattern, o, group, grid, q.device, rows_below))
+        hs = torch.tensor(group, device=q.device)
+        scale = scales[hs] * has_distance
         # This layer's table: -slope * distance inside the FOV, -inf outside; a row per head.
         table = (-(scale[:, None, None, None] * dist[None])).masked_fill_(~fov, float("-inf")).to(q.dtype)
-        hs = torch.tensor(group, device=q.device)
         tokens = torch.cat([torch.arange(p, device=q.device), p + perm])
         qo = q.index_select(1, hs).index_select(2, tokens)
         ko = k.index_select(1, hs).index_select(2, tokens)
