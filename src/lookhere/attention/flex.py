@@ -38,31 +38,44 @@ def _compiled(name: str):
 
 
 def _geometry(plan: AttentionPlan, pattern: int, grid: tuple[int, int], p: int, device) -> dict[str, Tensor]:
-    """The tensors the mods read: token coordinates (prefix tokens at 0), the prefix count, the grid
-    centre and each head's largest penalty (``fill_with="max"``)."""
+    """The tensors the mods read: the prefix count and grid width (token coordinates are computed from
+    them: tensors of the grid's size make the CPU code generator fail), the grid centre and each
+    head's largest penalty (``fill_with="max"``)."""
     gy, gx = grid
-    idx = (torch.arange(p + gy * gx, device=device) - p).clamp(min=0)
     kind = plan.kind[pattern].to(device)
     return {
-        "ys": idx // gx, "xs": idx % gx,
-        "prefix": torch.tensor(p, device=device),
+        "prefix": torch.tensor(p, device=device), "width": torch.tensor(gx, device=device),
         "centre": torch.tensor([(gy - 1) / 2, (gx - 1) / 2], device=device),
         "top": max_penalties(kind, grid, plan.config.distance, torch.float32).to(device),
     }
 
 
+def _half_planes(coef: Tensor) -> list[tuple[Tensor, Tensor]]:
+    # One contiguous int64 (H,) tensor per coefficient: what the CPU code generator handles.
+    return [(coef[:, c, 0].long().contiguous(), coef[:, c, 1].long().contiguous()) for c in range(coef.shape[1])]
+
+
+def _coords(idx: Tensor, prefix: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+    i = (idx - prefix).clamp(min=0)  # prefix tokens at patch 0; their scores are never penalised
+    return i // width, i % width
+
+
+def _in_fov(planes, h, dy, dx):
+    seen = dy == dy
+    for a, b in planes:
+        seen = seen & (a[h] * dy + b[h] * dx >= 0)
+    return seen
+
+
 def lookhere_mask_mod(coef: Tensor, g: dict[str, Tensor]):
     """``mask_mod(b, h, q, kv)``: prefix tokens see and are seen; otherwise all half-planes hold."""
-    ys, xs, prefix = g["ys"], g["xs"], g["prefix"]
+    prefix, width = g["prefix"], g["width"]
+    planes = _half_planes(coef)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        dy = ys[kv_idx] - ys[q_idx]
-        dx = xs[kv_idx] - xs[q_idx]
-        ok = (q_idx < prefix) | (kv_idx < prefix)
-        seen = ok | ~ok
-        for c in range(coef.shape[1]):
-            seen = seen & (coef[h, c, 0] * dy + coef[h, c, 1] * dx >= 0)
-        return ok | seen
+        (qy, qx), (ky, kx) = _coords(q_idx, prefix, width), _coords(kv_idx, prefix, width)
+        dy, dx = ky - qy, kx - qx
+        return (q_idx < prefix) | (kv_idx < prefix) | _in_fov(planes, h, dy, dx)
 
     return mask_mod
 
@@ -71,19 +84,18 @@ def lookhere_score_mod(coef: Tensor, kind: Tensor, scale: Tensor, g: dict[str, T
                        fill_with: str):
     """``score_mod``: minus the head's scaled penalty (distance, 0, or the key's centre distance);
     outside the FOV the fill's penalty (``fill_with`` zero or max; inf is the block mask's)."""
-    ys, xs, prefix, centre, top = g["ys"], g["xs"], g["prefix"], g["centre"], g["top"]
+    prefix, width, centre, top = g["prefix"], g["width"], g["centre"], g["top"]
+    planes, kind = _half_planes(coef), kind.long()
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        ky, kx = ys[kv_idx], xs[kv_idx]
-        dy, dx = ky - ys[q_idx], kx - xs[q_idx]
+        (qy, qx), (ky, kx) = _coords(q_idx, prefix, width), _coords(kv_idx, prefix, width)
+        dy, dx = ky - qy, kx - qx
         dist = transform_distance((dy * dy + dx * dx).to(torch.float32), distance)
         to_centre = torch.sqrt((ky - centre[0]) ** 2 + (kx - centre[1]) ** 2)
         k = kind[h]
         pen = torch.where(k == 0, dist, torch.where(k == 2, to_centre, torch.zeros_like(dist)))
         if fill_with != "inf":
-            seen = dy == dy
-            for c in range(coef.shape[1]):
-                seen = seen & (coef[h, c, 0] * dy + coef[h, c, 1] * dx >= 0)
+            seen = _in_fov(planes, h, dy, dx)
             pen = torch.where(seen, pen, torch.zeros_like(pen) if fill_with == "zero" else top[h])
         outside = (q_idx < prefix) | (kv_idx < prefix)
         return score - torch.where(outside, torch.zeros_like(pen), scale[h] * pen)
