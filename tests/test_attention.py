@@ -188,3 +188,18 @@ def test_plan_follows_a_replaced_config_and_the_device():
     assert pe.state_dict() == {}  # derived tables are not saved
     pe.to(torch.float64)  # casting a model keeps the scales exact
     assert pe.plan.scale.dtype == torch.float32 and pe.plan.coef.dtype == torch.int32
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_slab_gradients_equal_the_dense_paths(preset):
+    plan = AttentionPlan(preset, 2, 12)
+    grid = (7, 9)
+    q, k, v = torch.randn(3, 2, 12, 1 + 63, 16, dtype=torch.float64).unbind(0)
+    grads = []
+    for backend in ("dense", "slab"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, plan, layer=1, grid_size=grid, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for dense, slab in zip(*grads):
+        torch.testing.assert_close(slab, dense, rtol=1e-9, atol=1e-10)

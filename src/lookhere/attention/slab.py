@@ -1,13 +1,17 @@
-"""Row-slab LookHere attention for the CPU: masked keys are skipped and no bias is computed per call.
+"""The CPU fast path: masked keys are skipped and no bias is computed per call.
 
-Most LookHere heads look to one side: their FOV lies in the half-plane above (or below, left of,
-right of) the query. Reordering the patches (flip rows for "below", transpose for "left", both for
-"right") turns every such head into an "above" head, for which a row of queries sees exactly the
-rows up to its own: a contiguous prefix of the keys, CLS first. And since the bias depends on the
-offset alone, the bias of a query row against rows ``0..r`` is a slice of one per-layer table
-``(heads, gx, rows, gx)``: a view, not a computation. Each query row then runs one SDPA call on its
-key prefix, so the masked half of the keys is never touched. Heads without a side run on all keys
-with the same table trick.
+Heads whose FOV is a wedge, a quadrant, a cone or a turned half-plane run tile by tile: a tile of
+query patches attends only to the keys some of its queries can see (in every key row one contiguous
+range of columns), with its bias block built once per grid (minus the unscaled penalty, ``-inf``
+outside each query's FOV) and only scaled per layer. With the released presets this does a third
+to a quarter of the unmasked work for such heads.
+
+Heads whose FOV is an axis-aligned half-plane, and unmasked heads, run in row slabs: reordering the
+patches (flip rows for "below", transpose for "left", both for "right") turns every one-sided head
+into an "above" head, for which a row of queries sees exactly the rows up to its own: a contiguous
+prefix of the keys, CLS first. Since the bias depends on the offset alone, the bias of a query row
+against rows ``0..r`` is a slice of one per-layer table ``(heads, gx, rows, gx)``. Unmasked heads
+run on all keys with the same table.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .geometry import field_of_view, transform_distance
+from .geometry import field_of_view, patch_coords, transform_distance
 from .plan import SIDES, AttentionPlan
 
 Tensor = torch.Tensor
@@ -69,8 +73,65 @@ def _unscaled_table(plan: AttentionPlan, pattern: int, o: str, group: tuple[int,
     return dist, fov, (kind == 0), perm
 
 
+def tile_groups(heads) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """Heads for the row slabs (an axis-aligned half-plane, or no mask) and the rest by FOV: heads with
+    the same half-planes share their tiles."""
+    rows, tiled = [], {}
+    for i, h in enumerate(heads):
+        c = h.constraints
+        if len(c) == 0 or (len(c) == 1 and 0 in c[0]):
+            rows.append(i)
+        else:
+            tiled.setdefault(c, []).append(i)
+    return tuple(rows), tuple(tuple(g) for g in tiled.values())
+
+
+def _tiles(plan: AttentionPlan, pattern: int, group: tuple[int, ...], grid: tuple[int, int], p: int, device,
+           tile: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """For each tile of query patches: the query tokens, the key tokens the tile's FOVs reach (prefix
+    tokens first) and minus the unscaled penalty over them, ``-inf`` outside each query's FOV."""
+    gy, gx = grid
+    ys, xs = patch_coords(gy, gx, device)
+    coef = plan.coef[pattern, group[0]][None].to(device)
+    prefix = torch.arange(p, device=device)
+    out = []
+    for y0 in range(0, gy, tile[0]):
+        for x0 in range(0, gx, tile[1]):
+            qy = torch.arange(y0, min(gy, y0 + tile[0]), device=device)
+            qx = torch.arange(x0, min(gx, x0 + tile[1]), device=device)
+            q_idx = (qy[:, None] * gx + qx[None, :]).reshape(-1)
+            dy, dx = ys[None, :] - ys[q_idx, None], xs[None, :] - xs[q_idx, None]
+            fov = field_of_view(coef, dy, dx)[0]
+            k_idx = fov.any(0).nonzero()[:, 0]
+            dy, dx, fov = dy[:, k_idx], dx[:, k_idx], fov[:, k_idx]
+            neg = (-transform_distance((dy * dy + dx * dx).float(), plan.config.distance)).masked_fill_(
+                ~fov, float("-inf"))
+            out.append((p + q_idx, torch.cat([prefix, p + k_idx]), F.pad(neg, (p, 0))))
+    return out
+
+
+def _tile_attention(q, k, v, plan, layer, grid, p, dropout_p, group, out, tile) -> None:
+    """Attention of the heads ``group`` (one FOV) tile by tile, each tile against the keys it can see."""
+    pattern = plan.layer_pattern[layer]
+    tiles = plan.cached(("tiles", pattern, group, grid, p, q.device, tile),
+                        lambda: _tiles(plan, pattern, group, grid, p, q.device, tile))
+    hs = torch.tensor(group, device=q.device)
+    has_distance = plan.kind[pattern].to(q.device)[hs] == 0
+    # A zero scale (no distance penalty) keeps the -inf mask: tiny * -inf = -inf, tiny * penalty ~ 0.
+    scale = (plan.scale[layer].to(q.device)[hs] * has_distance).clamp(min=torch.finfo(torch.float32).tiny)
+    qg, kg, vg = (t.index_select(1, hs) for t in (q, k, v))
+    res = torch.empty(q.shape[0], len(group), q.shape[2], q.shape[3], dtype=q.dtype, device=q.device)
+    for q_tok, k_tok, neg in tiles:
+        bias = (neg[None] * scale[:, None, None]).to(q.dtype)
+        res[:, :, q_tok] = F.scaled_dot_product_attention(
+            qg.index_select(2, q_tok), kg.index_select(2, k_tok), vg.index_select(2, k_tok),
+            attn_mask=bias[None].expand(q.shape[0], -1, -1, -1), dropout_p=dropout_p)
+    out[:, hs, p:] = res[:, :, p:]
+
+
 def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: int, grid: tuple[int, int],
-                   num_prefix_tokens: int, dropout_p: float = 0.0, rows_per_call: int = 4) -> Tensor:
+                   num_prefix_tokens: int, dropout_p: float = 0.0, rows_per_call: int = 4,
+                   tile: tuple[int, int] = (8, 8)) -> Tensor:
     """LookHere attention for plans whose bias depends on the offset alone (``plan.offset_only``)."""
     gy, gx = grid
     p = num_prefix_tokens
@@ -80,7 +141,11 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: 
     out = torch.empty_like(q)
     if p:
         out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)
-    for o, group in side_groups(plan.sides[pattern]):
+    row_heads, tiled = tile_groups(plan.patterns[pattern])
+    for group in tiled:
+        _tile_attention(q, k, v, plan, layer, grid, p, dropout_p, group, out, tile)
+    sides = tuple(s if h in row_heads else None for h, s in enumerate(plan.sides[pattern]))
+    for o, group in side_groups(sides):
         G = len(group)
         ny, nx = (gy, gx) if o in ("up", "down", "all") else (gx, gy)
         rows_below = ny - 1 if o == "all" else min(ny - 1, rows_per_call - 1)
