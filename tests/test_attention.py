@@ -143,8 +143,11 @@ def test_slab_rows_per_call_and_side_groups(rows_per_call):
                                                 "all": (4, 5, 6, 7, 8, 9, 10, 11)}
     grid = (7, 10)
     q, k, v = torch.randn(3, 1, 12, 71, 8).unbind(0)
-    out = slab_attention(q, k, v, plan, 2, grid, 1, rows_per_call=rows_per_call)
-    torch.testing.assert_close(out.double(), dense_reference(q, k, v, "lh-180", grid, 2, 4, 1), rtol=1e-5, atol=1e-5)
+    ref = dense_reference(q, k, v, "lh-180", grid, 2, 4, 1)
+    # Inference: bias views and merged prefix; with autograd: copied bias rows_per_call rows at a time.
+    for needs_grad in (False, True):
+        out = slab_attention(q.requires_grad_(needs_grad), k, v, plan, 2, grid, 1, rows_per_call=rows_per_call)
+        torch.testing.assert_close(out.detach().double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_within_bf16_tolerance():

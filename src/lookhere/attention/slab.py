@@ -129,6 +129,54 @@ def _tile_attention(q, k, v, plan, layer, grid, p, dropout_p, group, out, tile) 
     out[:, hs, p:] = res[:, :, p:]
 
 
+def _rows_copied(qo, ko, vo, table, o, ny, nx, p, rows_per_call, dropout_p):
+    """Row slabs with each call's bias copied out of the table (prefix columns included): autograd and
+    dropout see one softmax per query."""
+    B, G, _, D = qo.shape
+    res = torch.empty(B, G, ny * nx, D, dtype=qo.dtype, device=qo.device)
+    for r0 in range(0, ny, rows_per_call):
+        r1 = min(ny, r0 + rows_per_call) - 1
+        key_rows = r1 + 1 if o != "all" else ny
+        # Each query row's bias against key rows 0..key_rows-1 is a slice of the table.
+        mask = torch.zeros(G, (r1 - r0 + 1) * nx, p + key_rows * nx, dtype=qo.dtype, device=qo.device)
+        for r in range(r0, r1 + 1):
+            top = ny - 1 - r  # table row of offset dy' = -r, i.e. key row 0
+            mask[:, (r - r0) * nx:(r - r0 + 1) * nx, p:] = table[:, :, top: top + key_rows].flatten(2)
+        end = p + key_rows * nx
+        res[:, :, r0 * nx:(r1 + 1) * nx] = F.scaled_dot_product_attention(
+            qo[:, :, p + r0 * nx: p + (r1 + 1) * nx], ko[:, :, :end], vo[:, :, :end],
+            attn_mask=mask[None].expand(B, -1, -1, -1), dropout_p=dropout_p)
+    return res
+
+
+# SDPA's CPU kernel with its log-sum-exp, so that attention to the patches (whose bias is a view of
+# the table, never copied) and to the prefix tokens can be merged. Its backward ignores the
+# log-sum-exp, so it serves inference only.
+_flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _rows_viewed(qo, ko, vo, table, o, ny, nx, p):
+    """Row slabs for inference: one call per query row, its bias a strided view of the table; the
+    prefix keys in one more call, merged through the log-sum-exps."""
+    B, G, _, D = qo.shape
+    res = torch.empty(B, G, ny * nx, D, dtype=qo.dtype, device=qo.device)
+    lse = torch.empty(B, G, ny * nx, dtype=torch.float32 if qo.dtype != torch.float64 else qo.dtype,
+                      device=qo.device)
+    for r in range(ny):
+        key_rows = r + 1 if o != "all" else ny
+        top = ny - 1 - r  # table row of offset dy' = -r, i.e. key row 0
+        rows = slice(r * nx, (r + 1) * nx)
+        res[:, :, rows], lse[:, :, rows] = _flash_with_lse(
+            qo[:, :, p + rows.start:p + rows.stop], ko[:, :, p:p + key_rows * nx], vo[:, :, p:p + key_rows * nx],
+            0.0, False, attn_mask=table[:, :, top:top + key_rows].flatten(2)[None])
+    if not p:
+        return res
+    pre, pre_lse = _flash_with_lse(qo[:, :, p:], ko[:, :, :p], vo[:, :, :p], 0.0, False)
+    total = torch.logaddexp(lse, pre_lse)
+    return (res * (lse - total).exp()[..., None].to(res.dtype)
+            + pre * (pre_lse - total).exp()[..., None].to(res.dtype))
+
+
 def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: int, grid: tuple[int, int],
                    num_prefix_tokens: int, dropout_p: float = 0.0, rows_per_call: int = 4,
                    tile: tuple[int, int] = (8, 8)) -> Tensor:
@@ -160,19 +208,10 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: 
         qo = q.index_select(1, hs).index_select(2, tokens)
         ko = k.index_select(1, hs).index_select(2, tokens)
         vo = v.index_select(1, hs).index_select(2, tokens)
-        res = torch.empty(B, G, ny * nx, D, dtype=q.dtype, device=q.device)
-        for r0 in range(0, ny, rows_per_call):
-            r1 = min(ny, r0 + rows_per_call) - 1
-            key_rows = r1 + 1 if o != "all" else ny
-            # Each query row's bias against key rows 0..key_rows-1 is a slice of the table.
-            mask = torch.zeros(G, (r1 - r0 + 1) * nx, p + key_rows * nx, dtype=q.dtype, device=q.device)
-            for r in range(r0, r1 + 1):
-                top = ny - 1 - r  # table row of offset dy' = -r, i.e. key row 0
-                mask[:, (r - r0) * nx:(r - r0 + 1) * nx, p:] = table[:, :, top: top + key_rows].flatten(2)
-            end = p + key_rows * nx
-            res[:, :, r0 * nx:(r1 + 1) * nx] = F.scaled_dot_product_attention(
-                qo[:, :, p + r0 * nx: p + (r1 + 1) * nx], ko[:, :, :end], vo[:, :, :end],
-                attn_mask=mask[None].expand(B, -1, -1, -1), dropout_p=dropout_p)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) or dropout_p:
+            res = _rows_copied(qo, ko, vo, table, o, ny, nx, p, rows_per_call, dropout_p)
+        else:
+            res = _rows_viewed(qo, ko, vo, table, o, ny, nx, p)
         full = torch.empty(B, G, gy * gx, D, dtype=q.dtype, device=q.device)
         full[:, :, perm] = res
         out[:, hs, p:] = full
