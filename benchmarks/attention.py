@@ -159,19 +159,7 @@ def build_cost(grid: int, preset: str, device: str) -> tuple[float, float]:
         attend(q, k, v, plan, layer=LAYER, grid_size=(grid, grid))
         sync(device)
         later = time.perf_counter() - t
-    kept = [x for v in plan._cache.values() for x in _tensors(v)]
-    return (first - later) * 1000, sum(x.numel() * x.element_size() for x in kept) / 2**20
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+    return (first - later) * 1000, plan.cached_bytes() / 2**20
 
 
 def compile_counts(grids: list[int], device: str, dtype) -> tuple[int, int]:

@@ -206,3 +206,24 @@ def test_slab_gradients_equal_the_dense_paths(preset):
         grads.append([t.grad for t in leaves])
     for dense, slab in zip(*grads):
         torch.testing.assert_close(slab, dense, rtol=1e-9, atol=1e-10)
+
+
+def test_lookhere_encoding_refuses_an_unknown_backend_when_built():
+    from lookhere.position import LookHere
+
+    with pytest.raises(ValueError, match="backend='fast'; allowed: auto, dense, slab, flex"):
+        LookHere("lh-90", depth=2, num_heads=12, backend="fast")
+
+
+def test_plan_cache_keeps_to_its_budget(monkeypatch):
+    plan = AttentionPlan("lh-45", 2, 12)
+    q = torch.randn(1, 12, 1 + 24 * 24, 8)
+    attend(q, q, q, plan, layer=0, grid_size=(24, 24), backend="slab")
+    one_grid = plan.cached_bytes()
+    assert one_grid > 0
+    monkeypatch.setattr(AttentionPlan, "CACHE_BYTES", one_grid + one_grid // 2)
+    q2 = torch.randn(1, 12, 1 + 24 * 25, 8)
+    out = attend(q2, q2, q2, plan, layer=1, grid_size=(24, 25), backend="slab")
+    assert plan.cached_bytes() <= one_grid + one_grid // 2
+    torch.testing.assert_close(out.double(), dense_reference(q2, q2, q2, "lh-45", (24, 25), 1, 2, 1),
+                               rtol=1e-5, atol=1e-5)

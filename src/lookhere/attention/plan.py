@@ -29,6 +29,18 @@ def head_side(head: HeadSpec) -> str:
     return next((s for s, half in halves.items() if not (fov & ~half).any()), "all")
 
 
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    # block masks and other objects count as nothing: they are small
+
+
 class AttentionPlan(nn.Module):
     """Per-layer head tables of one LookHere config for ``depth`` layers of ``num_heads`` heads.
 
@@ -36,7 +48,8 @@ class AttentionPlan(nn.Module):
     share a *pattern*, and so share every cached table; a layer differs from them by its scales.
     """
 
-    CACHE_SIZE = 64
+    # What the cache may hold before its oldest entries go: a few grids of the CPU fast path.
+    CACHE_BYTES = 1 << 30
 
     def __init__(self, config: str | dict | LookHereConfig, depth: int, num_heads: int):
         super().__init__()
@@ -55,18 +68,23 @@ class AttentionPlan(nn.Module):
         self.sides = [tuple(head_side(h) for h in heads) for heads in self.patterns]
         # Masks with -inf fill and translation-equivariant penalties: the bias is a function of the offset.
         self.offset_only = cfg.fill_with == "inf" and all(h.penalty != "center" for p in self.patterns for h in p)
-        self._cache: dict[Hashable, Any] = {}
+        self._cache: dict[Hashable, tuple[Any, int]] = {}
 
     def heads(self, layer: int) -> tuple[HeadSpec, ...]:
         return self.patterns[self.layer_pattern[layer]]
 
     def cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        """``build()`` once per key; the oldest entries go first when the cache is full."""
+        """``build()`` once per key; the oldest entries go first when the cache is over its size."""
         if key not in self._cache:
-            if len(self._cache) >= self.CACHE_SIZE:
+            value = build()
+            size = sum(t.numel() * t.element_size() for t in _tensors(value))
+            while self._cache and self.cached_bytes() + size > self.CACHE_BYTES:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = build()
-        return self._cache[key]
+            self._cache[key] = value, size
+        return self._cache[key][0]
+
+    def cached_bytes(self) -> int:
+        return sum(size for _, size in self._cache.values())
 
     def _apply(self, fn, recurse=True):
         self._cache.clear()  # cached tensors live on the old device
