@@ -4,8 +4,10 @@ approach (SDPA with a precomputed dense bias), plain SDPA (the floor) and SDPA w
 Times are medians of several runs, measured side by side in one process. Peak memory (CPU) is
 how far one call, set-up included, raises the resident set above where it started (Linux: the
 peak is reset through /proc/self/clear_refs before each call); on GPU, torch's peak allocation.
+On a GPU (``--device cuda``, bfloat16 by default, where plain SDPA runs FlashAttention) it also
+counts FlashAttention compilations: after the first call per grid there must be none.
 
-    python benchmarks/attention.py [--grids 14 32 48 64] [--repeats 5] [--markdown out.md]
+    python benchmarks/attention.py [--grids 14 32 48 64] [--repeats 5] [--threads 1] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lookhere import lookhere_attention
-from lookhere.masks import layer_bias
+from lookhere.attention import AttentionPlan, attend
+from lookhere.attention.geometry import layer_bias
 from lookhere.config import resolve_config
 from lookhere.position import Rope2d
 
@@ -32,18 +34,30 @@ METHODS = ("ours", "dense_bias_sdpa", "plain_sdpa", "rope_sdpa")
 H, D, DEPTH, LAYER = 12, 64, 12, 6
 
 
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_plans: dict[str, AttentionPlan] = {}
+
+
 def inputs(grid: int, device: str, dtype=torch.float32):
     g = torch.Generator(device="cpu").manual_seed(0)
     T = 1 + grid * grid
     return [torch.randn(1, H, T, D, generator=g).to(device, dtype) for _ in range(3)]
 
 
+def plan_for(preset: str, device: str) -> AttentionPlan:
+    """One plan per preset, as a model keeps it (its tables are built at the first call per grid)."""
+    if preset not in _plans:
+        _plans[preset] = AttentionPlan(preset, DEPTH, H).to(device)
+    return _plans[preset]
+
+
 def methods(grid: int, preset: str, device: str):
     """name -> (setup, call): setup builds what the method keeps between calls (untimed)."""
     cfg = resolve_config(preset)
+    plan = plan_for(preset, device)
 
     def ours(q, k, v):
-        return lookhere_attention(q, k, v, config=cfg, grid_size=(grid, grid), layer=LAYER, depth=DEPTH)
+        return attend(q, k, v, plan, layer=LAYER, grid_size=(grid, grid))
 
     def dense_setup():
         # As the published code keeps it: one (heads, T, T) bias per layer, passed as a 3D mask.
@@ -54,7 +68,8 @@ def methods(grid: int, preset: str, device: str):
 
     return {
         "ours": (lambda: None, lambda s, q, k, v: ours(q, k, v)),
-        "dense_bias_sdpa": (dense_setup, lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=s)),
+        "dense_bias_sdpa": (dense_setup, lambda s, q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=s.to(q.dtype))),
         "plain_sdpa": (lambda: None, lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v)),
         "rope_sdpa": (lambda: None, lambda s, q, k, v: rope.attend(q, k, v, grid=(grid, grid), layer=LAYER,
                                                                     num_prefix_tokens=1)),
@@ -66,8 +81,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(grid: int, preset: str, device: str, repeats: int) -> dict[str, float]:
-    q, k, v = inputs(grid, device)
+def time_all(grid: int, preset: str, device: str, repeats: int, dtype=torch.float32) -> dict[str, float]:
+    q, k, v = inputs(grid, device, dtype)
     ms = methods(grid, preset, device)
     states = {name: setup() for name, (setup, _) in ms.items()}
     times: dict[str, list[float]] = {name: [] for name in ms}
@@ -92,9 +107,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(grid: int, preset: str, method: str, device: str) -> float:
+def peak_memory(grid: int, preset: str, method: str, device: str, dtype=torch.float32) -> float:
     """MiB of peak memory that one call (with its set-up) adds."""
-    q, k, v = inputs(grid, device)
+    q, k, v = inputs(grid, device, dtype)
     setup, call = methods(grid, preset, device)[method]
     with torch.no_grad():
         call(setup(), q, k, v)  # warm caches first, as in the timing
@@ -112,11 +127,11 @@ def peak_memory(grid: int, preset: str, method: str, device: str) -> float:
         return (_status_kib("VmHWM") - base) / 1024
 
 
-def memory_table(grid: int, presets: list[str], device: str) -> dict[str, dict[str, float]]:
+def memory_table(grid: int, presets: list[str], device: str, dtype=torch.float32) -> dict[str, dict[str, float]]:
     """Peak memory of every method, each measured in a fresh process whose large blocks go straight
     to and from the OS (so its resident set follows live memory; too slow to time in)."""
     if device == "cuda":
-        return {p: {m: peak_memory(grid, p, m, device) for m in METHODS} for p in presets}
+        return {p: {m: peak_memory(grid, p, m, device, dtype) for m in METHODS} for p in presets}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     table: dict[str, dict[str, float]] = {}
     for p in presets:
@@ -129,60 +144,106 @@ def memory_table(grid: int, presets: list[str], device: str) -> dict[str, dict[s
 
 
 def build_cost(grid: int, preset: str, device: str) -> tuple[float, float]:
-    """Time (ms) and memory (MiB) of everything position-related our CPU path keeps for a grid; the
-    same state serves all layers (a layer only rescales it)."""
-    from lookhere.masks import head_specs
-    from lookhere.slab import _unscaled_table, head_groups
+    """Time (ms) of a first call on a fresh plan beyond a later call's (building what the plan keeps
+    for a grid: tiles, tables, block masks) and the MiB it keeps; the same state serves all layers,
+    which only rescale it."""
+    plan = AttentionPlan(preset, DEPTH, H).to(device)
+    q, k, v = inputs(grid, device)
+    with torch.no_grad():
+        sync(device)
+        t = time.perf_counter()
+        attend(q, k, v, plan, layer=LAYER, grid_size=(grid, grid))
+        sync(device)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        attend(q, k, v, plan, layer=LAYER, grid_size=(grid, grid))
+        sync(device)
+        later = time.perf_counter() - t
+    return (first - later) * 1000, plan.cached_bytes() / 2**20
 
-    cfg = resolve_config(preset)
-    heads = head_specs(cfg.head_directions, H)
-    _unscaled_table.cache_clear()
-    head_groups.cache_clear()
-    t = time.perf_counter()
-    kept = [x for o, _ in head_groups(heads)
-            for x in _unscaled_table(cfg, heads, o, (grid, grid), device, grid - 1 if o == "all" else 3)]
-    ms = (time.perf_counter() - t) * 1000
-    return ms, sum(x.numel() * x.element_size() for x in kept) / 2**20
+
+def compile_counts(grids: list[int], device: str, dtype) -> tuple[int, int]:
+    """FlexAttention graphs compiled over first calls at every grid and batch sizes 1, 2, 4, and those
+    compiled by a second round of the same calls (must be 0)."""
+    from torch._dynamo.utils import counters
+
+    plan = AttentionPlan("lh-45", DEPTH, H).to(device)
+    with torch.no_grad():
+        def sweep():
+            for grid in grids:
+                for batch in (1, 2, 4):
+                    q = torch.randn(batch, H, 1 + grid * grid, D, device=device, dtype=dtype)
+                    attend(q, q, q, plan, layer=LAYER, grid_size=(grid, grid), backend="flex")
+        start = counters["stats"]["unique_graphs"]
+        sweep()
+        first = counters["stats"]["unique_graphs"]
+        sweep()
+        return first - start, counters["stats"]["unique_graphs"] - first
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grids", type=int, nargs="+", default=[14, 32, 48, 64])
-    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", choices=list(DTYPE), help="default: bfloat16 on cuda (FlashAttention), else float32")
+    ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="write the timings as JSON to this file")
+    ap.add_argument("--markdown", help="write the tables as Markdown to this file")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPE[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# attention layer, batch 1, {H} heads x {D}, float32, {args.device} ({machine}), torch {torch.__version__}")
-    print("| grid | preset | ours ms | dense-bias ms | plain ms | RoPE ms | ours/dense | ours/plain | ours/RoPE "
-          "| ours MiB | dense MiB | plain MiB | RoPE MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"# attention layer, batch 1, {H} heads x {D}, {str(dtype).split('.')[-1]}, {args.device} ({machine}), "
+             f"torch {torch.__version__}",
+             "| grid | preset | ours ms | dense-bias ms | plain ms | RoPE ms | ours/dense | ours/plain | ours/RoPE "
+             "| ours MiB | dense MiB | plain MiB | RoPE MiB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     rows = []
     for grid in args.grids:
-        mems = None if args.no_memory else memory_table(grid, args.presets, args.device)
+        mems = None if args.no_memory else memory_table(grid, args.presets, args.device, dtype)
         for preset in args.presets:
-            t = time_all(grid, preset, args.device, args.repeats)
+            t = time_all(grid, preset, args.device, args.repeats, dtype)
             mem = {m: float("nan") for m in t} if mems is None else mems[preset]
-            row = dict(grid=grid, preset=preset, times_s=t, peak_mib=mem)
-            rows.append(row)
-            print(f"| {grid} | {preset} | {t['ours'] * 1e3:.1f} | {t['dense_bias_sdpa'] * 1e3:.1f} | "
-                  f"{t['plain_sdpa'] * 1e3:.1f} | {t['rope_sdpa'] * 1e3:.1f} | "
-                  f"{t['ours'] / t['dense_bias_sdpa']:.2f} | {t['ours'] / t['plain_sdpa']:.2f} | "
-                  f"{t['ours'] / t['rope_sdpa']:.2f} | {mem['ours']:.0f} | {mem['dense_bias_sdpa']:.0f} | "
-                  f"{mem['plain_sdpa']:.0f} | {mem['rope_sdpa']:.0f} |", flush=True)
-    print("\n| grid | preset | our build (ms) | our kept state (MiB) | dense bias of all 12 layers (MiB, float32) |")
-    print("|---:|---|---:|---:|---:|")
+            rows.append(dict(grid=grid, preset=preset, times_s=t, peak_mib=mem))
+            lines.append(f"| {grid} | {preset} | {t['ours'] * 1e3:.1f} | {t['dense_bias_sdpa'] * 1e3:.1f} | "
+                         f"{t['plain_sdpa'] * 1e3:.1f} | {t['rope_sdpa'] * 1e3:.1f} | "
+                         f"{t['ours'] / t['dense_bias_sdpa']:.2f} | {t['ours'] / t['plain_sdpa']:.2f} | "
+                         f"{t['ours'] / t['rope_sdpa']:.2f} | {mem['ours']:.0f} | {mem['dense_bias_sdpa']:.0f} | "
+                         f"{mem['plain_sdpa']:.0f} | {mem['rope_sdpa']:.0f} |")
+            print(lines[-1], flush=True)
+    lines += ["", "| grid | preset | our build (ms) | our kept state (MiB) | dense bias of all 12 layers (MiB, float32) |",
+              "|---:|---|---:|---:|---:|"]
+    print("\n".join(lines[-3:]), flush=True)
     for grid in args.grids:
         for preset in args.presets:
             ms, mib = build_cost(grid, preset, args.device)
             dense = DEPTH * H * (grid * grid + 1) ** 2 * 4 / 2**20
-            print(f"| {grid} | {preset} | {ms:.1f} | {mib:.1f} | {dense:.0f} |")
+            lines.append(f"| {grid} | {preset} | {ms:.1f} | {mib:.1f} | {dense:.0f} |")
+            print(lines[-1], flush=True)
+    if args.device == "cuda":
+        first, again = compile_counts(args.grids, args.device, dtype)
+        lines += ["", f"FlexAttention graphs compiled over grids {args.grids} x batch 1, 2, 4: {first}; "
+                      f"recompiled in a second round of the same calls: {again}"]
+        print(lines[-1], flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_atomic(args.json, json.dumps(rows, indent=2))
+    if args.markdown:
+        write_atomic(args.markdown, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

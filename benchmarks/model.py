@@ -1,7 +1,10 @@
 """ViT-B/16 forward, batch 1, at 224, 512 and 1024 px: the LookHere presets against our ViT with no
 position encoding and timm's RoPE-mixed ViT (dynamic image size), measured side by side.
 
-    python benchmarks/model.py [--sizes 224 512 1024] [--repeats 3]
+    python benchmarks/model.py [--sizes 224 512 1024] [--repeats 3] [--threads 1] [--markdown out.md]
+
+On a GPU (``--device cuda``) it runs under bfloat16 autocast by default (``--dtype float32`` to
+turn it off); the LookHere models then use compiled FlexAttention.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import timm
 import torch
 
 import lookhere  # noqa: F401  (registers the models)
-from attention import _status_kib  # the same /proc reader (benchmarks/ is on sys.path)
+from attention import DTYPE, _status_kib, write_atomic  # benchmarks/ is on sys.path
 
 MODELS = {
     "lh-180": lambda: timm.create_model("vit_base_patch16_lookhere_180"),
@@ -92,24 +95,35 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", choices=list(DTYPE), help="autocast dtype; default: bfloat16 on cuda, else float32")
+    ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--markdown", help="write the table as Markdown to this file")
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPE[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# ViT-B/16 forward, batch 1, {dtype}, {args.device} ({machine}), torch {torch.__version__}, timm {timm.__version__}")
+    lines = [f"# ViT-B/16 forward, batch 1, {str(dtype).split('.')[-1]}, {args.device} ({machine}), "
+             f"torch {torch.__version__}, timm {timm.__version__}"]
+    print(lines[0], flush=True)
     res, peaks = run(args.sizes, args.repeats, args.device, dtype, memory=not args.no_memory)
     names = list(MODELS)
-    print("| px | " + " | ".join(f"{n} img/s" for n in names) + " | " +
-          " | ".join(f"{n} / rope-mixed" for n in names[:3]) + " | " + " | ".join(f"{n} MiB" for n in names) + " |")
-    print("|---:|" + "---:|" * (2 * len(names) + 3))
+    lines.append("| px | " + " | ".join(f"{n} img/s" for n in names) + " | " +
+                 " | ".join(f"{n} / rope-mixed" for n in names[:3]) + " | " + " | ".join(f"{n} MiB" for n in names) + " |")
+    lines.append("|---:|" + "---:|" * (2 * len(names) + 3))
     for size, t in res.items():
         mem = peaks[size]
         ips = {n: 1 / t[n] for n in names}
-        print(f"| {size} | " + " | ".join(f"{ips[n]:.2f}" for n in names) + " | " +
-              " | ".join(f"{ips[n] / ips['timm rope-mixed']:.2f}" for n in names[:3]) + " | " +
-              " | ".join(f"{mem[n]:.0f}" for n in names) + " |", flush=True)
+        lines.append(f"| {size} | " + " | ".join(f"{ips[n]:.2f}" for n in names) + " | " +
+                     " | ".join(f"{ips[n] / ips['timm rope-mixed']:.2f}" for n in names[:3]) + " | " +
+                     " | ".join(f"{mem[n]:.0f}" for n in names) + " |")
+    print("\n".join(lines[1:]), flush=True)
+    if args.markdown:
+        write_atomic(args.markdown, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

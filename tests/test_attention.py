@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lookhere.attention as attention_module
+import lookhere.attention.dense as dense_module
 from lookhere import PRESETS, dense_bias, lookhere_attention
+from lookhere.attention import AttentionPlan, attend
 
 CONFIGS = {
     **PRESETS,
@@ -46,10 +47,12 @@ def test_query_chunking_gives_the_same_result(monkeypatch):
     grid, T = (6, 5), 31
     q, k, v = torch.randn(3, 1, 12, T, 8).unbind(0)
     whole = lookhere_attention(q, k, v, config="lh-45", grid_size=grid, layer=0, depth=2)
-    attention_module._chunk_penalties.cache_clear()
-    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 12 * T * 4)  # 4 query rows per chunk
-    chunked = lookhere_attention(q, k, v, config="lh-45", grid_size=grid, layer=0, depth=2)
+    monkeypatch.setattr(dense_module, "CHUNK_ELEMENTS", 12 * T * 4)  # 4 query rows per chunk
+    plan = AttentionPlan("lh-45", 2, 12)
+    chunked = attend(q, k, v, plan, layer=0, grid_size=grid, backend="dense")
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    # Cached per chunk: 30 queries in chunks of 4 rows.
+    assert sorted(key[3:5] for key in plan._cache) == [(s, min(30, s + 4)) for s in range(0, 30, 4)]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -81,18 +84,20 @@ def test_shifted_pattern_gives_shifted_output(preset):
 
 
 def test_memory_per_call_is_bounded(monkeypatch):
-    # Only chunk-sized bias rows exist: the penalty cache never holds more than H x rows x N.
+    # Only chunk-sized bias rows exist: no tensor of the dense path is larger than H x rows x T.
     grid = (8, 8)
-    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 12 * 65 * 8)
-    attention_module._chunk_penalties.cache_clear()
+    monkeypatch.setattr(dense_module, "CHUNK_ELEMENTS", 12 * 65 * 8)
+    plan = AttentionPlan("lh-90", 1, 12)
     q = torch.randn(1, 12, 65, 4)
-    out = lookhere_attention(q, q, q, config="lh-90", grid_size=grid, layer=0, depth=1)
-    assert attention_module._chunk_penalties.cache_info().currsize == 8  # 64 queries, 8 rows a chunk
-    pen, fov = attention_module._chunk_penalties(
-        attention_module.resolve_config("lh-90"), attention_module.head_specs(PRESETS["lh-90"]["head_directions"], 12),
-        grid, 56, 64, "cpu")
-    assert pen.shape == fov.shape == (12, 8, 64)
+    out = attend(q, q, q, plan, layer=0, grid_size=grid, backend="dense")
+    monkeypatch.setattr(dense_module, "CACHE_ELEMENTS", 0)
     torch.testing.assert_close(out.double(), dense_reference(q, q, q, "lh-90", grid, 0, 1, 1), rtol=1e-5, atol=1e-5)
+    sizes = []
+    real = dense_module.head_penalties
+    monkeypatch.setattr(dense_module, "head_penalties", lambda *a, **kw: sizes.append(real(*a, **kw)[0].shape)
+                        or real(*a, **kw))
+    attend(q, q, q, plan, layer=0, grid_size=grid, backend="dense")
+    assert sizes == [(12, 8, 64)] * 8  # 64 queries, 8 rows a chunk
 
 
 def test_bad_shapes_are_clear_errors():
@@ -112,44 +117,37 @@ def test_bad_shapes_are_clear_errors():
 BACKEND_CASES = [(name, grid) for name in CONFIGS for grid in [(6, 6), (4, 9), (11, 3)]]
 
 
-@pytest.mark.parametrize("backend", ["slab", "flex"])
 @pytest.mark.parametrize("name,grid", BACKEND_CASES)
-def test_fast_backends_equal_dense_float64(backend, name, grid):
-    from lookhere.config import resolve_config
-    from lookhere.masks import head_specs
-    from lookhere.slab import supported
-
-    cfg = CONFIGS[name]
-    if backend == "slab" and not supported(resolve_config(cfg), head_specs(resolve_config(cfg).head_directions, 12)):
+def test_slab_equals_dense_float64(name, grid):
+    plan = AttentionPlan(CONFIGS[name], 3, 12)
+    if not plan.offset_only:
         with pytest.raises(ValueError, match="slab backend"):
-            lookhere_attention(*torch.randn(3, 1, 12, 1 + grid[0] * grid[1], 8).unbind(0), config=cfg,
-                               grid_size=grid, layer=0, depth=2, backend=backend)
+            attend(*torch.randn(3, 1, 12, 1 + grid[0] * grid[1], 8).unbind(0), plan, layer=0, grid_size=grid,
+                   backend="slab")
         return
     for prefix in (0, 1, 4):
         T = prefix + grid[0] * grid[1]
         q, k, v = torch.randn(3, 2, 12, T, 16).unbind(0)
-        out = lookhere_attention(q, k, v, config=cfg, grid_size=grid, layer=1, depth=3, num_prefix_tokens=prefix,
-                                 backend=backend)
-        ref = dense_reference(q, k, v, cfg, grid, 1, 3, prefix)
+        out = attend(q, k, v, plan, layer=1, grid_size=grid, num_prefix_tokens=prefix, backend="slab")
+        ref = dense_reference(q, k, v, CONFIGS[name], grid, 1, 3, prefix)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows_per_call", [1, 3, 4, 16])
 def test_slab_rows_per_call_and_side_groups(rows_per_call):
-    from lookhere.config import resolve_config
-    from lookhere.masks import head_scales, head_specs
-    from lookhere.slab import head_groups, slab_attention
+    from lookhere.attention.slab import side_groups, slab_attention
 
-    cfg = resolve_config("lh-180")
-    heads = head_specs(cfg.head_directions, 12)
+    plan = AttentionPlan("lh-180", 4, 12)
     # halves look to one side each; the four diagonal half-planes and the unmasked heads see both sides.
-    assert dict(head_groups(heads)) == {"up": (0,), "down": (1,), "left": (2,), "right": (3,),
-                                        "all": (4, 5, 6, 7, 8, 9, 10, 11)}
+    assert dict(side_groups(plan.sides[0])) == {"up": (0,), "down": (1,), "left": (2,), "right": (3,),
+                                                "all": (4, 5, 6, 7, 8, 9, 10, 11)}
     grid = (7, 10)
     q, k, v = torch.randn(3, 1, 12, 71, 8).unbind(0)
-    out = slab_attention(q, k, v, config=cfg, heads=heads, scales=head_scales(cfg, heads, 2, 4), grid=grid,
-                         num_prefix_tokens=1, rows_per_call=rows_per_call)
-    torch.testing.assert_close(out.double(), dense_reference(q, k, v, "lh-180", grid, 2, 4, 1), rtol=1e-5, atol=1e-5)
+    ref = dense_reference(q, k, v, "lh-180", grid, 2, 4, 1)
+    # Inference: bias views and merged prefix; with autograd: copied bias rows_per_call rows at a time.
+    for needs_grad in (False, True):
+        out = slab_attention(q.requires_grad_(needs_grad), k, v, plan, 2, grid, 1, rows_per_call=rows_per_call)
+        torch.testing.assert_close(out.detach().double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_within_bf16_tolerance():
@@ -165,17 +163,68 @@ def test_bf16_within_bf16_tolerance():
 
 def test_auto_backend_choice():
     from lookhere.attention import choose_backend
-    from lookhere.config import resolve_config
-    from lookhere.masks import head_specs
 
-    cfg = resolve_config("lh-90")
-    heads = head_specs(cfg.head_directions, 12)
-    assert choose_backend(torch.device("cpu"), 196, cfg, heads) == "dense"
-    assert choose_backend(torch.device("cpu"), 4096, cfg, heads) == "slab"
-    assert choose_backend(torch.device("cpu"), 4096, cfg.replace(fill_with="max"), heads) == "dense"
-    centre = resolve_config({"global_slope": 1, "layer_slopes": [1, 1], "head_directions": "halves-center"})
-    assert choose_backend(torch.device("cpu"), 4096, centre, head_specs("halves-center", 12)) == "dense"
-    assert choose_backend(torch.device("cuda"), 196, cfg, heads) == "flex"
+    plan = AttentionPlan("lh-90", 12, 12)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend(plan, cpu, 196) == "dense"
+    assert choose_backend(plan, cpu, 4096) == "slab"
+    assert choose_backend(AttentionPlan(plan.config.replace(fill_with="max"), 12, 12), cpu, 4096) == "dense"
+    centre = AttentionPlan({"global_slope": 1, "layer_slopes": [1, 1], "head_directions": "halves-center"}, 1, 12)
+    assert choose_backend(centre, cpu, 4096) == "dense"
+    assert choose_backend(plan, cuda, 196) == "flex"
+    assert choose_backend(plan, cuda, 4096, dropout_p=0.1) == "slab"
+    assert choose_backend(plan, cpu, 4096, batch=8) == "dense"
     with pytest.raises(ValueError, match="backend"):
         q = torch.randn(1, 12, 17, 4)
         lookhere_attention(q, q, q, config="lh-90", grid_size=(4, 4), layer=0, depth=1, backend="fast")
+
+
+def test_plan_follows_a_replaced_config_and_the_device():
+    from lookhere.position import LookHere
+
+    pe = LookHere("lh-45", depth=3, num_heads=12)
+    q, k, v = torch.randn(3, 1, 12, 26, 8).unbind(0)
+    pe.attend(q, k, v, grid=(5, 5), layer=1, num_prefix_tokens=1)
+    pe.config = pe.config.replace(global_slope=0.5)
+    out = pe.attend(q, k, v, grid=(5, 5), layer=1, num_prefix_tokens=1)
+    ref = dense_reference(q, k, v, dict(PRESETS["lh-45"], global_slope=0.5), (5, 5), 1, 3, 1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert pe.state_dict() == {}  # derived tables are not saved
+    pe.to(torch.float64)  # casting a model keeps the scales exact
+    assert pe.plan.scale.dtype == torch.float32 and pe.plan.coef.dtype == torch.int32
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_slab_gradients_equal_the_dense_paths(preset):
+    plan = AttentionPlan(preset, 2, 12)
+    grid = (7, 9)
+    q, k, v = torch.randn(3, 2, 12, 1 + 63, 16, dtype=torch.float64).unbind(0)
+    grads = []
+    for backend in ("dense", "slab"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, plan, layer=1, grid_size=grid, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for dense, slab in zip(*grads):
+        torch.testing.assert_close(slab, dense, rtol=1e-9, atol=1e-10)
+
+
+def test_lookhere_encoding_refuses_an_unknown_backend_when_built():
+    from lookhere.position import LookHere
+
+    with pytest.raises(ValueError, match="backend='fast'; allowed: auto, dense, slab, flex"):
+        LookHere("lh-90", depth=2, num_heads=12, backend="fast")
+
+
+def test_plan_cache_keeps_to_its_budget(monkeypatch):
+    plan = AttentionPlan("lh-45", 2, 12)
+    q = torch.randn(1, 12, 1 + 24 * 24, 8)
+    attend(q, q, q, plan, layer=0, grid_size=(24, 24), backend="slab")
+    one_grid = plan.cached_bytes()
+    assert one_grid > 0
+    monkeypatch.setattr(AttentionPlan, "CACHE_BYTES", one_grid + one_grid // 2)
+    q2 = torch.randn(1, 12, 1 + 24 * 25, 8)
+    out = attend(q2, q2, q2, plan, layer=1, grid_size=(24, 25), backend="slab")
+    assert plan.cached_bytes() <= one_grid + one_grid // 2
+    torch.testing.assert_close(out.double(), dense_reference(q2, q2, q2, "lh-45", (24, 25), 1, 2, 1),
+                               rtol=1e-5, atol=1e-5)

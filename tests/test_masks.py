@@ -176,11 +176,38 @@ def test_per_layer_head_directions():
 
 
 def test_half_plane_form_equals_the_primitives():
-    from lookhere.masks import CONSTRAINTS, PRIMITIVES
+    """Each primitive's half-planes see exactly the keys the spec's predicate sees."""
+    from lookhere.attention.geometry import CONSTRAINTS
 
+    from spec_reference import SEES
+
+    assert set(CONSTRAINTS) == set(SEES)
     dy, dx = torch.meshgrid(torch.arange(-9, 10), torch.arange(-9, 10), indexing="ij")
-    for name, see in PRIMITIVES.items():
+    for name, see in SEES.items():
         by_planes = torch.ones_like(dy, dtype=torch.bool)
         for a, b in CONSTRAINTS[name]:
             by_planes &= a * dy + b * dx >= 0
-        assert torch.equal(by_planes, see(dy, dx)), name
+        # SEES takes (qy, qx, ky, kx): the query at the origin, the key at the offset.
+        expected = torch.tensor([[see(0, 0, int(y), int(x)) for y, x in zip(ry, rx)] for ry, rx in zip(dy, dx)])
+        assert torch.equal(by_planes, expected), name
+
+
+def test_six_heads_in_one_unmasked_group_are_refused():
+    # 'none-none' on 6 heads is one group of six 'none' heads, for which the slope rule has no values:
+    # refused when the model is built, not with a broadcast error in its forward pass.
+    from lookhere.position import LookHere
+
+    cfg = {"global_slope": 1, "layer_slopes": [1, 1], "head_directions": "none-none"}
+    with pytest.raises(ValueError, match="6 consecutive heads") as err:
+        LookHere(cfg, depth=2, num_heads=6)
+    assert "head_directions='none-none'" in str(err.value)
+    with pytest.raises(ValueError, match="6 consecutive heads"):
+        dense_bias(cfg, (3, 3), 1, 6)
+
+
+def test_six_head_groups_that_exist_are_built():
+    # Two different names: the first's four heads and the second's first two, each with its own slopes.
+    cfg = {"global_slope": 1, "layer_slopes": [1, 1], "head_directions": "none-zero"}
+    b = dense_bias(cfg, (3, 4), 1, 6)
+    ref = torch.tensor(reference_bias(cfg, (3, 4), 1, 6), dtype=torch.float64)
+    torch.testing.assert_close(b.double(), ref, atol=1e-6, rtol=1e-6)

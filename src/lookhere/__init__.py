@@ -5,10 +5,9 @@ masks and distance penalties; this package implements it exactly as published, o
 any image size and aspect ratio, registered in timm.
 """
 
-from .attention import lookhere_attention
+from .attention import dense_bias, lookhere_attention
 from .config import PRESETS, LookHereConfig
 from .io import load_model, save_model
-from .masks import dense_bias
 from .official import load_official
 from .position import POSITION_ENCODINGS
 from .vit import ViTConfig, VisionTransformer, checkpoint_filter_fn, create_vit

@@ -27,7 +27,7 @@ class DemoPlan:
 
 FULL = DemoPlan(train_length=3500, epochs=8, eval_length=500, sizes=(32, 48, 64, 96, 128))
 # A budget at which both models learn the task: over 3x chance (10 classes) at the training size.
-QUICK = DemoPlan(train_length=3000, epochs=3, eval_length=200, sizes=(32, 64, 128), batch_size=32)
+QUICK = DemoPlan(train_length=3000, epochs=5, eval_length=300, sizes=(32, 64, 128), batch_size=32)
 
 
 def run_demo(output: str | Path = "demo", quick: bool = False, seed: int = 0, progress: bool = True) -> dict:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import resolve_config  # noqa: E402
-from .masks import check_grid, head_specs, layer_bias, layer_slope  # noqa: E402
+from .attention.geometry import check_grid, head_specs, layer_bias, layer_slope  # noqa: E402
 
 
 def plot_fov(config, path: str | os.PathLike, *, num_heads: int = 12, grid_size=(15, 15), query=None,

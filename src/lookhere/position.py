@@ -33,8 +33,9 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.layers.pos_embed_sincos import (RotaryEmbeddingDinoV3, apply_rot_embed_cat, build_sincos2d_pos_embed,
                                           get_mixed_freqs, init_random_2d_freqs)
 
-from .attention import lookhere_attention
-from .config import PRESETS, LookHereConfig, resolve_config
+from .attention import BACKENDS, AttentionPlan, attend
+from .attention.geometry import layer_bias
+from .config import PRESETS, LookHereConfig
 
 
 @lru_cache(maxsize=32)
@@ -111,7 +112,9 @@ class PositionEncoding(nn.Module):
 class LookHere(PositionEncoding):
     """LookHere: directed 2D attention masks and distance penalties; no parameters.
 
-    ``config.global_slope`` is the published test-time knob: replace the config to change it.
+    The heads' tables and scales are built once, as an :class:`AttentionPlan`, and follow ``.to()``.
+    ``config.global_slope`` is the published test-time knob: replace the config to change it
+    (``pe.config = pe.config.replace(global_slope=...)``), which rebuilds the plan.
     """
 
     relative = True
@@ -119,31 +122,33 @@ class LookHere(PositionEncoding):
     def __init__(self, config: str | Mapping[str, Any] | LookHereConfig, depth: int, num_heads: int,
                  backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
         self.backend = backend
         self.name = config if isinstance(config, str) else "lookhere"
-        self.config = resolve_config(config)
         self.depth, self.num_heads = depth, num_heads
-        # Validate head assignment for every layer now rather than at the first forward.
-        from .masks import head_specs
+        self.config = config
 
-        for layer in range(depth):
-            head_specs(self.config.directions_for_layer(layer, depth), num_heads)
+    @property
+    def config(self) -> LookHereConfig:
+        return self.plan.config
+
+    @config.setter
+    def config(self, config: str | Mapping[str, Any] | LookHereConfig) -> None:
+        old = self._modules.get("plan")
+        plan = AttentionPlan(config, self.depth, self.num_heads)
+        self.plan = plan if old is None else plan.to(old.scale.device)
 
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
-        return lookhere_attention(
-            q, k, v, config=self.config, grid_size=grid, layer=layer, depth=self.depth,
-            num_prefix_tokens=num_prefix_tokens, backend=self.backend, dropout_p=dropout_p,
-        )
+        return attend(q, k, v, self.plan, layer=layer, grid_size=grid, num_prefix_tokens=num_prefix_tokens,
+                      backend=self.backend, dropout_p=dropout_p)
 
     def score_bias(self, *, grid, layer, num_prefix_tokens, device):
-        from .masks import layer_bias
-
         bias = layer_bias(self.config, grid, layer, self.depth, self.num_heads, device=device)
         return F.pad(bias, (num_prefix_tokens, 0, num_prefix_tokens, 0))
 
     def extra_repr(self) -> str:
-        return f"{self.config.to_dict()}"
-
+        return f"backend={self.backend!r}"
 
 
 class LearnedAbsolute(PositionEncoding):
