@@ -258,6 +258,36 @@ def test_unfused_attention_weights_equal_the_fused_path(name):
     torch.testing.assert_close(weights @ v, fused, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["rpe-learned", "alibi-2d", "fire"])
+@pytest.mark.parametrize("p", [0, 1, 4])
+def test_offset_biases_in_query_chunks_equal_one_call(name, p, monkeypatch):
+    """At large grids an offset bias runs on chunks of query rows (bounded memory): same output and
+    gradients as the whole bias at once, for a non-square grid and any prefix."""
+    from lookhere import position
+
+    pe = encoding(name)
+    grid = (5, 7)
+    q, k, v = torch.randn(3, 2, 12, p + 35, 4, dtype=torch.float64).unbind(0)
+    pe = pe.double()
+    whole = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
+    params = list(pe.parameters())  # alibi has none
+    grads = lambda out: torch.autograd.grad(out.square().sum(), params, allow_unused=True) if params else ()
+    whole_grads = grads(whole)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(position, "chunk_rows", lambda heads, tokens, patches: 8)
+    monkeypatch.setattr(position.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    chunked = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
+    assert len(calls) == 5 + (p > 0)  # 35 patches in chunks of 8, and the prefix rows
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    weights = pe.attention_weights(q, k, grid=grid, layer=1, num_prefix_tokens=p)  # float32 by design
+    torch.testing.assert_close(chunked, weights.double() @ v, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads(chunked), whole_grads, strict=True):
+        assert (g is None) == (w is None)  # FIRE: only layer 1's MLP is used
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 # --- each encoding owns its initialisation and its options --------------------------------------
 @pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
 def test_the_vit_initialisation_leaves_the_encoding_as_it_initialised_itself(name):

@@ -34,8 +34,10 @@ from timm.layers.pos_embed_sincos import (RotaryEmbeddingDinoV3, apply_rot_embed
                                           get_mixed_freqs, init_random_2d_freqs)
 
 from .attention import BACKENDS, AttentionPlan, attend
+from .attention.dense import chunk_rows
 from .attention.geometry import layer_bias
-from .config import PRESETS, LookHereConfig
+from .attention.geometry import patch_coords as grid_coords
+from .config import PRESETS, LookHereConfig, resolve_config
 
 
 @lru_cache(maxsize=32)
@@ -43,8 +45,8 @@ def _grid_yx(gy: int, gx: int, device: str) -> tuple[torch.Tensor, torch.Tensor]
     # Cached across calls, so never an inference tensor: one built under torch.inference_mode
     # would break every later forward that autograd records.
     with torch.inference_mode(False):
-        idx = torch.arange(gy * gx, device=device)
-        return (idx // gx).float(), (idx % gx).float()
+        y, x = grid_coords(gy, gx, device)
+        return y.float(), x.float()
 
 
 def patch_coords(grid: tuple[int, int], train_grid: tuple[int, int] | None = None, *, device="cpu",
@@ -55,15 +57,6 @@ def patch_coords(grid: tuple[int, int], train_grid: tuple[int, int] | None = Non
         y = y * ((train_grid[0] - 1) / max(grid[0] - 1, 1))
         x = x * ((train_grid[1] - 1) / max(grid[1] - 1, 1))
     return y, x
-
-
-def _attend_with_bias(q, k, v, bias: torch.Tensor, num_prefix_tokens: int, dropout_p: float = 0.0) -> torch.Tensor:
-    """SDPA with a patch-only ``(H, N, N)`` bias; prefix rows and columns get 0."""
-    if num_prefix_tokens:
-        bias = F.pad(bias, (num_prefix_tokens, 0, num_prefix_tokens, 0))
-    # 4D and broadcast over the batch: CPU SDPA then takes its fused kernel.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).expand(q.shape[0], -1, -1, -1),
-                                          dropout_p=dropout_p)
 
 
 class PositionEncoding(nn.Module):
@@ -107,6 +100,43 @@ class PositionEncoding(nn.Module):
         if bias is not None:
             scores = scores + bias.float()
         return scores.softmax(-1)
+
+
+class OffsetBias(PositionEncoding):
+    """An additive bias per head that is a function of the (query, key) patch offset, 0 for prefix
+    tokens: FIRE, the learned relative table, 2D-ALiBi. Attention runs on chunks of query rows with
+    LookHere's dense-path budget, so at a large grid only one chunk's bias rows exist at a time."""
+
+    relative = True
+
+    def bias(self, grid: tuple[int, int], layer: int, rows: slice = slice(None)) -> torch.Tensor:
+        """``(H, rows, N)``: the bias of the query patches ``rows`` against every key patch."""
+        raise NotImplementedError
+
+    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
+        B, H, T, _ = q.shape
+        p, n = num_prefix_tokens, grid[0] * grid[1]
+        step = chunk_rows(H, T, n)
+        if step >= n:  # one call; a 4D mask broadcast over the batch lets CPU SDPA take its fused kernel
+            mask = self.score_bias(grid=grid, layer=layer, num_prefix_tokens=p, device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype).expand(B, -1, -1, -1),
+                                                  dropout_p=dropout_p)
+        parts = [F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)] if p else []
+        for start in range(0, n, step):
+            rows = slice(start, min(n, start + step))
+            mask = F.pad(self.bias(grid, layer, rows), (p, 0)).to(q.dtype).expand(B, -1, -1, -1)
+            parts.append(F.scaled_dot_product_attention(q[:, :, p + rows.start:p + rows.stop], k, v, attn_mask=mask,
+                                                        dropout_p=dropout_p))
+        return torch.cat(parts, dim=2)
+
+    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
+        return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
+
+
+def patch_offsets(grid: tuple[int, int], rows: slice = slice(None), device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer offsets ``(key - query)`` per axis, ``(rows, N)`` each, for the query patches ``rows``."""
+    y, x = patch_coords(grid, device=device)
+    return (y[None, :] - y[rows, None]).long(), (x[None, :] - x[rows, None]).long()
 
 
 class LookHere(PositionEncoding):
@@ -276,14 +306,13 @@ class Fourier(PositionEncoding):
         return x + self.mlp(self.features(grid, x.device).to(x.dtype))[None]
 
 
-class RelativeBias(PositionEncoding):
+class RelativeBias(OffsetBias):
     """Learned bias per layer and head indexed by the offset (dy, dx) (iRPE / Swin style).
 
     Offsets beyond the training grid's range clamp to the table's edge.
     """
 
     name = "rpe-learned"
-    relative = True
 
     def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int]):
         super().__init__()
@@ -295,18 +324,10 @@ class RelativeBias(PositionEncoding):
     def init_weights(self) -> None:
         trunc_normal_(self.table, std=0.02)
 
-    def bias(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
-        y, x = patch_coords(grid, device=self.table.device)
+    def bias(self, grid, layer, rows=slice(None)):
+        dy, dx = patch_offsets(grid, rows, device=self.table.device)
         ty, tx = self.grid_size
-        dy = (y[None, :] - y[:, None]).long().clamp(-(ty - 1), ty - 1) + ty - 1
-        dx = (x[None, :] - x[:, None]).long().clamp(-(tx - 1), tx - 1) + tx - 1
-        return self.table[layer][:, dy, dx]
-
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
-        return _attend_with_bias(q, k, v, self.bias(grid, layer), num_prefix_tokens, dropout_p)
-
-    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
-        return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
+        return self.table[layer][:, dy.clamp(-(ty - 1), ty - 1) + ty - 1, dx.clamp(-(tx - 1), tx - 1) + tx - 1]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -314,26 +335,18 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)])
 
 
-class Alibi2d(PositionEncoding):
+class Alibi2d(OffsetBias):
     """2D-ALiBi (CROMA): minus a per-head slope times the Euclidean patch distance; no masks."""
 
     name = "alibi-2d"
-    relative = True
 
     def __init__(self, num_heads: int):
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
-    def bias(self, grid: tuple[int, int]) -> torch.Tensor:
-        y, x = patch_coords(grid, device=self.slopes.device)
-        dist = torch.hypot(y[None, :] - y[:, None], x[None, :] - x[:, None])
-        return -self.slopes[:, None, None] * dist
-
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
-        return _attend_with_bias(q, k, v, self.bias(grid), num_prefix_tokens, dropout_p)
-
-    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
-        return F.pad(self.bias(grid), (num_prefix_tokens, 0, num_prefix_tokens, 0))
+    def bias(self, grid, layer=0, rows=slice(None)):
+        dy, dx = patch_offsets(grid, rows, device=self.slopes.device)
+        return -self.slopes[:, None, None] * torch.hypot(dy.float(), dx.float())
 
 
 class Rope2d(PositionEncoding):
@@ -388,7 +401,7 @@ class Rope2d(PositionEncoding):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
-class Fire(PositionEncoding):
+class Fire(OffsetBias):
     """FIRE (Li et al., ICLR 2024): an attention bias computed by a small MLP per layer from the
     log-scaled offset, normalised by a length.
 
@@ -407,7 +420,6 @@ class Fire(PositionEncoding):
     """
 
     name = "fire"
-    relative = True
     NORMALIZE = ("test", "train")
 
     def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], width: int = 32, init_c: float = 0.1,
@@ -439,28 +451,19 @@ class Fire(PositionEncoding):
         extent_grid = grid if self.normalize == "test" else self.grid_size
         c = self.c[layer].abs()
         threshold = (self.threshold_scale[layer] * self.init_threshold).abs()
-        device = self.c.device
+        device, dtype = self.c.device, self.c.dtype
         phis = []
         for g, e in zip(grid, extent_grid):
-            d = torch.arange(-(g - 1), g, device=device, dtype=torch.float32)
-            norm = torch.log(c * torch.maximum(threshold, torch.tensor(float(e - 1), device=device)) + 1) + 1e-6
+            d = torch.arange(-(g - 1), g, device=device, dtype=dtype)
+            norm = torch.log(c * torch.maximum(threshold, torch.tensor(float(e - 1), device=device, dtype=dtype)) + 1) + 1e-6
             phis.append(d.sign() * torch.log(c * d.abs() + 1) / norm)
         dy, dx = torch.meshgrid(*phis, indexing="ij")
         return self.mlp[layer](torch.stack([dy, dx], dim=-1)).permute(2, 0, 1)
 
-    def bias(self, grid: tuple[int, int], layer: int) -> torch.Tensor:
-        """``(H, N, N)``: the offset table read at every (query, key) pair; offset = key - query."""
+    def bias(self, grid, layer, rows=slice(None)):
         table = self.offset_table(grid, layer)
-        y, x = patch_coords(grid, device=table.device)
-        dy = (y[None, :] - y[:, None]).long() + grid[0] - 1
-        dx = (x[None, :] - x[:, None]).long() + grid[1] - 1
-        return table[:, dy, dx]
-
-    def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
-        return _attend_with_bias(q, k, v, self.bias(grid, layer), num_prefix_tokens, dropout_p)
-
-    def score_bias(self, *, grid, layer, num_prefix_tokens, device):
-        return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
+        dy, dx = patch_offsets(grid, rows, device=table.device)
+        return table[:, dy + grid[0] - 1, dx + grid[1] - 1]
 
 
 class Pape(PositionEncoding):
