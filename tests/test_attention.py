@@ -173,7 +173,6 @@ def test_auto_backend_choice():
     assert choose_backend(centre, cpu, 4096) == "dense"
     assert choose_backend(plan, cuda, 196) == "flex"
     assert choose_backend(plan, cuda, 4096, dropout_p=0.1) == "slab"
-    assert choose_backend(plan, cpu, 4096, batch=8) == "dense"
     with pytest.raises(ValueError, match="backend"):
         q = torch.randn(1, 12, 17, 4)
         lookhere_attention(q, q, q, config="lh-90", grid_size=(4, 4), layer=0, depth=1, backend="fast")

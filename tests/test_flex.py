@@ -93,8 +93,8 @@ def test_small_head_dims_are_padded_where_the_kernel_needs_it(monkeypatch, caplo
         assert q.shape[-1] >= 16, "FlexAttention's compiled kernel refuses head dims under 16"
         return kernel(q, k, v, **kw)
 
-    monkeypatch.setattr(attention, "choose_backend", lambda plan, device, *a: real_choice(
-        plan, torch.device("cuda"), *a))
+    monkeypatch.setattr(attention, "choose_backend", lambda plan, device, n, p=0.0: real_choice(
+        plan, torch.device("cuda"), n, p))
     monkeypatch.setattr(flex_module, "MIN_HEAD_DIM", {"cpu": 16})
     monkeypatch.setattr(flex_module, "_kernels", {**flex_module._kernels, "flex": kernel_needing_16})
     monkeypatch.setattr(flex_module, "_padded_logged", set())

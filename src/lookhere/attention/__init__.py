@@ -26,14 +26,12 @@ BACKENDS = ("auto", "dense", "slab", "flex")
 SLAB_MIN_PATCHES = 576
 
 
-def choose_backend(plan: AttentionPlan, device: torch.device, num_patches: int, batch: int = 1,
-                   dropout_p: float = 0.0) -> str:
-    """FlexAttention on GPU (it has no dropout); on the CPU the fast path for one large image, where it
-    applies, else the dense path. CPU SDPA copies a mask broadcast over a batch at every call, which
-    the fast path's many small calls pay many times and the dense path's few large ones rarely."""
+def choose_backend(plan: AttentionPlan, device: torch.device, num_patches: int, dropout_p: float = 0.0) -> str:
+    """FlexAttention on GPU (it has no dropout); on CPU row slabs for large grids where they apply,
+    else the dense path."""
     if device.type == "cuda" and not dropout_p:
         return "flex"
-    if num_patches >= SLAB_MIN_PATCHES and batch == 1 and plan.offset_only:
+    if num_patches >= SLAB_MIN_PATCHES and plan.offset_only:
         return "slab"
     return "dense"
 
@@ -65,7 +63,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     if backend == "auto":
-        backend = choose_backend(plan, q.device, n, q.shape[0], dropout_p)
+        backend = choose_backend(plan, q.device, n, dropout_p)
     if backend == "slab" and not plan.offset_only:
         raise ValueError("the slab backend needs fill_with='inf' and no 'center' heads; use backend='dense'")
     run = {"dense": dense_attention, "slab": slab_attention, "flex": flex_attention_lookhere}[backend]
