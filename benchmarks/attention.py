@@ -181,6 +181,31 @@ def compile_counts(grids: list[int], device: str, dtype) -> tuple[int, int]:
         return first - start, counters["stats"]["unique_graphs"] - first
 
 
+GROUPS = ("halves", "diagonals", "corners", "triangles", "eighths1", "eighths2", "none")
+
+
+def group_times(grid: int, device: str, repeats: int, dtype=torch.float32) -> dict[str, float]:
+    """Each head group of the released presets alone (4 heads) on our path, and plain SDPA of 4 heads:
+    where a preset's time goes (a preset's ratio is the mean of its three groups' ratios)."""
+    q, k, v = (t[:, :4].contiguous() for t in inputs(grid, device, dtype))
+    plans = {g: AttentionPlan(dict(resolve_config("lh-90").to_dict(), head_directions=g), DEPTH, 4).to(device)
+             for g in GROUPS}
+    calls = {g: (lambda p: lambda: attend(q, k, v, p, layer=LAYER, grid_size=(grid, grid)))(p) for g, p in plans.items()}
+    calls["plain"] = lambda: F.scaled_dot_product_attention(q, k, v)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                sync(device)
+                t = time.perf_counter()
+                call()
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -199,6 +224,8 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="write the timings as JSON to this file")
     ap.add_argument("--markdown", help="write the tables as Markdown to this file")
+    ap.add_argument("--groups", action="store_true",
+                    help="also time each head group alone (4 heads) against plain SDPA at the largest grid")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
@@ -235,6 +262,13 @@ def main() -> None:
             dense = DEPTH * H * (grid * grid + 1) ** 2 * 4 / 2**20
             lines.append(f"| {grid} | {preset} | {ms:.1f} | {mib:.1f} | {dense:.0f} |")
             print(lines[-1], flush=True)
+    if args.groups:
+        grid = max(args.grids)
+        t = group_times(grid, args.device, args.repeats, dtype)
+        lines += ["", f"Head groups alone at grid {grid} (4 heads of {D}):", "",
+                  "| group | ours ms | plain ms | ours/plain |", "|---|---:|---:|---:|"]
+        lines += [f"| {g} | {t[g] * 1e3:.1f} | {t['plain'] * 1e3:.1f} | {t[g] / t['plain']:.2f} |" for g in GROUPS]
+        print("\n".join(lines[-len(GROUPS) - 5:]), flush=True)
     if args.device == "cuda":
         first, again = compile_counts(args.grids, args.device, dtype)
         lines += ["", f"FlexAttention graphs compiled over grids {args.grids} x batch 1, 2, 4: {first}; "
