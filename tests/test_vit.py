@@ -97,11 +97,15 @@ def test_save_refuses_a_pruned_model(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-def test_save_and_load_keep_an_encoding_knob(tmp_path):
-    model = tiny(pos_encoding="rope-2d-axial")
-    model.pos_encoding.interpolate = True
+@pytest.mark.parametrize("name,knob,value", [("rope-2d-axial", "interpolate", True), ("learned-1d", "resample", "grid"),
+                                             ("fire", "normalize", "train"), ("lh-90", "backend", "dense")])
+def test_save_and_load_keep_an_encoding_knob(tmp_path, name, knob, value):
+    """Every test-time knob an encoding declares survives save and load (as set by ``lookhere eval``)."""
+    model = tiny(pos_encoding=name)
+    assert knob in model.pos_encoding.knobs
+    setattr(model.pos_encoding, knob, value)
     save_model(model, tmp_path)
-    assert load_model(tmp_path).pos_encoding.interpolate is True
+    assert getattr(load_model(tmp_path).pos_encoding, knob) == value
 
 
 @pytest.mark.parametrize("schedule,rates", [("uniform", [0.2, 0.2, 0.2, 0.2]), ("linear", [0.0, 0.2 / 3, 0.4 / 3, 0.2])])

@@ -64,6 +64,9 @@ class PositionEncoding(nn.Module):
 
     name = "none"
     relative = False
+    # Settings that may change on a built model (test-time knobs): attributes named like the
+    # constructor options that set them, so a saved model's config can record them.
+    knobs: tuple[str, ...] = ()
 
     def init_weights(self) -> None:
         """Set this encoding's parameters to its own initialisation (called at construction; the
@@ -147,6 +150,7 @@ class LookHere(PositionEncoding):
     (``pe.config = pe.config.replace(global_slope=...)``), which rebuilds the plan.
     """
 
+    knobs = ("backend",)
     relative = True
 
     def __init__(self, config: str | Mapping[str, Any] | LookHereConfig, depth: int, num_heads: int,
@@ -187,6 +191,7 @@ class LearnedAbsolute(PositionEncoding):
     coordinates squeezed into the training grid, corner patches kept: RoPE's ``interpolate``)."""
 
     name = "learned-1d"
+    knobs = ("resample",)
     RESAMPLE = ("bicubic", "grid")
 
     def __init__(self, embed_dim: int, grid_size: tuple[int, int], resample: str = "bicubic"):
@@ -359,6 +364,7 @@ class Rope2d(PositionEncoding):
     larger grids into the training grid's coordinate range (the usual test-time variant).
     """
 
+    knobs = ("interpolate",)
     relative = True
 
     def __init__(self, embed_dim: int, num_heads: int, depth: int, grid_size: tuple[int, int],
@@ -420,6 +426,7 @@ class Fire(OffsetBias):
     """
 
     name = "fire"
+    knobs = ("normalize",)
     NORMALIZE = ("test", "train")
 
     def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], width: int = 32, init_c: float = 0.1,

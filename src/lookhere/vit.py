@@ -27,9 +27,6 @@ from .position import PositionEncoding, build_position_encoding
 # Drop-path rate per block: the same in every block (the released LookHere models, DeiT-III), or
 # rising linearly from 0 in the first block (DeiT, timm's ViT).
 DROP_PATH_SCHEDULES = ("uniform", "linear")
-# Settings of a position encoding that may be changed on a built model (test-time knobs); each is an
-# attribute named like the constructor option that sets it, so the saved config can record it.
-ENCODING_KNOBS = ("interpolate", "resample", "backend")
 # Pooling before the head: the CLS token, the mean of the patch tokens, or none (every token).
 GLOBAL_POOLS = ("token", "avg", "")
 
@@ -208,7 +205,7 @@ class VisionTransformer(nn.Module):
 
     # --- construction -------------------------------------------------------------------------
     def _encoding_knobs(self) -> dict[str, Any]:
-        return {k: getattr(self.pos_encoding, k) for k in ENCODING_KNOBS if hasattr(self.pos_encoding, k)}
+        return {k: getattr(self.pos_encoding, k) for k in self.pos_encoding.knobs}
 
     @property
     def config(self) -> ViTConfig:
@@ -216,7 +213,7 @@ class VisionTransformer(nn.Module):
 
         The construction arguments, updated by what was changed since: classifier and pooling
         (``reset_classifier``), the LookHere config (e.g. its ``global_slope``) and the encoding's
-        test-time knobs (``ENCODING_KNOBS``).
+        test-time knobs (``pos_encoding.knobs``).
         """
         changes: dict[str, Any] = dict(num_classes=self.num_classes, global_pool=self.global_pool)
         lookhere = getattr(self.pos_encoding, "config", None)
