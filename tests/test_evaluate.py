@@ -322,6 +322,12 @@ def test_eval_of_a_timm_model_with_a_pretrained_file(tmp_path, capsys):
     assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "other.pth"), "--data", "synthetic",
                  "--sizes", "224"]) == 2
     assert f"--pretrained-file {tmp_path / 'other.pth'}: the weights do not load into {name}" in capsys.readouterr().err
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")  # a damaged download
+    assert main(["eval", "--model", name, "--pretrained-file", str(tmp_path / "garbage.pth"), "--data", "synthetic",
+                 "--sizes", "224"]) == 2
+    err = capsys.readouterr().err
+    assert f"--pretrained-file {tmp_path / 'garbage.pth'}: the weights do not load into {name}" in err
+    assert "weights_only=False" not in err
 
 
 def test_eval_takes_exactly_one_of_model_and_checkpoint(tmp_path, capsys):

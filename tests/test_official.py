@@ -96,8 +96,9 @@ def test_foreign_pickle_is_refused_not_executed(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"config": LH, "weights": _Exploit()}, f)
-    with pytest.raises(ValueError, match="unreadable or unsafe"):
+    with pytest.raises(ValueError, match="unreadable or unsafe: not a checkpoint of plain tensors") as e:
         load_official(path)
+    assert "weights_only=False" not in str(e.value)  # never advise loading a foreign file unsafely
     assert not (tmp_path / "pwned_by_pickle").exists()
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassCalibrationError
 
 from .data import DataSpec, build_dataset, collate
+from .official import load_error
 from .position import Fire, LearnedAbsolute, LookHere, Rope2d
 
 ATTACKS = ("fgsm", "pgd")
@@ -83,7 +84,7 @@ def load_pretrained(name: str, file: str | os.PathLike | None = None) -> nn.Modu
                               f"check the connection, or download the file and pass --pretrained-file PATH") from e
     except (RuntimeError, ValueError) as e:  # weights that do not fit, an unsafe or unreadable file
         where = f"--pretrained-file {file}" if file is not None else f"--model {name!r}"
-        raise ValueError(f"{where}: the weights do not load into {name}: {str(e).strip().splitlines()[0]}") from e
+        raise ValueError(f"{where}: the weights do not load into {name}: {load_error(e)}") from e
     return model.eval()
 
 

@@ -59,6 +59,16 @@ def released_checkpoint(obj: Any, source: Any) -> tuple[LookHereConfig, dict[str
     return config, weights
 
 
+def load_error(e: BaseException) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file. torch's own advice (retry
+    with ``weights_only=False``) is not ours to give for a file of unknown origin."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "weights_only" in str(e):
+        return ("not a checkpoint of plain tensors (opened with torch.load(weights_only=True)): "
+                "a damaged file, another format, or one that holds Python objects")
+    return first
+
+
 def read_official(path: str | os.PathLike) -> tuple[LookHereConfig, dict[str, torch.Tensor]]:
     """The LookHere config and the state dict (keys in our layout) of a released checkpoint file."""
     if not os.path.isfile(path):
@@ -66,8 +76,7 @@ def read_official(path: str | os.PathLike) -> tuple[LookHereConfig, dict[str, to
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(path, f"unreadable or unsafe: {first}") from e
+        raise _fail(path, f"unreadable or unsafe: {load_error(e)}") from e
     return released_checkpoint(obj, path)
 
 
