@@ -413,5 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     print(message, file=sys.stderr)
     return status
 
+
 if __name__ == "__main__":
     sys.exit(main())
