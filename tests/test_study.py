@@ -15,7 +15,8 @@ import yaml
 from lookhere import create_vit
 from lookhere.evaluate import EvalSettings, apply_knobs, evaluate_size, knob_grid, run_eval
 from lookhere.data import DataSpec, build_dataset
-from lookhere.study import StudyConfig, check_cells_match
+from lookhere.environment import is_x86
+from lookhere.study import StudyConfig, check_cells_match, resolve_identities
 from lookhere.study_report import aggregate, paired, summarize
 
 T_975_DF2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -118,6 +119,7 @@ def test_tuned_setting_is_the_best_on_validation_and_its_test_metrics_are_that_s
     direct = evaluate_size(model, test, 4).compute()
     assert res["tuned"]["32"] == direct
     assert res["tuned"]["16"] == res["sizes"]["16"] and res["knobs"]["16"]["val_top1"] == {}
+    assert res["environment"]["torch"] == torch.__version__  # eval.json records what decides its digits
 
 
 def test_study_config_errors(tmp_path):
@@ -176,7 +178,7 @@ def test_cells_made_by_other_settings_or_unreadable_are_named(tmp_path):
     check_cells_match(cells)  # nothing made yet
     for c in cells:
         c.dir.mkdir(parents=True)
-        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line()}))
+        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line(), "identity": {}}))
     check_cells_match(cells)  # made by these very settings
     other = StudyConfig.from_dict({**TINY, "train": {**TINY["train"], "epochs": 3}}).cells(tmp_path)
     with pytest.raises(ValueError, match=r"2 cell\(s\) were made with other settings.*--output"):
@@ -184,6 +186,76 @@ def test_cells_made_by_other_settings_or_unreadable_are_named(tmp_path):
     (cells[1].dir / "cell.json").write_text('{"command": "OMP_NUM')  # cut short
     with pytest.raises(ValueError, match=r"(?s)1 cell\(s\).*rope-2d-mixed/seed0 \(cell.json unreadable\)"):
         check_cells_match(cells)
+    # A cell made before identities were recorded: its two commands decide (the kernel pin came later).
+    c = cells[1].commands()
+    (cells[1].dir / "cell.json").write_text(json.dumps({"command": "OMP_NUM_THREADS=1 ...", "train_command": c["train"],
+                                                        "eval_command": c["eval"]}))
+    check_cells_match(cells)
+    (cells[1].dir / "cell.json").write_text(json.dumps({"train_command": c["train"][:-1], "eval_command": c["eval"]}))
+    with pytest.raises(ValueError, match=r"1 cell\(s\) were made with other settings"):
+        check_cells_match(cells)
+
+
+OLD_LH90 = {"global_slope": 1.0, "layer_slopes": [1.5, 0.5], "head_directions": "triangles-corners"}
+
+
+def test_variants_and_the_kernel_pin_in_a_study_config():
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90", "lh-90-all-masked"],
+                                 "variants": {"lh-90-all-masked": {"pos_encoding": "lookhere", "lookhere_config": OLD_LH90}}})
+    train = cfg.train_config("synthetic-where", "lh-90-all-masked", 0, "out")
+    assert train.pos_encoding == "lookhere" and train.lookhere_config == OLD_LH90
+    cell = cfg.cells("root")[1]
+    assert cell.dir == Path("root/synthetic-where/lh-90-all-masked/seed0")
+    assert cell.command_line().startswith(
+        "OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 lookhere train")
+    if is_x86():  # what the cells run with is what the command line says
+        assert cfg.cell_env() == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
+                                  "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+    assert "--lookhere-config" in cell.commands()["train"]
+    unpinned = StudyConfig.from_dict({**TINY, "cpu_capability": None})
+    assert unpinned.cells("r")[0].command_line().startswith("OMP_NUM_THREADS=1 lookhere train")
+    assert unpinned.cell_env() == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    bad = [({"variants": {"lh-45": {"pos_encoding": "lookhere"}}}, "has the name of a registered encoding"),
+           ({"variants": {"v": {"lookhere_config": OLD_LH90}}}, "variant 'v' needs pos_encoding"),
+           ({"variants": {"v": {"pos_encoding": "lookhere", "lr": 1}}}, r"may set only pos_encoding"),
+           ({"cpu_capability": "avx3"}, "cpu_capability 'avx3'; allowed: default, avx2, avx512 or null")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            StudyConfig.from_dict({**TINY, **change})
+    # A variant the model refuses is named before any cell runs (resolving the identities builds it).
+    contradicting = StudyConfig.from_dict({**TINY, "encodings": ["v"], "variants": {
+        "v": {"pos_encoding": "lh-90", "lookhere_config": OLD_LH90}}})
+    with pytest.raises(RuntimeError, match="could not resolve the cells' settings: .*differs from the preset"):
+        resolve_identities(contradicting, contradicting.cells("root"))
+
+
+def test_identity_holds_the_resolved_preset_and_notices_an_initialisation_change(monkeypatch):
+    from lookhere.position import Fourier
+    from lookhere.study import identity_changes, resolved_identity
+
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90", "lh-90-all-masked", "fourier"],
+                                 "variants": {"lh-90-all-masked": {"pos_encoding": "lookhere", "lookhere_config": OLD_LH90}}})
+    lh90, masked, fourier = (resolved_identity(c) for c in cfg.cells("root"))
+    assert lh90["encoding"]["config"]["head_directions"] == "corners-triangles-none"
+    assert lh90["encoding"]["config"]["global_slope"] == 2.0
+    assert identity_changes(masked, lh90) == [
+        'encoding.config.global_slope: 1.0 -> 2.0',
+        'encoding.config.head_directions: "triangles-corners" -> "corners-triangles-none"',
+        'encoding.name: "lookhere" -> "lh-90"', f'model.lookhere_config: {json.dumps(OLD_LH90)} -> null',
+        'model.pos_encoding: "lookhere" -> "lh-90"']
+    assert resolved_identity(cfg.cells("root")[2]) == fourier  # a function of the cell alone
+
+    original = Fourier.init_weights
+
+    def other_init(self):  # an initialisation change: another scale
+        original(self)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(1.5)
+
+    monkeypatch.setattr(Fourier, "init_weights", other_init)
+    changed = resolved_identity(cfg.cells("root")[2])
+    assert identity_changes(fourier, changed) == ["the initial weights differ (an initialisation change)"]
 
 
 def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):
@@ -196,7 +268,8 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     results = json.loads((straight / "results.json").read_text())
     assert [(c["encoding"], c["seed"]) for c in results["cells"]] == [("lh-90", 0), ("rope-2d-mixed", 0)]
     cell = results["cells"][0]
-    assert cell["command"].startswith("OMP_NUM_THREADS=1 lookhere train --data synthetic-where")
+    assert cell["command"].startswith("OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                                      "MKL_CBWR=AVX2 lookhere train --data synthetic-where")
     assert "--pos-encoding lh-90" in cell["command"] and "--tune-knobs" in cell["command"]
     assert set(cell["sizes"]) == {"16", "32"} and set(cell["adversarial"]) == {"n", "fgsm@1/255", "pgd@1/255"}
     assert set(results["summary"]["synthetic-where"]["paired"]) == {"rope-2d-mixed"}
@@ -227,6 +300,28 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     t = time.time()
     out, err = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"]).communicate(timeout=300)
     assert "0 run now" in out and time.time() - t < 60
+
+    # A cell made when its preset resolved otherwise (here: half the global slope) is made again, alone.
+    lh_cell, rope_cell = (killed / "synthetic-where" / pe / "seed0" for pe in ("lh-90", "rope-2d-mixed"))
+    made = json.loads((lh_cell / "cell.json").read_text())
+    assert made["identity"]["encoding"]["config"]["global_slope"] == 2.0
+    assert made["environment"]["eval"]["settings"]["ATEN_CPU_CAPABILITY"] == "avx2" or not is_x86()
+    made["identity"]["encoding"]["config"]["global_slope"] = 1.0
+    (lh_cell / "cell.json").write_text(json.dumps(made))
+    rope_eval = (rope_cell / "eval" / "eval.json").stat().st_mtime_ns
+    out, err = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"]).communicate(timeout=600)
+    assert "cell synthetic-where/lh-90/seed0 was made again: encoding.config.global_slope: 1.0 -> 2.0" in out, err
+    assert (rope_cell / "eval" / "eval.json").stat().st_mtime_ns == rope_eval  # the other cell was kept
+    remade = json.loads((lh_cell / "cell.json").read_text())
+    assert remade["made_again"] == ["encoding.config.global_slope: 1.0 -> 2.0"]
+    assert remade["identity"] == {**made["identity"], "encoding": {**made["identity"]["encoding"], "config": {
+        **made["identity"]["encoding"]["config"], "global_slope": 2.0}}}
+    assert "lh-90/seed0: encoding.config.global_slope: 1.0 -> 2.0" in (killed / "report.md").read_text()
+    again = json.loads((killed / "results.json").read_text())  # made again from scratch: the same numbers
+    for c in again["cells"]:
+        c["command"] = c["command"].replace(str(killed), str(straight))
+        c["made_again"] = None
+    assert again["cells"] == results["cells"]
 
     # The same directory under other settings is refused, not silently reused.
     before = (killed / "results.json").read_text()

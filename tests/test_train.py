@@ -79,6 +79,9 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     resumed = cli("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     same_weights(tmp_path / "full", run, ("model.safetensors", "ema.safetensors"))
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["step"] for r in records if r["kind"] == "environment"]
+    assert starts[0] == 0 and len(starts) == 2 and 0 < starts[1] <= killed_at  # the resume is recorded too
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 18
 
 
@@ -146,6 +149,9 @@ def test_training_learns_and_writes_what_it_promises(tmp_path):
     model = load_model(run / "best")
     assert model.config.pos_encoding == "lh-45"
     assert not (run / "last.tmp").exists() and not (run / "last.old").exists()
+    env = [r for r in records if r["kind"] == "environment"]  # what decides the last digits, once per start
+    assert len(env) == 1 and env[0]["step"] == 0 and env[0]["torch"] == torch.__version__
+    assert env[0]["threads"] == torch.get_num_threads() and env[0]["torch_cpu_capability"]
 
 
 def test_train_config_round_trips(tmp_path):

@@ -232,7 +232,7 @@ def _study(args: argparse.Namespace) -> int:
 
     if args.report:
         files = write_report(args.report)
-        print(f"wrote {files['report']}, {files['results']} and {files['plot']}")
+        print(f"wrote {files['report']}, {files['results']}, {files['headline']} and {files['plot']}")
         return 0
     if not args.config or not args.output:
         raise ValueError("--config and --output are required (or --report DIR to aggregate a study)")
@@ -241,6 +241,8 @@ def _study(args: argparse.Namespace) -> int:
         print(format_estimate(estimate(cfg, args.output, jobs=args.jobs)))
         return 0
     result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+    for key, why in result["made_again"].items():
+        print(f"cell {key} was made again: {'; '.join(why)}")
     for key, why in result["failures"].items():
         print(f"cell {key} failed: {why}", file=sys.stderr)
     print(f"{result['cells']} cells ({result['ran']} run now); wrote {result['report']} and {result['results']}")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassCalibrationError
 
 from .data import DataSpec, build_dataset, collate
+from .environment import environment
 from .official import load_error
 from .position import Fire, LearnedAbsolute, LookHere, Rope2d
 
@@ -395,7 +396,7 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
         settings = dataclasses.replace(settings, data_config=model_data_config(model, train_size))
     num_classes = settings.num_classes or model.num_classes
     results: dict[str, Any] = {"data": settings.data, "split": settings.split, "train_size": train_size,
-                               "sizes": {}, "adversarial": {}, "by_object_size": None}
+                               "sizes": {}, "adversarial": {}, "by_object_size": None, "environment": environment()}
 
     def measure(ds, label: str) -> Metrics:
         bar = tqdm(total=len(ds), desc=label, unit="img", disable=not progress, leave=False)

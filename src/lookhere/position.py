@@ -68,6 +68,14 @@ class PositionEncoding(nn.Module):
     # constructor options that set them, so a saved model's config can record them.
     knobs: tuple[str, ...] = ()
 
+    def resolved(self) -> dict[str, Any]:
+        """What this encoding resolved to: its class and every plain setting it holds (options,
+        defaults, knobs). A study's cell identity records it, so a changed default is noticed."""
+        plain = (bool, int, float, str, tuple, list, type(None))
+        return {"class": type(self).__name__,
+                **{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_") and k != "training"
+                   and isinstance(v, plain)}}
+
     def init_weights(self) -> None:
         """Set this encoding's parameters to its own initialisation (called at construction; the
         ViT's generic initialisation leaves the encoding alone)."""
@@ -180,6 +188,9 @@ class LookHere(PositionEncoding):
     def score_bias(self, *, grid, layer, num_prefix_tokens, device):
         bias = layer_bias(self.config, grid, layer, self.depth, self.num_heads, device=device)
         return F.pad(bias, (num_prefix_tokens, 0, num_prefix_tokens, 0))
+
+    def resolved(self) -> dict[str, Any]:
+        return {**super().resolved(), "config": self.config.to_dict()}
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -562,6 +573,11 @@ class RopeDinoV3(PositionEncoding):
                                           rotate_half=True, shift_coords=shift_coords, jitter_coords=jitter_coords,
                                           rescale_coords=rescale_coords)
         self._drawn: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def resolved(self) -> dict[str, Any]:
+        r = self.rope
+        return {**super().resolved(), "temperature": r.temperature, "shift_coords": r.shift_coords,
+                "jitter_coords": r.jitter_coords, "rescale_coords": r.rescale_coords}
 
     def embed(self, x, grid):
         # Once per forward: the layers' attend calls (and a checkpointed block's recomputation) share the draw.

@@ -2,18 +2,26 @@
 at several sizes, and aggregated with error bars.
 
 A study directory holds one folder per cell, ``DATASET/ENCODING/seedN``, with ``cell.json`` (the
-cell and the exact commands that make it), ``run/`` (the training run: config, metrics,
-checkpoints) and ``eval/eval.json``. A cell whose ``eval/eval.json`` exists is never run again; a
-cell killed during training resumes from its last checkpoint (bit-exact). Cells run as
-subprocesses with one thread each, ``--jobs`` at a time, so a rerun of a cell's recorded commands
-gives the same numbers on the same machine.
+cell, the exact command that makes it, its identity and environment), ``run/`` (the training run:
+config, metrics, checkpoints) and ``eval/eval.json``. A cell killed during training resumes from its
+last checkpoint (bit-exact). Cells run as subprocesses with one thread each, ``--jobs`` at a time,
+with the CPU code paths of torch, oneDNN and MKL pinned (``cpu_capability``, AVX2 by default), so that
+whether a CPU has AVX-512 does not decide a cell's last digits.
+
+A cell's identity is its command and what the code resolves that command to: the model's full
+config (a LookHere preset's strings and slopes, an encoding's options), a digest of the initial
+weights and one of the first training samples. A finished cell is kept while both match; one whose
+resolved identity changed (a preset, an initialisation, the data) is run again, and ``cell.json``
+and the report say why. A cell made by another command is refused: that is another study.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +32,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .environment import CPU_CAPABILITIES, KERNEL_PINS, describe, kernel_pin
 from .io import write_atomic
 from .train import TrainConfig
 
@@ -61,6 +70,10 @@ class StudyConfig:
     train: dict[str, Any] = field(default_factory=dict)
     eval: EvalPlan = field(default_factory=EvalPlan)
     reference: str = "lh-90"  # the encoding every other one is compared against, seed by seed
+    # Named encodings of the study's own: name -> {pos_encoding, lookhere_config, pos_options}, e.g. a
+    # LookHere ablation. ``encodings`` may list them beside the registered names.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cpu_capability: Optional[str] = "avx2"  # the CPU code paths every cell is pinned to (x86-64); null: the CPU's best
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "study config") -> "StudyConfig":
@@ -81,7 +94,9 @@ class StudyConfig:
             datasets = {name: {} for name in datasets}
         cfg = cls(name=str(d["name"]), datasets={k: dict(v or {}) for k, v in datasets.items()},
                   encodings=list(d["encodings"]), seeds=[int(s) for s in d["seeds"]],
-                  train=dict(d.get("train") or {}), eval=EvalPlan(**plan), reference=d.get("reference", "lh-90"))
+                  train=dict(d.get("train") or {}), eval=EvalPlan(**plan), reference=d.get("reference", "lh-90"),
+                  variants={k: dict(v or {}) for k, v in (d.get("variants") or {}).items()},
+                  cpu_capability=d.get("cpu_capability", "avx2"))
         cfg.validate(source)
         return cfg
 
@@ -103,14 +118,26 @@ class StudyConfig:
 
         if not self.datasets or not self.encodings or not self.seeds:
             raise ValueError(f"{source}: datasets, encodings and seeds must each list at least one entry")
+        for name, variant in self.variants.items():
+            if name in POSITION_ENCODINGS:
+                raise ValueError(f"{source}: variant {name!r} has the name of a registered encoding; rename it")
+            if set(variant) - set(VARIANT_KEYS) or "pos_encoding" not in variant:
+                raise ValueError(f"{source}: variant {name!r} needs pos_encoding and may set only "
+                                 f"{', '.join(VARIANT_KEYS)} (got {sorted(variant)})")
         for pe in self.encodings:
-            if pe not in POSITION_ENCODINGS:
-                raise ValueError(f"{source}: unknown encoding {pe!r}; allowed: {', '.join(POSITION_ENCODINGS)}")
+            if pe not in POSITION_ENCODINGS and pe not in self.variants:
+                raise ValueError(f"{source}: unknown encoding {pe!r}; allowed: {', '.join(POSITION_ENCODINGS)} "
+                                 f"or a name under variants")
+        if self.cpu_capability is not None and self.cpu_capability not in CPU_CAPABILITIES:
+            raise ValueError(f"{source}: cpu_capability {self.cpu_capability!r}; allowed: "
+                             f"{', '.join(CPU_CAPABILITIES)} or null")
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.encodings)) != len(self.encodings):
             raise ValueError(f"{source}: seeds and encodings must not repeat")
+        for pe in self.encodings:  # unknown keys and contradicting encoding options fail here
+            for name in self.datasets:
+                self.train_config(name, pe, self.seeds[0], "x").validate()
         for name in self.datasets:
-            cfg = self.train_config(name, self.encodings[0], self.seeds[0], "x")  # unknown keys fail here
-            cfg.validate()
+            cfg = self.train_config(name, self.encodings[0], self.seeds[0], "x")
             for size in self.sizes(name):
                 if size % cfg.patch_size:
                     raise ValueError(f"{source}: {name} size {size} is not a multiple of patch size {cfg.patch_size}")
@@ -120,16 +147,23 @@ class StudyConfig:
 
     def train_config(self, dataset: str, encoding: str, seed: int, output: str) -> TrainConfig:
         own = {k: v for k, v in self.datasets[dataset].items() if k != "sizes"}
-        d = {**self.train, **own, "data": dataset, "pos_encoding": encoding, "seed": seed, "output": output,
-             "progress": False}
+        d = {**self.train, **own, "data": dataset, "pos_encoding": encoding, **self.variants.get(encoding, {}),
+             "seed": seed, "output": output, "progress": False}
         try:
             return TrainConfig.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"study {self.name!r}, dataset {dataset!r}: {e}") from None
 
+    def cell_env(self) -> dict[str, str]:
+        """Environment variables every cell runs with (one thread; the pinned CPU kernels)."""
+        return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **kernel_pin(self.cpu_capability)}
+
     def cells(self, root: str | Path) -> list["Cell"]:
         """Seed by seed, so a study stopped part-way has every encoding at the same number of seeds."""
         return [Cell(self, d, pe, s, Path(root)) for s in self.seeds for d in self.datasets for pe in self.encodings]
+
+
+VARIANT_KEYS = ("pos_encoding", "lookhere_config", "pos_options")
 
 
 def _dirname(dataset: str) -> str:
@@ -206,9 +240,24 @@ class Cell:
         return {"train": train_cmd, "eval": eval_cmd}
 
     def command_line(self) -> str:
-        """What a user types to make this cell again (one thread, as the study ran it)."""
+        """What a user types to make this cell again (one thread and the kernels the study pinned)."""
         c = self.commands()
-        return " && ".join(f"OMP_NUM_THREADS=1 {shlex.join(c[k])}" for k in ("train", "eval"))
+        pin = KERNEL_PINS.get(self.study.cpu_capability, {})
+        prefix = " ".join(["OMP_NUM_THREADS=1", *(f"{k}={v}" for k, v in pin.items())])
+        return " && ".join(f"{prefix} {shlex.join(c[k])}" for k in ("train", "eval"))
+
+    def recorded(self) -> Optional[dict[str, Any]]:
+        """``cell.json`` as written when the cell was made (None: not yet); ValueError when unreadable."""
+        f = self.dir / "cell.json"
+        if not f.is_file():
+            return None
+        try:
+            d = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            d = None
+        if not isinstance(d, dict):
+            raise ValueError(f"{self.dir} (cell.json unreadable)")
+        return d
 
     def status(self) -> str:
         if self.eval_json.is_file():
@@ -218,6 +267,131 @@ class Cell:
         if (self.run_dir / "last" / "state.pt").is_file():
             return "started"
         return "todo"
+
+
+# --- identity -----------------------------------------------------------------------------------
+def _digest(tensors: list[tuple[str, Any]]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolved_identity(cell: Cell, datasets: Optional[dict] = None) -> dict[str, Any]:
+    """What the code makes of the cell's command: the model's full config, a digest of the weights
+    training starts from and one of the first training samples (as augmented in epoch 0)."""
+    from .data import DataSpec, build_dataset
+    from .data.factory import num_classes_of
+    from .train import SeededSamples, initial_model
+
+    cfg = cell.train_config()
+    spec = DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, cfg.data_root)
+    datasets = {} if datasets is None else datasets
+    key = repr(spec)
+    if key not in datasets:
+        ds = build_dataset(spec, "train")
+        samples = SeededSamples(ds, cfg.seed)
+        datasets[key] = (num_classes_of(ds), _digest([(str(i), samples[i][0]) for i in range(min(4, len(ds)))]))
+    num_classes, data = datasets[key]
+    model = initial_model(cfg, cfg.num_classes or num_classes)
+    return json.loads(json.dumps({"model": model.config.to_dict(), "encoding": model.pos_encoding.resolved(),
+                                  "initial_weights": _digest(list(model.state_dict().items())), "data": data}))
+
+
+def _identities_main() -> None:
+    """Subprocess entry: identities of the cells named on stdin, as JSON on stdout."""
+    request = json.loads(sys.stdin.read())
+    cfg = StudyConfig.from_dict(request["study"])
+    datasets: dict = {}
+    wanted = set(request["keys"])
+    out = {c.key: resolved_identity(c, datasets) for c in cfg.cells(request["root"]) if c.key in wanted}
+    sys.stdout.write(json.dumps(out))
+
+
+def resolve_identities(cfg: StudyConfig, cells: list[Cell]) -> dict[str, dict[str, Any]]:
+    """Identities computed in a process with the cells' own environment: the pinned kernels are the
+    ones that draw the initial weights."""
+    if not cells:
+        return {}
+    request = json.dumps({"study": cfg.to_dict(), "root": str(cells[0].root), "keys": [c.key for c in cells]})
+    proc = subprocess.run([sys.executable, "-c", "from lookhere.study import _identities_main; _identities_main()"],
+                          input=request, capture_output=True, text=True, env={**os.environ, **cfg.cell_env()})
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise RuntimeError(f"could not resolve the cells' settings: {last}")
+    return json.loads(proc.stdout)
+
+
+REASONS = {"initial_weights": "the initial weights differ (an initialisation change)",
+           "data": "the first training samples differ (a data change)"}
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Why two identities differ, one line per changed setting."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_changes(a, b, f"{prefix}{k}.")
+        else:
+            out.append(REASONS.get(prefix + k) or f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def check_cells_match(cells: list[Cell]) -> None:
+    """A cell made by another command is another study: refuse rather than keep or resume it."""
+    stale = []
+    for cell in cells:
+        try:
+            made = cell.recorded()
+        except ValueError as e:
+            stale.append(str(e))
+            continue
+        if made is None:
+            continue
+        if "identity" in made:
+            same = made.get("command") == cell.command_line()
+        else:  # made before identities and the pinned kernels were recorded: the commands themselves
+            c = cell.commands()
+            same = made.get("train_command") == c["train"] and made.get("eval_command") == c["eval"]
+        if not same:
+            stale.append(str(cell.dir))
+    if stale:
+        shown = "\n  ".join(stale[:10]) + (f"\n  ... and {len(stale) - 10} more" if len(stale) > 10 else "")
+        raise ValueError(f"{len(stale)} cell(s) were made with other settings than this study config or "
+                         f"cannot be read; remove them or choose another --output:\n  {shown}")
+
+
+def cells_to_redo(cells: list[Cell], identities: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Cells already (partly) made whose command now resolves to something else, with the reasons;
+    a part-made cell from before identities were recorded is started again too."""
+    redo = {}
+    for cell in cells:
+        made = cell.recorded()
+        if made is None or cell.status() == "todo":
+            continue
+        if "identity" in made:
+            changes = identity_changes(made["identity"], identities[cell.key])
+            if changes:
+                redo[cell.key] = changes
+        elif cell.status() != "done":
+            redo[cell.key] = ["part-made before identities were recorded"]
+    return redo
+
+
+def _clear(cell: Cell, why: list[str]) -> None:
+    for name in ("run", "eval"):
+        shutil.rmtree(cell.dir / name, ignore_errors=True)
+    for name in ("train.json", "timing.json"):
+        (cell.dir / name).unlink(missing_ok=True)
+    with open(cell.dir / "log.txt", "a") as log:
+        log.write(f"# made again: {'; '.join(why)}\n")
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -239,14 +413,32 @@ def _write_json(path: Path, obj: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
-def run_cell(cell: Cell) -> dict[str, float]:
-    """Train (or resume) and evaluate one cell; returns the seconds each part took."""
+def _environments(cell: Cell) -> dict[str, Any]:
+    """The environments the cell's training (each start and resume, distinct ones) and evaluation ran in."""
+    train = []
+    for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "environment":
+            env = {k: v for k, v in r.items() if k not in ("kind", "step")}
+            if env not in train:
+                train.append(env)
+    return {"train": train, "eval": json.loads(cell.eval_json.read_text()).get("environment")}
+
+
+def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optional[list[str]] = None) -> dict[str, float]:
+    """Train (or resume) and evaluate one cell; returns the seconds each part took. ``identity`` is
+    recorded in ``cell.json`` (``resolve_identities`` makes it); ``why``, if the cell is made again."""
     cell.dir.mkdir(parents=True, exist_ok=True)
     commands = cell.commands()
-    _write_json(cell.dir / "cell.json", {
-        "dataset": cell.dataset, "encoding": cell.encoding, "seed": cell.seed, "command": cell.command_line(),
-        "train_command": commands["train"], "eval_command": commands["eval"]})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    record: dict[str, Any] = {"dataset": cell.dataset, "encoding": cell.encoding, "seed": cell.seed,
+                              "command": cell.command_line(), "train_command": commands["train"],
+                              "eval_command": commands["eval"]}
+    if identity is not None:
+        record["identity"] = identity
+    if why:
+        record["made_again"] = why
+    _write_json(cell.dir / "cell.json", record)
+    env = {**os.environ, **cell.study.cell_env()}
     timing: dict[str, float] = {}
     timing_file = cell.dir / "timing.json"
     if timing_file.is_file():
@@ -268,46 +460,38 @@ def run_cell(cell: Cell) -> dict[str, float]:
             _run(commands["eval"], log, env)
             timing["eval_s"] = time.perf_counter() - t
             _write_json(timing_file, timing)
+    _write_json(cell.dir / "cell.json", {**record, "environment": _environments(cell)})
     return timing
 
 
-def check_cells_match(cells: list[Cell]) -> None:
-    """A cell made by other settings would be kept as done (or resumed) silently: refuse instead."""
-    stale = []
-    for cell in cells:
-        f = cell.dir / "cell.json"
-        if not f.is_file():
-            continue
-        try:
-            made_by = json.loads(f.read_text()).get("command")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            stale.append(f"{cell.dir} (cell.json unreadable)")
-            continue
-        if made_by != cell.command_line():
-            stale.append(str(cell.dir))
-    if stale:
-        shown = "\n  ".join(stale[:10]) + (f"\n  ... and {len(stale) - 10} more" if len(stale) > 10 else "")
-        raise ValueError(f"{len(stale)} cell(s) were made with other settings than this study config or "
-                         f"cannot be read; remove them or choose another --output:\n  {shown}")
+def prepare(cfg: StudyConfig, output: str | Path) -> tuple[list[Cell], dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """The study's cells, what each resolves to and which made cells must be made again (and why);
+    refuses a directory made by another study."""
+    cells = cfg.cells(output)
+    check_cells_match(cells)
+    identities = resolve_identities(cfg, cells)
+    return cells, identities, cells_to_redo(cells, identities)
 
 
 def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Run every cell not yet done (``jobs`` at a time), then aggregate. Failed cells are reported
-    and left for the next run; the others go on."""
+    """Run every cell not yet done or whose identity changed (``jobs`` at a time), then aggregate.
+    Failed cells are reported and left for the next run; the others go on."""
     from tqdm import tqdm
 
     out = Path(output)
-    cells = cfg.cells(out)
-    check_cells_match(cells)
+    cells, identities, redo = prepare(cfg, out)
+    for cell in cells:
+        if cell.key in redo:
+            _clear(cell, redo[cell.key])
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    todo = [c for c in cells if c.status() != "done"]
+    todo = [c for c in cells if c.status() != "done" or c.key in redo]
     failures: dict[str, str] = {}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
 
     def one(cell: Cell) -> None:
         try:
-            run_cell(cell)
+            run_cell(cell, identities[cell.key], redo.get(cell.key))
         except RuntimeError as e:
             failures[cell.key] = f"{e}; see {cell.dir / 'log.txt'}"
         bar.update(1)
@@ -317,7 +501,7 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
         list(pool.map(one, todo))
     bar.close()
     report = write_report(out)
-    return {"cells": len(cells), "ran": len(todo), "failures": failures, **report}
+    return {"cells": len(cells), "ran": len(todo), "made_again": redo, "failures": failures, **report}
 
 
 # --- estimating ----------------------------------------------------------------------------------
@@ -364,13 +548,12 @@ def _measure(cell: Cell) -> dict[str, Any]:
 def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str, Any]:
     """Cells with their status and an estimate of the seconds each needs (measured: a few training
     steps and forward passes of each model on one thread; cells already run use their own times)."""
-    cells = cfg.cells(output)
-    check_cells_match(cells)  # a dry run refuses what the run would refuse
+    cells, _, redo = prepare(cfg, output)  # a dry run refuses what the run would refuse
     plan = cfg.eval
     measured: dict[tuple[str, str], dict[str, Any]] = {}
     rows = []
     for cell in cells:
-        status = cell.status()
+        status = "again" if cell.key in redo else cell.status()
         timing_file = cell.dir / "timing.json"
         if status == "done" and timing_file.is_file():
             t = json.loads(timing_file.read_text())
@@ -395,7 +578,7 @@ def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str
         train_s = steps * m["step_s"] * (0.0 if status == "trained" else 1.0)
         rows.append((cell, status, train_s + eval_s, 0.0))
     remaining = sum(r[2] for r in rows)
-    return {"rows": rows, "remaining_s": remaining, "wall_s": remaining / max(1, jobs), "jobs": jobs}
+    return {"rows": rows, "remaining_s": remaining, "wall_s": remaining / max(1, jobs), "jobs": jobs, "made_again": redo}
 
 
 def format_estimate(est: dict[str, Any]) -> str:
@@ -403,6 +586,8 @@ def format_estimate(est: dict[str, Any]) -> str:
     for cell, status, todo_s, spent_s in est["rows"]:
         t = f"{todo_s / 60:7.1f} m" if todo_s else (f"({spent_s / 60:.1f} m)" if spent_s else "")
         lines.append(f"{cell.key:48s} {status:8s} {t:>9s}")
+    for key, why in est.get("made_again", {}).items():
+        lines.append(f"{key} is made again: {'; '.join(why)}")
     n_todo = sum(1 for r in est["rows"] if r[1] != "done")
     lines.append(f"{len(est['rows'])} cells, {n_todo} to run: about {est['remaining_s'] / 3600:.2f} CPU-hours, "
                  f"{est['wall_s'] / 3600:.2f} hours with --jobs {est['jobs']} (one thread per job)")

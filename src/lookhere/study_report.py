@@ -79,6 +79,8 @@ def _cells(root: Path) -> list[dict[str, Any]]:
                     "best_val_top1": max((e["val_acc"] for e in epochs), default=None),
                     "sizes": sizes, "adversarial": ev.get("adversarial") or {},
                     "by_object_size": ev.get("by_object_size"),
+                    "identity": cell.get("identity"), "made_again": cell.get("made_again"),
+                    "environment": cell.get("environment"),
                 })
     return records
 
@@ -176,24 +178,11 @@ def plot_study(summary: dict[str, Any], path: Path) -> str:
         sizes = [int(s) for s in ds["sizes"]]
         for ax, (variant, title) in zip(axes[:, col], variants.items()):
             for i, (enc, e) in enumerate(ds["encodings"].items()):
-                rows = [e[variant][str(s)]["top1"] for s in sizes]
-                mean = np.array([r["mean"] for r in rows], dtype=float) * 100
-                lo = np.array([r["ci95"][0] if r["ci95"][0] is not None else r["mean"] for r in rows], dtype=float) * 100
-                hi = np.array([r["ci95"][1] if r["ci95"][1] is not None else r["mean"] for r in rows], dtype=float) * 100
                 lh = enc.startswith("lh")
-                ax.plot(sizes, mean, marker="o", ms=3, lw=2.2 if lh else 1.2, color=cmap(i % 20), label=enc,
-                        ls="-" if lh else "--")
-                # A t-interval over 3 seeds can pass 0% or 100%; accuracy cannot.
-                ax.fill_between(sizes, np.clip(lo, 0, 100), np.clip(hi, 0, 100), color=cmap(i % 20), alpha=0.15, lw=0)
-            ax.axvline(ds["train_size"], color="grey", lw=0.8, ls=":")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sizes, [str(s) for s in sizes])
-            ax.minorticks_off()
-            ax.set_ylim(0, 100)
-            ax.set_xlabel("test image size (px); dotted: training size")
+                _band(ax, sizes, e, variant, lw=2.2 if lh else 1.2, color=cmap(i % 20), label=enc, ls="-" if lh else "--")
+            _size_axis(ax, sizes, ds["train_size"])
             ax.set_ylabel("top-1 (%), mean and 95% interval over seeds")
             ax.set_title(f"{dataset}: {title}")
-            ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -201,8 +190,87 @@ def plot_study(summary: dict[str, Any], path: Path) -> str:
     return str(path)
 
 
+LOOKHERE = ("lh-180", "lh-90", "lh-45")
+# The families the headline figure draws one line for (their best member), in drawing order.
+FAMILIES = {
+    "RoPE": ("rope-2d-axial", "rope-2d-mixed", "rope-2d-dinov3"),
+    "attention bias": ("rpe-learned", "alibi-2d", "fire", "pape"),
+    "absolute": ("learned-1d", "sincos-2d", "factorized", "fourier"),
+    "none": ("none",),
+}
+
+
+def _extrapolation_mean(e: dict[str, Any], variant: str, sizes: list[str], train_size: int) -> float:
+    larger = [s for s in sizes if int(s) > train_size] or sizes
+    return float(np.mean([e[variant][s]["top1"]["mean"] for s in larger]))
+
+
+def headline(ds: dict[str, Any], variant: str) -> list[tuple[str, str]]:
+    """(label, encoding) for LookHere's presets and each family's best member by mean top-1 over
+    the test sizes above the training size."""
+    encodings, sizes = ds["encodings"], ds["sizes"]
+    lines = [(enc, enc) for enc in LOOKHERE if enc in encodings]
+    for family, members in FAMILIES.items():
+        present = [m for m in members if m in encodings]
+        if present:
+            best = max(present, key=lambda m: _extrapolation_mean(encodings[m], variant, sizes, ds["train_size"]))
+            lines.append((f"{family}: {best}" if len(present) > 1 else best, best))
+    return lines
+
+
+def _band(ax, sizes: list[int], e: dict[str, Any], variant: str, **style) -> None:
+    rows = [e[variant][str(s)]["top1"] for s in sizes]
+    mean = np.array([r["mean"] for r in rows], dtype=float) * 100
+    lo = np.array([r["ci95"][0] if r["ci95"][0] is not None else r["mean"] for r in rows], dtype=float) * 100
+    hi = np.array([r["ci95"][1] if r["ci95"][1] is not None else r["mean"] for r in rows], dtype=float) * 100
+    ax.plot(sizes, mean, marker="o", ms=3, **style)
+    # A t-interval over 3 seeds can pass 0% or 100%; accuracy cannot.
+    ax.fill_between(sizes, np.clip(lo, 0, 100), np.clip(hi, 0, 100), color=style["color"], alpha=0.15, lw=0)
+
+
+def _size_axis(ax, sizes: list[int], train_size: int) -> None:
+    ax.axvline(train_size, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("test image size (px); dotted: training size")
+    ax.grid(alpha=0.3)
+
+
+def plot_headline(summary: dict[str, Any], path: Path) -> str:
+    """LookHere's three presets against the best member of each other family, with the knob tuned
+    on validation (left) and at the defaults (right); one row per dataset. Bands: 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 4.0 * len(names)), squeeze=False, sharey=True)
+    lh_colors = dict(zip(LOOKHERE, ("#08306b", "#2171b5", "#6baed6")))
+    family_colors = dict(zip(FAMILIES, ("#d94801", "#238b45", "#6a51a3", "#525252")))
+    for row, dataset in enumerate(names):
+        ds = summary[dataset]
+        sizes = [int(s) for s in ds["sizes"]]
+        for ax, (variant, title) in zip(axes[row], (("tuned", "knob tuned on validation"), ("default", "defaults"))):
+            for label, enc in headline(ds, variant):
+                family = next((f for f, m in FAMILIES.items() if enc in m), None)
+                style = (dict(color=lh_colors[enc], lw=2.4, ls="-") if family is None else
+                         dict(color=family_colors[family], lw=1.6, ls="--"))
+                _band(ax, sizes, ds["encodings"][enc], variant, label=label, **style)
+            _size_axis(ax, sizes, ds["train_size"])
+            ax.set_title(f"{dataset}: {title}")
+            ax.legend(fontsize=8, loc="best")
+        axes[row][0].set_ylabel("top-1 (%), mean and 95% interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = "", progress: str = "",
-             plot: str = "") -> str:
+             plot: str = "", headline_plot: str = "") -> str:
     lines = [f"# Study: {name}", ""]
     if progress:
         lines += [progress, ""]
@@ -211,6 +279,10 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
     lines += ["Numbers are means over seeds ± the half-width of the 95% Student-t interval, in percent "
               "(NLL in nats). \"Tuned\": each encoding's test-time knob set per size on the validation "
               "split (LookHere global slope, RoPE coordinate interpolation, learned-1d resampling, FIRE normaliser).", ""]
+    if headline_plot:
+        lines += [f"![LookHere's presets against the best of each family]({headline_plot})", "",
+                  "LookHere's three presets against the best member of each other family (chosen by mean top-1 "
+                  "over the sizes above the training size, separately with and without knobs). Every encoding:", ""]
     if plot:
         lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
     for dataset, ds in summary.items():
@@ -260,6 +332,37 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
     return "\n".join(lines)
 
 
+def provenance(records: list[dict[str, Any]]) -> str:
+    """Which cells were made again and why, which predate recorded identities, and the environments
+    the cells ran in (what a rerun elsewhere must match to give the same digits)."""
+    from .environment import describe
+
+    lines = ["## Provenance", ""]
+    again = [r for r in records if r.get("made_again")]
+    if again:
+        lines += [f"Made again because what their command resolves to had changed ({len(again)} cells):", ""]
+        for r in again:
+            lines.append(f"- {r['dataset']}/{r['encoding']}/seed{r['seed']}: {'; '.join(r['made_again'])}")
+        lines.append("")
+    legacy = [r for r in records if not r.get("identity")]
+    if legacy:
+        by_encoding = Counter(f"{r['dataset']}/{r['encoding']}" for r in legacy)
+        lines += [f"Made before cell identities and environments were recorded, kept because their commands "
+                  f"match ({len(legacy)} cells): " + ", ".join(f"{k} ({n})" for k, n in by_encoding.items()) +
+                  ". A rerun of their command need not repeat their digits (see the notes).", ""]
+    environments: Counter = Counter()
+    for r in records:
+        env = r.get("environment") or {}
+        for e in [*env.get("train", []), env.get("eval")]:
+            if e:
+                environments[describe(e)] += 1
+    if environments:
+        lines += ["Environments (count of training stretches and evaluations):", ""]
+        lines += [f"- {text}: {n}" for text, n in environments.most_common()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _p(p: Optional[float]) -> str:
     return "-" if p is None else f"{p:.2g}"
 
@@ -275,6 +378,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
         raise FileNotFoundError(f"{root}: no finished cells yet")
     summary = aggregate(records, cfg.get("reference", "lh-90"))
     plot = plot_study(summary, root / "top1_vs_size.png")
+    top = plot_headline(summary, root / "headline.png")
     notes_file = root / "notes.md"
     if not notes and notes_file.is_file():
         notes = notes_file.read_text().strip()
@@ -289,5 +393,5 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     if len(records) < planned:
         progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."
     (root / "report.md").write_text(markdown(cfg["name"], summary, results["reference"], notes, progress,
-                                             plot=Path(plot).name))
-    return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot}
+                                             plot=Path(plot).name, headline_plot=Path(top).name) + "\n" + provenance(records))
+    return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot, "headline": top}

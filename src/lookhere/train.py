@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import num_classes_of
+from .environment import environment
 from .io import save_model
 from .position import POSITION_ENCODINGS
 from .vit import SIZES, VisionTransformer, create_vit
@@ -354,6 +355,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, d: Dist
     return {"loss": totals[0].item() / n, "acc": totals[1].item() / n, "n": int(totals[2].item())}
 
 
+def initial_model(cfg: TrainConfig, num_classes: int) -> VisionTransformer:
+    """The weights a run starts from, drawn after seeding every RNG with ``cfg.seed`` (a study
+    fingerprints them to notice an initialisation change)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    return create_vit(**cfg.model_kwargs(num_classes))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics. Rank 0 logs and checkpoints."""
     from timm.data import Mixup
@@ -380,10 +390,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     num_classes = cfg.num_classes or num_classes_of(train_ds)
     train_ds = SeededSamples(train_ds, cfg.seed)
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    model: nn.Module = create_vit(**cfg.model_kwargs(num_classes)).to(device)
+    model: nn.Module = initial_model(cfg, num_classes).to(device)
     raw = model
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -443,6 +450,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         writer = SummaryWriter(str(run_dir / "tb"))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if d.main else None
+    if metrics_file is not None:  # at every start and resume: what decides this stretch's last digits
+        metrics_file.write(json.dumps({"kind": "environment", "step": step, **environment()}) + "\n")
 
     def log(record: dict[str, Any]) -> None:
         if metrics_file is None:
