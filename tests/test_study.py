@@ -277,6 +277,16 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     assert "## synthetic-where (trained at 16 px)" in report and "Paired over seeds: lh-90 minus" in report
     assert (straight / "top1_vs_size.png").stat().st_size > 10000
 
+    # A recorded cell made again elsewhere, from its cell.json alone: the same eval.json, bit for bit.
+    lh_straight = straight / "synthetic-where" / "lh-90" / "seed0"
+    again_dir = tmp_path / "again"
+    p = subprocess.run([sys.executable, "-m", "lookhere.cli", "reproduce", str(lh_straight), "--output", str(again_dir)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "identical to the recorded one" in p.stdout and "environment: as recorded" in p.stdout, p.stdout
+    assert "--output " + str(again_dir / "eval") in (again_dir / "log.txt").read_text()
+    assert json.loads((again_dir / "reproduce.json").read_text())["identical"] is True
+
     # The same study, killed (SIGKILL to its whole process group) while its first cell trains.
     p = _study(["--config", str(cfg), "--output", str(killed), "--no-progress"], start_new_session=True)
     state = killed / "synthetic-where" / "lh-90" / "seed0" / "run" / "last" / "state.pt"
@@ -335,3 +345,110 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     assert p.returncode != 0 and "2 cell(s) were made with other settings" in err, (out, err)
     assert (killed / "results.json").read_text() == before  # nothing was touched
     assert yaml.safe_load((killed / "study.yaml").read_text())["train"]["epochs"] == 2
+
+
+def _summary_row(top1_by_size: dict[str, float]) -> dict:
+    cell = {s: {"top1": {"mean": v, "ci95": [v - 0.05, v + 0.05]}} for s, v in top1_by_size.items()}
+    return {"tuned": cell, "default": cell}
+
+
+def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the_lines(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from lookhere.study_report import headline, plot_headline
+
+    ds = {"sizes": ["24", "48", "96"], "train_size": 24, "encodings": {
+        "lh-90": _summary_row({"24": 0.9, "48": 0.8, "96": 0.7}),
+        # rope-2d-axial wins at the training size, rope-2d-mixed above it: the headline is about size.
+        "rope-2d-axial": _summary_row({"24": 0.95, "48": 0.5, "96": 0.3}),
+        "rope-2d-mixed": _summary_row({"24": 0.85, "48": 0.6, "96": 0.4}),
+        "fire": _summary_row({"24": 0.8, "48": 0.7, "96": 0.6}),
+        "none": _summary_row({"24": 0.5, "48": 0.5, "96": 0.5}),
+    }}
+    assert headline(ds, "tuned") == [("lh-90", "lh-90"), ("RoPE: rope-2d-mixed", "rope-2d-mixed"),
+                                     ("fire", "fire"), ("none", "none")]
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to measure it
+    path = plot_headline({"synthetic": ds}, tmp_path / "headline.png")
+    assert Path(path).stat().st_size > 0
+    fig = kept[0]
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()][0] == "lh-90"
+        # No legend sits over any panel's plotting area.
+        for other in fig.axes:
+            assert not legend.get_window_extent(renderer).overlaps(other.get_window_extent(renderer))
+    plt.close(fig)
+
+
+def test_reproduce_reads_the_record_and_names_every_difference(tmp_path):
+    from lookhere.reproduce import command_env, compare, environment_changes, recorded_cell, relocate
+
+    line = "OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 lookhere train --seed 0 && X=1 lookhere eval"
+    assert command_env(line) == {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert relocate(["--output", "a/b/run", "--checkpoint", "a/b", "a/bc/run", "x"], "a/b", "/tmp/c") == [
+        "--output", "/tmp/c/run", "--checkpoint", "/tmp/c", "a/bc/run", "x"]
+    recorded = {"sizes": {"24": {"top1": 0.5, "n": 150}}, "adversarial": {"fgsm": [0.25, 0.5]},
+                "environment": {"torch": "2.14.1", "settings": {"MKL_CBWR": "AVX2"}}}
+    assert compare(recorded, json.loads(json.dumps(recorded))) == []
+    rerun = {"sizes": {"24": {"top1": 0.5 + 2 ** -40, "n": 150}}, "adversarial": {"fgsm": [0.25]},
+             "environment": {"torch": "2.15.0", "settings": {}}}
+    assert compare(recorded, rerun) == [
+        {"key": "adversarial.fgsm[1]", "recorded": 0.5, "rerun": None},
+        {"key": "sizes.24.top1", "recorded": 0.5, "rerun": 0.5 + 2 ** -40}]  # environment is not a result
+    assert environment_changes(recorded["environment"], rerun["environment"]) == [
+        "MKL_CBWR: AVX2 -> None", "torch: 2.14.1 -> 2.15.0"]
+    assert environment_changes(None, rerun["environment"]) == ["the recorded cell has no environment record"]
+
+    cell = tmp_path / "cell"
+    with pytest.raises(ValueError, match="not a finished study cell"):
+        recorded_cell(cell)
+    (cell / "eval").mkdir(parents=True)
+    (cell / "eval" / "eval.json").write_text("{}")
+    (cell / "cell.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        recorded_cell(cell)
+    (cell / "cell.json").write_text(json.dumps({"command": "lookhere train"}))
+    with pytest.raises(ValueError, match="records no train_command, eval_command"):
+        recorded_cell(cell)
+
+
+def _claims_record(encoding, seed, top1_train, ece_train, fgsm, top1_large_default, top1_large_tuned):
+    return {"dataset": "d", "encoding": encoding, "seed": seed, "train_size": 24, "adversarial": {"n": 8, "fgsm": fgsm},
+            "sizes": {"24": {"default": {"top1": top1_train, "ece": ece_train}, "tuned": {"top1": top1_train}},
+                      "96": {"default": {"top1": top1_large_default}, "tuned": {"top1": top1_large_tuned}}}}
+
+
+def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
+    from lookhere.study_report import claims_markdown, paper_claims
+
+    records = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        records += [
+            _claims_record("lh-90", seed, 0.8 + shift, 0.05, 0.6, 0.7, 0.7),
+            _claims_record("lh-45", seed, 0.6 + shift, 0.07, 0.4, 0.5, 0.6),
+            _claims_record("lh-90-all-masked", seed, 0.0, 0.9, 0.0, 0.0, 0.0),  # an ablation: neither side
+            _claims_record("rope-2d-axial", seed, 0.9, 0.02, 0.3, 0.2, 0.5 + shift),
+            _claims_record("rope-2d-mixed", seed, 0.5, 0.04, 0.5, 0.3, 0.4),
+            _claims_record("none", seed, 0.4, 0.09, 0.1, 0.4, 0.4),
+        ]
+    # A study part-way through seed 2: the contrasts use the seeds every encoding has finished.
+    records.append(_claims_record("lh-90", 2, 0.9, 0.1, 0.9, 0.9, 0.9))
+    c = paper_claims(records)["d"]
+    assert c["seeds"] == [0, 1] and c["lookhere"] == ["lh-90", "lh-45"]
+    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed", "none"]
+    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5 + 0.4) / 3 = 0.6; seed 1: 0.8 - 0.6.
+    assert c["accuracy"]["mean"] == pytest.approx(0.15) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.05)
+    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.3)
+    # At 96 px the best RoPE by mean is rope-2d-mixed at the defaults (0.3 > 0.2), rope-2d-axial tuned.
+    assert c["extrapolation"]["default"]["rope"] == "rope-2d-mixed"
+    assert c["extrapolation"]["default"]["mean"] == pytest.approx(0.6 - 0.3)
+    assert c["extrapolation"]["tuned"]["rope"] == "rope-2d-axial"
+    assert c["extrapolation"]["tuned"]["mean"] == pytest.approx(0.65 - 0.55)
+    table = claims_markdown({"d": c})
+    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +15.0 ± " in table
+    assert "at 96 px (4.0x): defaults: +30.0 ± 0.0 (vs rope-2d-mixed); tuned: +10.0 ± " in table
+    assert paper_claims([r for r in records if not r["encoding"].startswith("lh")]) == {}

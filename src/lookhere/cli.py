@@ -249,6 +249,15 @@ def _study(args: argparse.Namespace) -> int:
     return 1 if result["failures"] else 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import format_result, reproduce_cell
+
+    result = reproduce_cell(args.cell, args.output or f"reproduce-{Path(args.cell).resolve().parent.name}"
+                            f"-{Path(args.cell).resolve().name}")
+    print(format_result(result))
+    return 0 if result["identical"] else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -360,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(func=_study)
+
+    rp = sub.add_parser("reproduce", help="make a recorded study cell again and compare its eval.json with the record")
+    rp.add_argument("cell", help="a finished study cell, e.g. docs/results/paper-grid/synthetic/lh-90/seed0")
+    rp.add_argument("--output", help="folder to make it in (default: reproduce-ENCODING-seedN); rerun to resume")
+    rp.set_defaults(func=_reproduce)
 
     dm = sub.add_parser("demo", help="LookHere vs. 2D-RoPE: train small, test large, write a report")
     dm.add_argument("--output", default="demo")

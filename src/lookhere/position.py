@@ -34,7 +34,7 @@ from timm.layers.pos_embed_sincos import (RotaryEmbeddingDinoV3, apply_rot_embed
                                           get_mixed_freqs, init_random_2d_freqs)
 
 from .attention import BACKENDS, AttentionPlan, attend
-from .attention.dense import chunk_rows
+from .attention.dense import CHUNK_ELEMENTS, chunk_rows
 from .attention.geometry import layer_bias
 from .attention.geometry import patch_coords as grid_coords
 from .config import PRESETS, LookHereConfig, resolve_config
@@ -541,7 +541,13 @@ class Pape(PositionEncoding):
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
         with torch.autocast(q.device.type, enabled=False):
             qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
-            out = F.scaled_dot_product_attention(qa, ka, v.float(), dropout_p=dropout_p, scale=q.shape[-1] ** -0.5)
+            B, H, T, _ = qa.shape
+            scale, vf = q.shape[-1] ** -0.5, v.float()
+            # CPU SDPA has no fused kernel for value heads narrower than the query's, so it builds the
+            # whole (B, H, T, T) score tensor: take query rows in chunks of the dense-path budget.
+            step = T if q.device.type != "cpu" else max(1, CHUNK_ELEMENTS // (B * H * T))
+            out = torch.cat([F.scaled_dot_product_attention(qa[:, :, i:i + step], ka, vf, dropout_p=dropout_p, scale=scale)
+                             for i in range(0, T, step)], dim=2)
         return out.to(v.dtype)
 
     def attention_weights(self, q, k, *, grid, layer, num_prefix_tokens):

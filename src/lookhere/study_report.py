@@ -137,14 +137,15 @@ def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
 
 
 # --- writing ---------------------------------------------------------------------------------------
-def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± half-width of the 95% interval`` (in percent for accuracies)."""
+def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """``mean ± half-width of the 95% interval`` (in percent for accuracies; ``signed`` for differences)."""
     if s["mean"] is None:
         return "-"
+    mean = f"{s['mean'] * scale:{'+' if signed else ''}.{digits}f}"
     if s["ci95"][0] is None:
-        return f"{s['mean'] * scale:.{digits}f}"
+        return mean
     half = (s["ci95"][1] - s["ci95"][0]) / 2
-    return f"{s['mean'] * scale:.{digits}f} ± {half * scale:.{digits}f}"
+    return f"{mean} ± {half * scale:.{digits}f}"
 
 
 SHORT = {"lh_global_slope": "slope", "rope_interpolate": "interpolate", "pos_resample": "resample",
@@ -218,14 +219,94 @@ def headline(ds: dict[str, Any], variant: str) -> list[tuple[str, str]]:
     return lines
 
 
-def _band(ax, sizes: list[int], e: dict[str, Any], variant: str, **style) -> None:
+# The paper's headline numbers (ViT-B/16 on ImageNet-1k, trained at 224 px), in points.
+PAPER_CLAIMS = {"accuracy": 1.6, "robustness": 5.4, "calibration": -1.5, "extrapolation": 21.7}
+
+
+def paper_claims(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's four contrasts, per dataset: seed by seed, the mean of LookHere's released presets
+    minus the mean of every encoding that is not LookHere at the training size (top-1 and ECE at the
+    defaults, accuracy under each attack), and minus the best 2D-RoPE at the largest test size (at
+    the defaults, and with each one's knob tuned); then mean and 95% interval over seeds."""
+    out: dict[str, Any] = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        rows = [r for r in records if r["dataset"] == dataset]
+        by = {(r["encoding"], r["seed"]): r for r in rows}
+        encodings = list(dict.fromkeys(r["encoding"] for r in rows))
+        lookhere = [e for e in LOOKHERE if e in encodings]
+        others = [e for e in encodings if not e.startswith("lh-")]  # the all-masked ablations are LookHere too
+        ropes = [e for e in FAMILIES["RoPE"] if e in others]
+        seeds = sorted(s for s in dict.fromkeys(r["seed"] for r in rows)
+                       if all((e, s) in by for e in lookhere + others))
+        if not lookhere or not others or not seeds:
+            continue
+        train, last = str(rows[0]["train_size"]), list(rows[0]["sizes"])[-1]
+
+        def contrast(value, group: list[str]) -> dict[str, Any]:
+            return summarize([float(np.mean([value(by[e, s]) for e in lookhere]) - np.mean([value(by[e, s]) for e in group]))
+                              for s in seeds])
+
+        ds: dict[str, Any] = {
+            "seeds": seeds, "lookhere": lookhere, "others": others, "train_size": int(train), "largest": int(last),
+            "accuracy": contrast(lambda r: r["sizes"][train]["default"]["top1"], others),
+            "calibration": contrast(lambda r: r["sizes"][train]["default"]["ece"], others),
+            "robustness": {a: contrast(lambda r, a=a: r["adversarial"][a], others)
+                           for a in by[lookhere[0], seeds[0]]["adversarial"] if a != "n"},
+            "extrapolation": {},
+        }
+        for variant in ("default", "tuned") if ropes else ():
+            best = max(ropes, key=lambda e: np.mean([by[e, s]["sizes"][last][variant]["top1"] for s in seeds]))
+            ds["extrapolation"][variant] = {"rope": best, **contrast(lambda r: r["sizes"][last][variant]["top1"], [best])}
+        out[dataset] = ds
+    return out
+
+
+def claims_markdown(claims: dict[str, Any]) -> str:
+    """The paper's claims next to this study's contrasts, one column per dataset."""
+    if not claims:
+        return ""
+    names = list(claims)
+    first = claims[names[0]]
+
+    def col(f) -> str:
+        return " | ".join(f(claims[d]) for d in names)
+
+    def rob(c: dict[str, Any]) -> str:
+        return "; ".join(f"{a} {_pm(s, signed=True)}" for a, s in c["robustness"].items()) or "-"
+
+    def extra(c: dict[str, Any]) -> str:
+        e = c["extrapolation"]
+        return "; ".join(f"{label}: {_pm(e[v], signed=True)} (vs {e[v]['rope']})" for v, label in (("default", "defaults"), ("tuned", "tuned"))
+                         if v in e) or "-"
+
+    lines = ["## The paper's claims in this study", "",
+             "| the paper (ViT-B/16, ImageNet-1k, trained at 224 px) | " +
+             " | ".join(f"{d} (trained at {claims[d]['train_size']} px)" for d in names) + " |",
+             "|---|" + "---|" * len(names),
+             f"| top-1 at the training size, LookHere minus the others: +{PAPER_CLAIMS['accuracy']} | "
+             + col(lambda c: _pm(c["accuracy"], signed=True)) + " |",
+             f"| accuracy under attack, LookHere minus the others: +{PAPER_CLAIMS['robustness']} | " + col(rob) + " |",
+             f"| ECE at the training size, LookHere minus the others: {PAPER_CLAIMS['calibration']} | "
+             + col(lambda c: _pm(c["calibration"], signed=True)) + " |",
+             f"| top-1 at 1024 px (4.6x), LookHere minus 2D-RoPE: +{PAPER_CLAIMS['extrapolation']} | "
+             + col(lambda c: f"at {c['largest']} px ({c['largest'] / c['train_size']:.1f}x): {extra(c)}") + " |",
+             "",
+             f"Points; mean over seeds ± the half-width of the 95% interval of the per-seed contrast "
+             f"({len(first['seeds'])} seeds). LookHere: the mean of {', '.join(first['lookhere'])}; the others: the "
+             f"mean of {', '.join(first['others'])}. At the training size every encoding runs at its defaults; at the "
+             "largest size LookHere is set against the best 2D-RoPE (by mean top-1 there), both at their defaults and "
+             "with each encoding's knob chosen on validation.", ""]
+    return "\n".join(lines)
+
+
+def _band(ax, sizes: list[int], e: dict[str, Any], variant: str, alpha: float = 0.15, **style) -> None:
     rows = [e[variant][str(s)]["top1"] for s in sizes]
     mean = np.array([r["mean"] for r in rows], dtype=float) * 100
     lo = np.array([r["ci95"][0] if r["ci95"][0] is not None else r["mean"] for r in rows], dtype=float) * 100
     hi = np.array([r["ci95"][1] if r["ci95"][1] is not None else r["mean"] for r in rows], dtype=float) * 100
     ax.plot(sizes, mean, marker="o", ms=3, **style)
     # A t-interval over 3 seeds can pass 0% or 100%; accuracy cannot.
-    ax.fill_between(sizes, np.clip(lo, 0, 100), np.clip(hi, 0, 100), color=style["color"], alpha=0.15, lw=0)
+    ax.fill_between(sizes, np.clip(lo, 0, 100), np.clip(hi, 0, 100), color=style["color"], alpha=alpha, lw=0)
 
 
 def _size_axis(ax, sizes: list[int], train_size: int) -> None:
@@ -247,7 +328,9 @@ def plot_headline(summary: dict[str, Any], path: Path) -> str:
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, axes = plt.subplots(len(names), 2, figsize=(11, 4.0 * len(names)), squeeze=False, sharey=True)
+    # Constrained layout makes room for the legends under the panels, off the lines.
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 5.0 * len(names)), squeeze=False, sharey=True,
+                             layout="constrained")
     lh_colors = dict(zip(LOOKHERE, ("#08306b", "#2171b5", "#6baed6")))
     family_colors = dict(zip(FAMILIES, ("#d94801", "#238b45", "#6a51a3", "#525252")))
     for row, dataset in enumerate(names):
@@ -258,19 +341,18 @@ def plot_headline(summary: dict[str, Any], path: Path) -> str:
                 family = next((f for f, m in FAMILIES.items() if enc in m), None)
                 style = (dict(color=lh_colors[enc], lw=2.4, ls="-") if family is None else
                          dict(color=family_colors[family], lw=1.6, ls="--"))
-                _band(ax, sizes, ds["encodings"][enc], variant, label=label, **style)
+                _band(ax, sizes, ds["encodings"][enc], variant, alpha=0.1, label=label, **style)
             _size_axis(ax, sizes, ds["train_size"])
             ax.set_title(f"{dataset}: {title}")
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         axes[row][0].set_ylabel("top-1 (%), mean and 95% interval")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
 
 
 def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = "", progress: str = "",
-             plot: str = "", headline_plot: str = "") -> str:
+             plot: str = "", headline_plot: str = "", claims: Optional[dict[str, Any]] = None) -> str:
     lines = [f"# Study: {name}", ""]
     if progress:
         lines += [progress, ""]
@@ -285,6 +367,8 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
                   "over the sizes above the training size, separately with and without knobs). Every encoding:", ""]
     if plot:
         lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
+    if claims:
+        lines += [claims_markdown(claims)]
     for dataset, ds in summary.items():
         sizes = ds["sizes"]
         t = ds["train_size"]
@@ -382,8 +466,9 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     notes_file = root / "notes.md"
     if not notes and notes_file.is_file():
         notes = notes_file.read_text().strip()
+    claims = paper_claims(records)
     results = {"study": cfg["name"], "config": cfg, "reference": cfg.get("reference", "lh-90"),
-               "cells": records, "summary": summary}
+               "cells": records, "summary": summary, "paper_claims": claims}
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(root / "results.json")
@@ -393,5 +478,6 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     if len(records) < planned:
         progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."
     (root / "report.md").write_text(markdown(cfg["name"], summary, results["reference"], notes, progress,
-                                             plot=Path(plot).name, headline_plot=Path(top).name) + "\n" + provenance(records))
+                                             plot=Path(plot).name, headline_plot=Path(top).name, claims=claims)
+                                    + "\n" + provenance(records))
     return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot, "headline": top}
