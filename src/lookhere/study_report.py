@@ -281,7 +281,7 @@ def claims_markdown(claims: dict[str, Any]) -> str:
 
     lines = ["## The paper's claims in this study", "",
              "| the paper (ViT-B/16, ImageNet-1k, trained at 224 px) | " +
-             " | ".join(f"{d} (trained at {claims[d]['train_size']} px)" for d in names) + " |",
+             " | ".join(f"{d} (trained at {claims[d]['train_size']} px; {len(claims[d]['seeds'])} seeds)" for d in names) + " |",
              "|---|" + "---|" * len(names),
              f"| top-1 at the training size, LookHere minus the others: +{PAPER_CLAIMS['accuracy']} | "
              + col(lambda c: _pm(c["accuracy"], signed=True)) + " |",
@@ -291,8 +291,8 @@ def claims_markdown(claims: dict[str, Any]) -> str:
              f"| top-1 at 1024 px (4.6x), LookHere minus 2D-RoPE: +{PAPER_CLAIMS['extrapolation']} | "
              + col(lambda c: f"at {c['largest']} px ({c['largest'] / c['train_size']:.1f}x): {extra(c)}") + " |",
              "",
-             f"Points; mean over seeds ± the half-width of the 95% interval of the per-seed contrast "
-             f"({len(first['seeds'])} seeds). LookHere: the mean of {', '.join(first['lookhere'])}; the others: the "
+             f"Points; mean over seeds ± the half-width of the 95% interval of the per-seed contrast, over "
+             f"the seeds every encoding has finished. LookHere: the mean of {', '.join(first['lookhere'])}; the others: the "
              f"mean of {', '.join(first['others'])}. At the training size every encoding runs at its defaults; at the "
              "largest size LookHere is set against the best 2D-RoPE (by mean top-1 there), both at their defaults and "
              "with each encoding's knob chosen on validation.", ""]
