@@ -414,6 +414,15 @@ def test_reproduce_reads_the_record_and_names_every_difference(tmp_path):
     with pytest.raises(ValueError, match="records no train_command, eval_command"):
         recorded_cell(cell)
 
+    # A recorded command that fails here: one line that names the log with its output.
+    (cell / "cell.json").write_text(json.dumps({
+        "command": "OMP_NUM_THREADS=1 lookhere train --data nowhere", "eval_command": ["lookhere", "eval"],
+        "train_command": ["lookhere", "train", "--data", "nowhere", "--output", str(cell / "run")]}))
+    p = subprocess.run([sys.executable, "-m", "lookhere.cli", "reproduce", str(cell), "--output", str(tmp_path / "again")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip().endswith(f"see {tmp_path / 'again' / 'log.txt'}"), p.stderr
+    assert "--data nowhere" in (tmp_path / "again" / "log.txt").read_text()
+
 
 def _claims_record(encoding, seed, top1_train, ece_train, fgsm, top1_large_default, top1_large_tuned):
     return {"dataset": "d", "encoding": encoding, "seed": seed, "train_size": 24, "adversarial": {"n": 8, "fgsm": fgsm},

@@ -252,8 +252,12 @@ def _study(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from .reproduce import format_result, reproduce_cell
 
-    result = reproduce_cell(args.cell, args.output or f"reproduce-{Path(args.cell).resolve().parent.name}"
-                            f"-{Path(args.cell).resolve().name}")
+    output = args.output or f"reproduce-{Path(args.cell).resolve().parent.name}-{Path(args.cell).resolve().name}"
+    try:
+        result = reproduce_cell(args.cell, output)
+    except RuntimeError as e:  # a recorded command failed: its output is in the log
+        print(f"lookhere reproduce: failed: {e}; see {Path(output) / 'log.txt'}", file=sys.stderr)
+        return 1
     print(format_result(result))
     return 0 if result["identical"] else 1
 

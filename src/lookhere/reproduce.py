@@ -96,7 +96,7 @@ def reproduce_cell(cell_dir: str | Path, output: str | Path) -> dict[str, Any]:
     """Run the recorded commands of ``cell_dir`` into ``output`` (resuming a run left there) and
     write ``output/reproduce.json``: the differing numbers, environment changes and top-1 moves."""
     from .io import write_atomic
-    from .study import _run
+    from .study import run_command
 
     cell_dir, output = Path(cell_dir), Path(output)
     rec = recorded_cell(cell_dir)
@@ -115,10 +115,10 @@ def reproduce_cell(cell_dir: str | Path, output: str | Path) -> dict[str, Any]:
         if not (output / "trained").is_file():
             if (output / "run" / "config.yaml").is_file():
                 train_argv = [*train_argv, "--resume", str(output / "run")]
-            _run(train_argv, log, env)
+            run_command(train_argv, log, env)
             (output / "trained").touch()
         if not (output / "eval" / "eval.json").is_file():
-            _run(eval_argv, log, env)
+            run_command(eval_argv, log, env)
     rerun = json.loads((output / "eval" / "eval.json").read_text())
     spread = seed_spread(cell_dir)
     top1 = {size: {"recorded": row["top1"], "rerun": rerun["sizes"][size]["top1"],

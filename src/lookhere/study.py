@@ -395,7 +395,8 @@ def _clear(cell: Cell, why: list[str]) -> None:
 
 
 # --- running -----------------------------------------------------------------------------------
-def _run(argv: list[str], log, env: dict[str, str]) -> None:
+def run_command(argv: list[str], log, env: dict[str, str]) -> None:
+    """Run a `lookhere` command line (argv[0] == "lookhere") with this interpreter, logging to ``log``."""
     cmd = [sys.executable, "-m", "lookhere.cli", *argv[1:]]
     log.write(f"$ {shlex.join(argv)}\n")
     log.flush()
@@ -449,7 +450,7 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
             argv = commands["train"]
             if (cell.run_dir / "config.yaml").is_file():
                 argv = [*argv, "--resume", str(cell.run_dir)]
-            _run(argv, log, env)
+            run_command(argv, log, env)
             timing["train_s"] = timing.get("train_s", 0.0) + time.perf_counter() - t
             records = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
             epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -457,7 +458,7 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
             _write_json(timing_file, timing)
         if not cell.eval_json.is_file():
             t = time.perf_counter()
-            _run(commands["eval"], log, env)
+            run_command(commands["eval"], log, env)
             timing["eval_s"] = time.perf_counter() - t
             _write_json(timing_file, timing)
     _write_json(cell.dir / "cell.json", {**record, "environment": _environments(cell)})
