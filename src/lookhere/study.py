@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .environment import CPU_CAPABILITIES, KERNEL_PINS, describe, kernel_pin
+from .environment import CPU_CAPABILITIES, KERNEL_PINS, kernel_pin
 from .io import write_atomic
 from .train import TrainConfig
 
