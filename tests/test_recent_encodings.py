@@ -140,9 +140,15 @@ def test_pape_attention_matches_its_definition():
                                    weights, atol=1e-6, rtol=1e-5)
 
 
-def test_pape_takes_query_rows_in_chunks_on_cpu_and_stays_exact(monkeypatch):
+@pytest.mark.parametrize("budget,shapes", [
+    (2 * 13 * 13, [(2, 13)] * 12),  # two (image, head) pairs a call, every row
+    (13 * 4, [(1, 4), (1, 4), (1, 4), (1, 1)] * 24),  # one pair a call, four query rows
+    (10 ** 6, [(2, 12, 13)]),  # under the budget: one call
+])
+def test_pape_takes_chunks_on_cpu_and_stays_exact(monkeypatch, budget, shapes):
     """CPU SDPA materialises every score for PaPE's wide query heads: 51 GB for a batch of 64 on a
-    64x64 grid. Chunks of query rows keep that to the dense path's budget, with the same result."""
+    64x64 grid. Chunks of (image, head) pairs, or of one pair's query rows, keep that to the dense
+    path's budget, with the same result, and the backward pass goes through them."""
     import lookhere.position as position
 
     torch.manual_seed(0)
@@ -150,14 +156,18 @@ def test_pape_takes_query_rows_in_chunks_on_cpu_and_stays_exact(monkeypatch):
     grid, p = (3, 4), 1
     q, k, v = torch.randn(3, 2, 12, p + 12, 4).unbind(0)
     _, out = pape_reference(pe, q, k, v, grid, 1, p)
-    monkeypatch.setattr(position, "CHUNK_ELEMENTS", 2 * 12 * 13 * 2)  # two query rows per call
+    monkeypatch.setattr(position, "CHUNK_ELEMENTS", budget)
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
-    with torch.no_grad():
-        got = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
-    assert calls == [2, 2, 2, 2, 2, 2, 1]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(tuple(q.shape[:-1])) or sdpa(q, *a, **kw))
+    q.requires_grad_(True)
+    got = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
+    assert calls == shapes
     torch.testing.assert_close(got.double(), out, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    q64 = q.detach().double().requires_grad_(True)
+    pape_reference(pe, q64, k, v, grid, 1, p)[1].sum().backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_pape_stays_exact_under_autocast_on_a_large_grid():

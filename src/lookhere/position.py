@@ -484,6 +484,27 @@ class Fire(OffsetBias):
         return table[:, dy + grid[0] - 1, dx + grid[1] - 1]
 
 
+def _sdpa_in_chunks(q, k, v, *, dropout_p: float, scale: float) -> torch.Tensor:
+    """SDPA on the CPU where no fused kernel applies (value heads narrower than the query's): its
+    math path builds all ``B x H x T x S`` scores, 51 GB for a batch of 64 on a 64x64 grid. Slices of
+    whole (image, head) pairs, or of query rows of one pair when a pair alone is over the budget,
+    keep each call to ``CHUNK_ELEMENTS`` scores, and each call reads only its own pairs' keys (row
+    chunks across every pair re-read all keys per chunk, 2-3x slower)."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    rows = min(T, max(1, CHUNK_ELEMENTS // S))
+    pairs = max(1, CHUNK_ELEMENTS // (rows * S)) if rows == T else 1
+    if rows == T and pairs >= B * H:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    q3, k3, v3 = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    out = q3.new_empty(B * H, T, v.shape[-1])
+    for i in range(0, B * H, pairs):
+        for j in range(0, T, rows):
+            out[i:i + pairs, j:j + rows] = F.scaled_dot_product_attention(
+                q3[i:i + pairs, j:j + rows], k3[i:i + pairs], v3[i:i + pairs], dropout_p=dropout_p, scale=scale)
+    return out.view(B, H, T, -1)
+
+
 class Pape(PositionEncoding):
     """PaPE (Øhrstrøm et al., 2026, "Where to attend"): each query scores every key with a sum of
     parabolas in their 2D offset, whose shape the query chooses.
@@ -541,13 +562,11 @@ class Pape(PositionEncoding):
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0):
         with torch.autocast(q.device.type, enabled=False):
             qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
-            B, H, T, _ = qa.shape
             scale, vf = q.shape[-1] ** -0.5, v.float()
-            # CPU SDPA has no fused kernel for value heads narrower than the query's, so it builds the
-            # whole (B, H, T, T) score tensor: take query rows in chunks of the dense-path budget.
-            step = T if q.device.type != "cpu" else max(1, CHUNK_ELEMENTS // (B * H * T))
-            out = torch.cat([F.scaled_dot_product_attention(qa[:, :, i:i + step], ka, vf, dropout_p=dropout_p, scale=scale)
-                             for i in range(0, T, step)], dim=2)
+            if q.device.type == "cpu":
+                out = _sdpa_in_chunks(qa, ka, vf, dropout_p=dropout_p, scale=scale)
+            else:
+                out = F.scaled_dot_product_attention(qa, ka, vf, dropout_p=dropout_p, scale=scale)
         return out.to(v.dtype)
 
     def attention_weights(self, q, k, *, grid, layer, num_prefix_tokens):
