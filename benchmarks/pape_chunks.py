@@ -14,8 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lookhere.attention.dense import CHUNK_ELEMENTS
-from lookhere.position import _sdpa_in_chunks
+from lookhere.attention.dense import CHUNK_ELEMENTS, sdpa_in_chunks
 
 
 def rows_across_pairs(q, k, v, scale):
@@ -41,7 +40,7 @@ def main() -> None:
             t0 = time.perf_counter()
             a = rows_across_pairs(q, k, v, 8 ** -0.5)
             t1 = time.perf_counter()
-            b = _sdpa_in_chunks(q, k, v, dropout_p=0.0, scale=8 ** -0.5)
+            b = sdpa_in_chunks(q, k, v, dropout_p=0.0, scale=8 ** -0.5)
             t2 = time.perf_counter()
         print(f"| {B} x 12, {T} | {t1 - t0:.2f} | {t2 - t1:.2f} | {(t1 - t0) / (t2 - t1):.1f}x | "
               f"{(a - b).abs().max().item():.1e} |")

@@ -149,14 +149,14 @@ def test_pape_takes_chunks_on_cpu_and_stays_exact(monkeypatch, budget, shapes):
     """CPU SDPA materialises every score for PaPE's wide query heads: 51 GB for a batch of 64 on a
     64x64 grid. Chunks of (image, head) pairs, or of one pair's query rows, keep that to the dense
     path's budget, with the same result, and the backward pass goes through them."""
-    import lookhere.position as position
+    import lookhere.attention.dense as dense
 
     torch.manual_seed(0)
     pe = build_position_encoding("pape", embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID, parabolas=3)
     grid, p = (3, 4), 1
     q, k, v = torch.randn(3, 2, 12, p + 12, 4).unbind(0)
     _, out = pape_reference(pe, q, k, v, grid, 1, p)
-    monkeypatch.setattr(position, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(dense, "CHUNK_ELEMENTS", budget)
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(tuple(q.shape[:-1])) or sdpa(q, *a, **kw))

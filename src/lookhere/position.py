@@ -34,7 +34,7 @@ from timm.layers.pos_embed_sincos import (RotaryEmbeddingDinoV3, apply_rot_embed
                                           get_mixed_freqs, init_random_2d_freqs)
 
 from .attention import BACKENDS, AttentionPlan, attend
-from .attention.dense import CHUNK_ELEMENTS, chunk_rows
+from .attention.dense import chunk_rows, sdpa_in_chunks
 from .attention.geometry import layer_bias
 from .attention.geometry import patch_coords as grid_coords
 from .config import PRESETS, LookHereConfig, resolve_config
@@ -484,27 +484,6 @@ class Fire(OffsetBias):
         return table[:, dy + grid[0] - 1, dx + grid[1] - 1]
 
 
-def _sdpa_in_chunks(q, k, v, *, dropout_p: float, scale: float) -> torch.Tensor:
-    """SDPA on the CPU where no fused kernel applies (value heads narrower than the query's): its
-    math path builds all ``B x H x T x S`` scores, 51 GB for a batch of 64 on a 64x64 grid. Slices of
-    whole (image, head) pairs, or of query rows of one pair when a pair alone is over the budget,
-    keep each call to ``CHUNK_ELEMENTS`` scores, and each call reads only its own pairs' keys (row
-    chunks across every pair re-read all keys per chunk, 2-3x slower)."""
-    B, H, T, _ = q.shape
-    S = k.shape[2]
-    rows = min(T, max(1, CHUNK_ELEMENTS // S))
-    pairs = max(1, CHUNK_ELEMENTS // (rows * S)) if rows == T else 1
-    if rows == T and pairs >= B * H:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    q3, k3, v3 = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    out = q3.new_empty(B * H, T, v.shape[-1])
-    for i in range(0, B * H, pairs):
-        for j in range(0, T, rows):
-            out[i:i + pairs, j:j + rows] = F.scaled_dot_product_attention(
-                q3[i:i + pairs, j:j + rows], k3[i:i + pairs], v3[i:i + pairs], dropout_p=dropout_p, scale=scale)
-    return out.view(B, H, T, -1)
-
-
 class Pape(PositionEncoding):
     """PaPE (Øhrstrøm et al., 2026, "Where to attend"): each query scores every key with a sum of
     parabolas in their 2D offset, whose shape the query chooses.
@@ -564,7 +543,7 @@ class Pape(PositionEncoding):
             qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
             scale, vf = q.shape[-1] ** -0.5, v.float()
             if q.device.type == "cpu":
-                out = _sdpa_in_chunks(qa, ka, vf, dropout_p=dropout_p, scale=scale)
+                out = sdpa_in_chunks(qa, ka, vf, dropout_p=dropout_p, scale=scale)
             else:
                 out = F.scaled_dot_product_attention(qa, ka, vf, dropout_p=dropout_p, scale=scale)
         return out.to(v.dtype)
