@@ -383,6 +383,48 @@ def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the
     plt.close(fig)
 
 
+def _finished_cell(root: Path, encoding: str, seed: int, val_accs: list) -> None:
+    """A finished cell as a study leaves it; ``val_accs`` are (epoch, top-1) as metrics.jsonl logged them."""
+    d = root / "synthetic-where" / encoding / f"seed{seed}"
+    (d / "eval").mkdir(parents=True)
+    (d / "cell.json").write_text(json.dumps({"command": f"lookhere train --pos-encoding {encoding} --seed {seed}"}))
+    m = {"top1": 0.9, "nll": 0.3, "ece": 0.02}
+    (d / "eval" / "eval.json").write_text(json.dumps({"train_size": 16, "sizes": {"16": m, "32": m}}))
+    (d / "train.json").write_text(json.dumps({"epochs": [{"kind": "epoch", "epoch": e, "val_acc": a} for e, a in val_accs]}))
+
+
+def test_learning_speed_per_seed_in_the_report_and_its_figure(tmp_path):
+    from lookhere.study_report import first_epoch_at, write_report
+
+    assert first_epoch_at([0.25, 0.89, 0.9, 0.95], 0.9) == 3 and first_epoch_at([0.25, 0.5], 0.9) is None
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "name": "t", "datasets": {"synthetic-where": {}}, "encodings": ["lh-90", "none"], "seeds": [0, 1],
+        "reference": "lh-90"}))
+    # Seed 1 was killed after logging its second epoch and before the checkpoint: the resumed run
+    # logged that epoch again, with the same number. It is one epoch, not two.
+    _finished_cell(tmp_path, "lh-90", 0, [(0, 0.25), (1, 0.91), (2, 0.97)])
+    _finished_cell(tmp_path, "lh-90", 1, [(0, 0.26), (1, 0.55), (1, 0.55), (2, 0.93)])
+    _finished_cell(tmp_path, "none", 0, [(0, 0.25), (1, 0.3), (2, 0.4)])
+    _finished_cell(tmp_path, "none", 1, [(0, 0.24), (1, 0.28), (2, 0.35)])
+    files = write_report(tmp_path)
+    e = json.loads(Path(files["results"]).read_text())["summary"]["synthetic-where"]["encodings"]
+    assert [s["mean"] for s in e["lh-90"]["val_curve"]] == pytest.approx([0.255, 0.73, 0.95])
+    assert e["lh-90"]["first_epoch_learned"] == [2, 3] and e["none"]["first_epoch_learned"] == [None, None]
+    report = Path(files["report"]).read_text()
+    assert "| encoding | 1 | 2 | 3 | first epoch at 90%, per seed |" in report
+    assert "| lh-90 | 26 | 73 | 95 | 2, 3 |" in report and "| none | 24 | 29 | 38 | never, never |" in report
+    assert "![validation top-1 against epoch](learning.png)" in report
+    assert Path(files["learning"]).stat().st_size > 10000
+
+    # Where no seed passes the bar, the column would only say "never": it is left out.
+    for enc in ("lh-90", "none"):
+        for seed in (0, 1):
+            curve = tmp_path / "synthetic-where" / enc / f"seed{seed}" / "train.json"
+            curve.write_text(json.dumps({"epochs": [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1, "val_acc": 0.6}]}))
+    report = Path(write_report(tmp_path)["report"]).read_text()
+    assert "| encoding | 1 | 2 |\n" in report and "| lh-90 | 50 | 60 |\n" in report and "first epoch at" not in report
+
+
 def test_reproduce_reads_the_record_and_names_every_difference(tmp_path):
     from lookhere.reproduce import command_env, compare, environment_changes, recorded_cell, relocate
 

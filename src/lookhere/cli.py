@@ -232,7 +232,7 @@ def _study(args: argparse.Namespace) -> int:
 
     if args.report:
         files = write_report(args.report)
-        print(f"wrote {files['report']}, {files['results']}, {files['headline']} and {files['plot']}")
+        print(f"wrote {files['report']}, {files['results']}, {files['headline']}, {files['plot']} and {files['learning']}")
         return 0
     if not args.config or not args.output:
         raise ValueError("--config and --output are required (or --report DIR to aggregate a study)")

@@ -66,6 +66,7 @@ def _cells(root: Path) -> list[dict[str, Any]]:
                 ev = json.loads((d / "eval" / "eval.json").read_text())
                 train = json.loads((d / "train.json").read_text()) if (d / "train.json").is_file() else {}
                 epochs = train.get("epochs", [])
+                curve = {e["epoch"]: e["val_acc"] for e in epochs}  # a resumed run may log an epoch twice
                 sizes = {}
                 for size, m in ev["sizes"].items():
                     tuned = ev.get("tuned", {}).get(size, m)
@@ -77,6 +78,7 @@ def _cells(root: Path) -> list[dict[str, Any]]:
                     "train_size": ev["train_size"],
                     "final_val_top1": epochs[-1]["val_acc"] if epochs else None,
                     "best_val_top1": max((e["val_acc"] for e in epochs), default=None),
+                    "val_curve": [curve[k] for k in sorted(curve)],
                     "sizes": sizes, "adversarial": ev.get("adversarial") or {},
                     "by_object_size": ev.get("by_object_size"),
                     "identity": cell.get("identity"), "made_again": cell.get("made_again"),
@@ -86,6 +88,15 @@ def _cells(root: Path) -> list[dict[str, Any]]:
 
 
 # --- aggregation ----------------------------------------------------------------------------------
+# Validation top-1 at which a task counts as learned (the where task's bar for RoPE and LookHere).
+LEARNED = 0.9
+
+
+def first_epoch_at(curve: Sequence[float], threshold: float) -> Optional[int]:
+    """The first epoch (counted from 1) whose validation top-1 reaches ``threshold``; None if none does."""
+    return next((i + 1 for i, v in enumerate(curve) if v >= threshold), None)
+
+
 def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     """Summaries per dataset, encoding and size; paired differences against ``reference``."""
     out: dict[str, Any] = {}
@@ -114,6 +125,9 @@ def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
                 e["object_size_change"] = {
                     size: [summarize([r["by_object_size"][key][size][q] for r in runs]) for q in range(5)]
                     for size in sizes}
+            curves = [r.get("val_curve") or [] for r in runs]
+            e["val_curve"] = [summarize([c[i] for c in curves if len(c) > i]) for i in range(max(map(len, curves)))]
+            e["first_epoch_learned"] = [first_epoch_at(c, LEARNED) for c in curves]
             ds["encodings"][enc] = e
         if reference in encodings:
             ref = {r["seed"]: r for r in rows if r["encoding"] == reference}
@@ -351,8 +365,43 @@ def plot_headline(summary: dict[str, Any], path: Path) -> str:
     return str(path)
 
 
+def plot_learning(summary: dict[str, Any], path: Path) -> str:
+    """Validation top-1 against epoch at the training size, one panel per dataset; LookHere's presets
+    solid, the others dashed; means over seeds (the report's table gives each seed's epoch of passing
+    LEARNED, which bands over three seeds would hide). Shows which encodings learn a task late."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.8 * len(names), 4.4), squeeze=False, sharey=True,
+                             layout="constrained")
+    cmap = plt.get_cmap("tab20")
+    for ax, dataset in zip(axes[0], names):
+        for i, (enc, e) in enumerate(summary[dataset]["encodings"].items()):
+            if not e["val_curve"]:
+                continue
+            epochs = np.arange(1, len(e["val_curve"]) + 1)
+            mean = np.array([s["mean"] for s in e["val_curve"]]) * 100
+            lh = enc.startswith("lh")
+            ax.plot(epochs, mean, color=cmap(i % 20), lw=2.2 if lh else 1.2, ls="-" if lh else "--", marker="o",
+                    ms=3, label=enc)
+        ax.axhline(LEARNED * 100, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("epoch; dotted: the bar for a learned task")
+        ax.set_title(f"{dataset}: validation at {summary[dataset]['train_size']} px")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation top-1 (%), mean over seeds")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = "", progress: str = "",
-             plot: str = "", headline_plot: str = "", claims: Optional[dict[str, Any]] = None) -> str:
+             plot: str = "", headline_plot: str = "", claims: Optional[dict[str, Any]] = None,
+             learning_plot: str = "") -> str:
     lines = [f"# Study: {name}", ""]
     if progress:
         lines += [progress, ""]
@@ -367,6 +416,9 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
                   "over the sizes above the training size, separately with and without knobs). Every encoding:", ""]
     if plot:
         lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
+    if learning_plot:
+        lines += ["How fast each encoding learns each task (validation top-1 after each epoch):", "",
+                  f"![validation top-1 against epoch]({learning_plot})", ""]
     if claims:
         lines += [claims_markdown(claims)]
     for dataset, ds in summary.items():
@@ -383,6 +435,7 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
                   "| encoding | " + " | ".join(f"{s} px" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
         for enc, e in ds["encodings"].items():
             lines.append(f"| {enc} | " + " | ".join(_pm(e["default"][s]["top1"]) for s in sizes) + " |")
+        lines += _learning_table(ds)
         lines += ["", "### Settings chosen on validation (count of seeds)", "",
                   "| encoding | " + " | ".join(f"{s} px" for s in sizes if int(s) != t) + " |",
                   "|---|" + "---|" * (len(sizes) - 1)]
@@ -414,6 +467,25 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
                       f"k/n: seeds where {reference} was ahead)."]
         lines.append("")
     return "\n".join(lines)
+
+
+def _learning_table(ds: dict[str, Any]) -> list[str]:
+    """Validation top-1 after each epoch (mean over seeds), and the epoch each seed reached LEARNED
+    (a column only where some seed did: on a task no encoding passes it would say nothing)."""
+    epochs = max(len(e["val_curve"]) for e in ds["encodings"].values())
+    if not epochs:
+        return []
+    passed = any(n is not None for e in ds["encodings"].values() for n in e["first_epoch_learned"])
+    lines = ["", f"### Learning: validation top-1 (%) after each epoch at {ds['train_size']} px, mean over seeds", "",
+             "| encoding | " + " | ".join(str(i + 1) for i in range(epochs)) +
+             (f" | first epoch at {LEARNED:.0%}, per seed |" if passed else " |"),
+             "|---|" + "---:|" * epochs + ("---|" if passed else "")]
+    for enc, e in ds["encodings"].items():
+        cells = [f"{s['mean'] * 100:.0f}" for s in e["val_curve"]] + ["-"] * (epochs - len(e["val_curve"]))
+        if passed:
+            cells.append(", ".join("never" if n is None else str(n) for n in e["first_epoch_learned"]))
+        lines.append(f"| {enc} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def provenance(records: list[dict[str, Any]]) -> str:
@@ -452,7 +524,8 @@ def _p(p: Optional[float]) -> str:
 
 
 def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
-    """Aggregate a study directory into ``results.json``, ``report.md`` and ``top1_vs_size.png``."""
+    """Aggregate a study directory into ``results.json``, ``report.md`` and its figures: top-1 against
+    size (``top1_vs_size.png``, ``headline.png``) and validation top-1 against epoch (``learning.png``)."""
     root = Path(output)
     if not (root / "study.yaml").is_file():
         raise FileNotFoundError(f"{root}: not a study directory (no study.yaml); run `lookhere study --config ...` first")
@@ -463,6 +536,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     summary = aggregate(records, cfg.get("reference", "lh-90"))
     plot = plot_study(summary, root / "top1_vs_size.png")
     top = plot_headline(summary, root / "headline.png")
+    learning = plot_learning(summary, root / "learning.png")
     notes_file = root / "notes.md"
     if not notes and notes_file.is_file():
         notes = notes_file.read_text().strip()
@@ -478,6 +552,8 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     if len(records) < planned:
         progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."
     (root / "report.md").write_text(markdown(cfg["name"], summary, results["reference"], notes, progress,
-                                             plot=Path(plot).name, headline_plot=Path(top).name, claims=claims)
+                                             plot=Path(plot).name, headline_plot=Path(top).name, claims=claims,
+                                             learning_plot=Path(learning).name)
                                     + "\n" + provenance(records))
-    return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot, "headline": top}
+    return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot, "headline": top,
+            "learning": learning}
