@@ -301,6 +301,10 @@ def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path)
     assert rerun.returncode == 0, err[-3000:]
     log = (killed / "synthetic-where" / "lh-90" / "seed0" / "log.txt").read_text()
     assert "--resume" in log  # it picked up the checkpoint rather than starting over
+    # Its training time is the run's own count over both stretches, not the resumed stretch's alone.
+    lh_killed = killed / "synthetic-where" / "lh-90" / "seed0"
+    assert (json.loads((lh_killed / "timing.json").read_text())["train_s"]
+            == json.loads((lh_killed / "train.json").read_text())["epochs"][-1]["train_s"])
     again = json.loads((killed / "results.json").read_text())
     for c in again["cells"]:  # the commands name their own directories; everything else is equal
         c["command"] = c["command"].replace(str(killed), str(straight))

@@ -76,12 +76,19 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     killed_at = kill_after(common, run, 8)
     assert 8 <= killed_at < 18
 
+    # The seconds trained go on from the checkpoint's count; an hour more there must show after the resume.
+    state = torch.load(run / "last" / "state.pt", weights_only=True)
+    assert 0 < state["train_s"] < 600
+    state["train_s"] += 3600.0
+    torch.save(state, run / "last" / "state.pt")
     resumed = cli("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     same_weights(tmp_path / "full", run, ("model.safetensors", "ema.safetensors"))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     starts = [r["step"] for r in records if r["kind"] == "environment"]
     assert starts[0] == 0 and len(starts) == 2 and 0 < starts[1] <= killed_at  # the resume is recorded too
+    seconds = [r["train_s"] for r in records if r["kind"] == "epoch" and r["step"] > starts[1]]
+    assert state["train_s"] < seconds[0] < state["train_s"] + 600 and seconds == sorted(seconds)
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 18
 
 

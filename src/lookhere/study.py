@@ -451,9 +451,10 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
             if (cell.run_dir / "config.yaml").is_file():
                 argv = [*argv, "--resume", str(cell.run_dir)]
             run_command(argv, log, env)
-            timing["train_s"] = timing.get("train_s", 0.0) + time.perf_counter() - t
             records = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
             epochs = [r for r in records if r.get("kind") == "epoch"]
+            # the run's own count covers the stretches before a kill too; this process saw only the last
+            timing["train_s"] = (epochs[-1].get("train_s") if epochs else None) or time.perf_counter() - t
             _write_json(cell.dir / "train.json", {"epochs": epochs})
             _write_json(timing_file, timing)
         if not cell.eval_json.is_file():

@@ -4,7 +4,8 @@ A run directory holds ``config.yaml`` (the :class:`TrainConfig`), ``metrics.json
 record per logged step and per epoch), TensorBoard events, and checkpoints ``last/`` and ``best/``.
 A checkpoint is a folder: ``model.safetensors`` + ``config.json`` (loadable by
 ``lookhere.load_model``), ``ema.safetensors`` when EMA is on, and ``state.pt`` (optimizer, RNG
-states, the step, which is the position in the data), written beside and swapped in by renames.
+states, the step, which is the position in the data, and the seconds trained so far), written beside
+and swapped in by renames.
 The learning rate is a function of the step and ``config.yaml``, which a resume rewrites with the
 settings it goes on with (``--epochs`` may grow).
 """
@@ -373,6 +374,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
+    started = time.perf_counter()
     cfg.validate()
     device = _device(cfg.device)
     d = init_distributed(device)
@@ -418,6 +420,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # unreadable samples skipped; samples left out to keep a mixup batch even; batches with no sample left
     step, best, counts = 0, -1.0, {"skipped": 0, "mixup_dropped": 0, "empty_batches": 0}
+    earlier_s = 0.0  # seconds spent by the stretches before this one, up to their last checkpoint
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None and d.main:
         print(f"--resume {run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr)
@@ -427,7 +430,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if ema is not None and (ckpt / "ema.safetensors").is_file():
             ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
+        step, best, earlier_s = state["step"], state["best"], state.get("train_s", 0.0)
         counts.update({k: state.get(k, 0) for k in counts})
         _set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
     elif d.main:
@@ -463,6 +466,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if isinstance(v, (int, float)) and k not in ("step", "epoch", "kind"):
                 writer.add_scalar(f"{prefix}/{k}", v, record["step"])
 
+    def train_seconds() -> float:
+        """Wall seconds of training so far, over every stretch (a resume adds to its checkpoint's)."""
+        return earlier_s + time.perf_counter() - started
+
     def checkpoint(name: str) -> None:
         rng = [_rng_state()]
         if d.world > 1:
@@ -470,7 +477,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
         if d.main:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": rng, **counts}
+            state = {"optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": rng,
+                     "train_s": train_seconds(), **counts}
             write_checkpoint(run_dir / name, raw, ema, state)
 
     val_sampler = DistributedSampler(val_ds, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None
@@ -531,7 +539,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if end_of_epoch:
                 last_val = evaluate(raw, val_loader, device, d)
                 record = {"kind": "epoch", "step": step, "epoch": epoch, "val_acc": last_val["acc"],
-                          "val_loss": last_val["loss"], **counts}
+                          "val_loss": last_val["loss"], "train_s": train_seconds(), **counts}
                 if ema is not None:
                     ev = evaluate(ema.module, val_loader, device, d)
                     record.update(val_acc_ema=ev["acc"], val_loss_ema=ev["loss"])
