@@ -488,22 +488,28 @@ def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
             _claims_record("rope-2d-axial", seed, 0.9, 0.02, 0.3, 0.2, 0.5 + shift),
             _claims_record("rope-2d-mixed", seed, 0.5, 0.04, 0.5, 0.3, 0.4),
             _claims_record("none", seed, 0.4, 0.09, 0.1, 0.4, 0.4),
+            # A newer RoPE, the best at 96 px: not the 2D-RoPE of the paper's claim, set apart.
+            _claims_record("rope-2d-dinov3", seed, 0.7, 0.03, 0.2, 0.8, 0.8),
         ]
     # A study part-way through seed 2: the contrasts use the seeds every encoding has finished.
     records.append(_claims_record("lh-90", 2, 0.9, 0.1, 0.9, 0.9, 0.9))
     c = paper_claims(records)["d"]
     assert c["seeds"] == [0, 1] and c["lookhere"] == ["lh-90", "lh-45"]
-    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed", "none"]
-    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5 + 0.4) / 3 = 0.6; seed 1: 0.8 - 0.6.
-    assert c["accuracy"]["mean"] == pytest.approx(0.15) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
-    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.05)
-    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.3)
-    # At 96 px the best RoPE by mean is rope-2d-mixed at the defaults (0.3 > 0.2), rope-2d-axial tuned.
-    assert c["extrapolation"]["default"]["rope"] == "rope-2d-mixed"
+    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed", "none", "rope-2d-dinov3"]
+    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5 + 0.4 + 0.7) / 4 = 0.625; seed 1: 0.8 - 0.625.
+    assert c["accuracy"]["mean"] == pytest.approx(0.125) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.045)
+    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.275)
+    # At 96 px the better of the paper's RoPEs is rope-2d-mixed at the defaults (0.3 > 0.2), rope-2d-axial tuned.
+    assert c["extrapolation"]["default"]["against"] == "rope-2d-mixed"
     assert c["extrapolation"]["default"]["mean"] == pytest.approx(0.6 - 0.3)
-    assert c["extrapolation"]["tuned"]["rope"] == "rope-2d-axial"
+    assert c["extrapolation"]["tuned"]["against"] == "rope-2d-axial"
     assert c["extrapolation"]["tuned"]["mean"] == pytest.approx(0.65 - 0.55)
+    assert c["newer"]["default"]["against"] == c["newer"]["tuned"]["against"] == "rope-2d-dinov3"
+    assert c["newer"]["default"]["mean"] == pytest.approx(0.6 - 0.8) and c["newer"]["tuned"]["mean"] == pytest.approx(0.65 - 0.8)
     table = claims_markdown({"d": c})
-    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +15.0 ± " in table
+    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +12.5 ± " in table
     assert "at 96 px (4.0x): defaults: +30.0 ± 0.0 (vs rope-2d-mixed); tuned: +10.0 ± " in table
+    assert ("| not a claim of the paper: top-1 at the largest size, LookHere minus the best of the newer encodings "
+            "(rope-2d-dinov3) | at 96 px: defaults: -20.0 ± 0.0 (vs rope-2d-dinov3); tuned: -15.0 ± ") in table
     assert paper_claims([r for r in records if not r["encoding"].startswith("lh")]) == {}
