@@ -317,6 +317,8 @@ cfg = TrainConfig.from_dict(dict(data="synthetic", data_length=96, img_size=16, 
 model = train(cfg)["model"]
 rank = dist.get_rank() if dist.is_initialized() else 0
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{sys.argv[1]}/rank{rank}.safetensors")
+if dist.is_initialized():
+    dist.destroy_process_group()
 """
 
 

@@ -135,7 +135,13 @@ def _train_config(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(_train_config(args))
+    import torch.distributed as dist
+
+    try:
+        result = train(_train_config(args))
+    finally:  # under torchrun: a process group left to exit-time teardown can abort the process
+        if dist.is_initialized():
+            dist.destroy_process_group()
     result.pop("model", None)
     print(json.dumps(result))
     return 0
