@@ -270,3 +270,11 @@ def test_split_and_folder_messages_name_the_flag(tmp_path):
     _image_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no test/ folder .found: train, val.; pass --split"):
         build_dataset(DataSpec(f"folder:{tmp_path}", 32), "test")
+
+
+def test_data_length_keeps_the_first_training_images_of_a_folder(tmp_path):
+    """--data-length is the number of training samples for every kind of dataset; validation keeps all."""
+    _image_folder(tmp_path)
+    spec = DataSpec(f"folder:{tmp_path}", 32, length=3)
+    train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
+    assert len(train) == 3 and len(val) == 8 and train.num_classes == 2

@@ -427,3 +427,21 @@ def test_usage_errors_exit_2_and_failures_1(tmp_path, capsys, monkeypatch):
     assert main(argv) == 1  # the inputs are right; the work failed
     err = capsys.readouterr().err
     assert "failed: the Hub cannot be reached" in err and "Traceback" not in err
+
+
+def test_eval_and_analyze_look_for_the_data_where_the_run_found_it(tmp_path, capsys):
+    """A run trained with --data-root is evaluated and analysed on the data there, unless told otherwise."""
+    import yaml
+
+    from lookhere.cli import main
+    from lookhere.io import save_model
+    from lookhere.train import TrainConfig
+    from lookhere.vit import create_vit
+
+    run, root = tmp_path / "run", tmp_path / "elsewhere" / "fashion-mnist"
+    save_model(create_vit("lh-90", img_size=28, patch_size=4, embed_dim=48, depth=1, num_classes=10), run / "best")
+    cfg = TrainConfig(data="fashion-mnist", data_root=str(root), img_size=28, patch_size=4, embed_dim=48, depth=1)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    for command in ("eval", "analyze"):
+        assert main([command, "--checkpoint", str(run), "--sizes", "28", "--device", "cpu"]) == 2
+        assert f"Fashion-MNIST folder {root} does not exist" in capsys.readouterr().err, command

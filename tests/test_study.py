@@ -43,6 +43,10 @@ def test_paired_comparison_matches_hand_computation():
     assert c["ci95"] == pytest.approx([d.mean() - T_975_DF2 * sd / math.sqrt(3), d.mean() + T_975_DF2 * sd / math.sqrt(3)])
     assert c["wins"] == 3 and c["ties"] == 0
     assert paired([0.5, 0.5], [0.5, 0.5])["p_value"] is None  # no spread, no test
+    # Two images more on every seed, whether or not the float subtraction rounds to one value.
+    for ref, other in (([86 / 150, 90 / 150, 99 / 150], [84 / 150, 88 / 150, 97 / 150]), ([.59, .61, .64], [.57, .59, .62])):
+        c = paired(ref, other)
+        assert c["p_value"] is None and c["std"] == 0.0 and c["ci95"] == [c["mean"], c["mean"]]
 
 
 def _record(enc, seed, top1s, fgsm):
@@ -132,7 +136,11 @@ def test_study_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown training setting"):
         StudyConfig.from_dict({**good, "train": {"learning_rate": 1}})
     with pytest.raises(ValueError, match="size 30 is not a multiple of patch size 4"):
-        StudyConfig.from_dict({**good, "eval": {"sizes": [32, 30]}})
+        StudyConfig.from_dict({**good, "eval": {"sizes": [30, 32]}})
+    with pytest.raises(ValueError, match=r"sizes \[32, 128, 64\]: list each size once, smallest first"):
+        StudyConfig.from_dict({**good, "eval": {"sizes": [32, 128, 64]}})
+    with pytest.raises(ValueError, match=r"sizes \[64, 128\] leave out the training size 32"):
+        StudyConfig.from_dict({**good, "eval": {"sizes": [64, 128]}})
     with pytest.raises(ValueError, match="unknown eval key"):
         StudyConfig.from_dict({**good, "eval": {"size": [32]}})
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -493,13 +501,15 @@ def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
         ]
     # A study part-way through seed 2: the contrasts use the seeds every encoding has finished.
     records.append(_claims_record("lh-90", 2, 0.9, 0.1, 0.9, 0.9, 0.9))
-    c = paper_claims(records)["d"]
+    planned = list(dict.fromkeys(r["encoding"] for r in records))
+    c = paper_claims(records, planned)["d"]
     assert c["seeds"] == [0, 1] and c["lookhere"] == ["lh-90", "lh-45"]
-    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed", "none", "rope-2d-dinov3"]
-    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5 + 0.4 + 0.7) / 4 = 0.625; seed 1: 0.8 - 0.625.
-    assert c["accuracy"]["mean"] == pytest.approx(0.125) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
-    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.045)
-    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.275)
+    # The newer encodings are in neither mean: the paper's contrasts are against the paper's encodings.
+    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed", "none"] and c["newer_encodings"] == ["rope-2d-dinov3"]
+    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5 + 0.4) / 3 = 0.6; seed 1: 0.8 - 0.6.
+    assert c["accuracy"]["mean"] == pytest.approx(0.15) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.05)
+    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.3)
     # At 96 px the better of the paper's RoPEs is rope-2d-mixed at the defaults (0.3 > 0.2), rope-2d-axial tuned.
     assert c["extrapolation"]["default"]["against"] == "rope-2d-mixed"
     assert c["extrapolation"]["default"]["mean"] == pytest.approx(0.6 - 0.3)
@@ -508,8 +518,50 @@ def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
     assert c["newer"]["default"]["against"] == c["newer"]["tuned"]["against"] == "rope-2d-dinov3"
     assert c["newer"]["default"]["mean"] == pytest.approx(0.6 - 0.8) and c["newer"]["tuned"]["mean"] == pytest.approx(0.65 - 0.8)
     table = claims_markdown({"d": c})
-    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +12.5 ± " in table
+    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +15.0 ± " in table
+    assert "the others: the mean of rope-2d-axial, rope-2d-mixed, none (the paper's encodings; the newer " \
+           "encodings, rope-2d-dinov3, are in neither mean)" in table
     assert "at 96 px (4.0x): defaults: +30.0 ± 0.0 (vs rope-2d-mixed); tuned: +10.0 ± " in table
     assert ("| not a claim of the paper: top-1 at the largest size, LookHere minus the best of the newer encodings "
             "(rope-2d-dinov3) | at 96 px: defaults: -20.0 ± 0.0 (vs rope-2d-dinov3); tuned: -15.0 ± ") in table
-    assert paper_claims([r for r in records if not r["encoding"].startswith("lh")]) == {}
+    assert paper_claims([r for r in records if not r["encoding"].startswith("lh")], planned) == {}
+    # An encoding of the study with no finished cell yet: no seed has them all, so no contrast yet,
+    # rather than one against fewer encodings than the caption names.
+    assert paper_claims(records, planned + ["sincos-2d"]) == {}
+    partial = [r for r in records if not (r["encoding"] == "none" and r["seed"] == 1)]
+    assert paper_claims(partial, planned)["d"]["seeds"] == [0]
+
+
+def test_a_stopped_study_still_says_why_its_cells_were_made_again(tmp_path, monkeypatch):
+    """Cells cleared to be made again keep the reason through a kill: the one that had started, and
+    the ones that had not."""
+    import lookhere.study as study
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1]})
+    cells = cfg.cells(tmp_path)
+    old, new = {"initial_weights": "aaaa"}, {"initial_weights": "bbbb"}
+    for c in cells:  # made when the initial weights were drawn otherwise
+        (c.dir / "eval").mkdir(parents=True)
+        (c.dir / "eval" / "eval.json").write_text("{}")
+        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line(), "identity": old}))
+    identities = {c.key: new for c in cells}
+    why = ["the initial weights differ (an initialisation change)"]
+    assert study.cells_to_redo(cells, identities) == {c.key: why for c in cells}
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(study, "run_command", killed)
+    for c in cells:
+        study._clear(c, why)
+    with pytest.raises(Killed):  # the first cell starts and the study is killed
+        study.run_cell(cells[0], new, why)
+
+    redo = study.cells_to_redo(cells, identities)  # the study is run again
+    for c in cells:
+        with pytest.raises(Killed):
+            study.run_cell(c, new, redo.get(c.key))
+        assert json.loads((c.dir / "cell.json").read_text())["made_again"] == why, c.key

@@ -60,7 +60,7 @@ def same_weights(a_dir: Path, b_dir: Path, names=("model.safetensors",)) -> None
 
 
 def lr_by_step(run: Path) -> dict[int, float]:
-    """The learning rate of each logged step; a step run again after a resume keeps its last record."""
+    """The learning rate of each logged step."""
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["lr"] for r in records if r["kind"] == "step"}
 
@@ -81,10 +81,17 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert 0 < state["train_s"] < 600
     state["train_s"] += 3600.0
     torch.save(state, run / "last" / "state.pt")
+    # What a kill leaves past the last checkpoint (steps logged again on resume, a line cut short) is forgotten.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "step", "step": state["step"] + 1, "lr": -1.0}) + '\n{"kind": "st')
     resumed = cli("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     same_weights(tmp_path / "full", run, ("model.safetensors", "ema.safetensors"))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    full_records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    for kind in ("step", "epoch"):  # each once, as in the run never killed
+        assert [r["step"] for r in records if r["kind"] == kind] == [r["step"] for r in full_records if r["kind"] == kind]
+    assert -1.0 not in [r.get("lr") for r in records]
     starts = [r["step"] for r in records if r["kind"] == "environment"]
     assert starts[0] == 0 and len(starts) == 2 and 0 < starts[1] <= killed_at  # the resume is recorded too
     seconds = [r["train_s"] for r in records if r["kind"] == "epoch" and r["step"] > starts[1]]
@@ -336,6 +343,49 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks differ at {k}"
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
-    # Rank 0 alone logged and checkpointed.
+    # Rank 0 alone logged and checkpointed; validation (19 scenes on 2 ranks) counted each scene once.
     assert (tmp_path / "ddp" / "last" / "model.safetensors").is_file()
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) > 0
+    epochs = {}
+    for name in ("ddp", "single"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        epochs[name] = [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+    assert len(epochs["ddp"]) == len(epochs["single"]) == 2
+    for a, b in zip(epochs["ddp"], epochs["single"]):
+        assert a["val_acc"] == b["val_acc"] and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_validation_shards_cover_every_sample_once():
+    """Unlike DistributedSampler, which pads the last shard with repeats, whatever the number of ranks."""
+    from lookhere.train import shard
+
+    for n, world in ((800, 3), (800, 7), (19, 2), (5, 8)):
+        shards = [shard(n, rank, world) for rank in range(world)]
+        assert sorted(i for s in shards for i in s) == list(range(n))
+
+
+def test_a_checkpoint_swap_keeps_the_only_checkpoint_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """After a crash between the renames of a swap only ``last.old`` is left; a crash in the next swap must
+    not lose it."""
+    from lookhere.train import find_checkpoint, write_checkpoint
+    from lookhere.vit import create_vit
+
+    model = create_vit("none", img_size=16, patch_size=4, embed_dim=48, depth=1, num_classes=2)
+    write_checkpoint(tmp_path / "last", model, None, {"step": 1})
+    os.replace(tmp_path / "last", tmp_path / "last.old")  # the first crash
+    assert find_checkpoint(tmp_path) == tmp_path / "last.old"
+
+    real_replace = os.replace
+
+    def crash_before_swapping_in(src, dst):
+        if Path(src).name == "last.tmp":
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_swapping_in)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path / "last", model, None, {"step": 2})
+    monkeypatch.undo()
+    found = find_checkpoint(tmp_path)
+    assert found == tmp_path / "last.old" and torch.load(found / "state.pt", weights_only=True)["step"] == 1
+    write_checkpoint(tmp_path / "last", model, None, {"step": 3})
+    assert find_checkpoint(tmp_path) == tmp_path / "last" and not (tmp_path / "last.old").exists()

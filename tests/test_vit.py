@@ -279,3 +279,29 @@ def test_flex_backend_refuses_attention_dropout():
     with pytest.raises(ValueError, match="flex backend has no attention dropout"):
         lookhere_attention(q, q, q, config="lh-90", grid_size=(3, 3), layer=0, depth=1, backend="flex",
                            dropout_p=0.1)
+
+
+@pytest.mark.parametrize("pos_encoding", list(POSITION_ENCODINGS))
+def test_every_encoding_runs_in_the_dtype_the_model_is_cast_to(pos_encoding):
+    """float64 gives float32's numbers (to float32's precision); bfloat16 runs."""
+    torch.manual_seed(0)
+    model = tiny(pos_encoding=pos_encoding, img_size=16, patch_size=4)
+    x = torch.randn(2, 3, 16, 24)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(model.double()(x.double()).float(), want, rtol=1e-4, atol=1e-5)
+        low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "slab"])
+def test_training_after_an_inference_mode_pass(backend):
+    """What a pass under torch.inference_mode caches must not be an inference tensor autograd can't save."""
+    model = tiny(img_size=(32, 48), pos_options={"backend": backend})
+    x = torch.randn(2, 3, 32, 48)
+    with torch.inference_mode():
+        want = model(x)
+    model.train().forward_features(x).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), want, rtol=0, atol=0)

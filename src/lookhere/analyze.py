@@ -119,7 +119,8 @@ def plot_attention_maps(maps_by_size: dict[int, torch.Tensor], layer: int, path:
                 ax.set_title(f"head {h}", fontsize=7)
             if h == 0:
                 ax.set_ylabel(f"{s} px", fontsize=7)
-    fig.suptitle(f"layer {layer}: attention of the centre patch, averaged over images", fontsize=9)
+    depth = len(maps_by_size[sizes[0]])
+    fig.suptitle(f"layer {layer + 1} of {depth}: attention of the centre patch, averaged over images", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

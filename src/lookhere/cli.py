@@ -209,7 +209,8 @@ def _analyze(args: argparse.Namespace) -> int:
     data_config = model_data_config(model, training_size(model, cfg))
     images = {}
     for size in args.sizes:
-        spec = DataSpec(data, size, None, cfg.seed if cfg else 0, args.data_root, data_config=data_config)
+        spec = DataSpec(data, size, None, cfg.seed if cfg else 0, args.data_root or (cfg.data_root if cfg else None),
+                        data_config=data_config)
         ds = build_dataset(spec, args.split, train=False)
         images[size] = collate([ds[i] for i in range(min(args.num_images, len(ds)))])[0]
         if not len(images[size]):
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --model: read its weights from this file instead of downloading them")
     ev.add_argument("--data", help="dataset: synthetic, synthetic-where, fashion-mnist, folder:PATH, hf:NAME "
                                    "(a Hub name or a local folder); default: the run's")
-    ev.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:)")
+    ev.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
     ev.add_argument("--sizes", type=int, nargs="+", required=True, help="test image sizes (px)")
     ev.add_argument("--train-size", type=int,
                     help="the model's training size (default: its run's, its pretrained_cfg's, or its built size)")
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="attention distance, head diversity, token similarity, attention maps")
     an.add_argument("--checkpoint", required=True, help="run directory, model directory or released .pth")
     an.add_argument("--data", help="dataset (default: the run's)")
-    an.add_argument("--data-root")
+    an.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
     an.add_argument("--sizes", type=int, nargs="+", required=True, help="image sizes (px)")
     an.add_argument("--split", default="test", type=_split, help="default: test")
     an.add_argument("--num-images", type=int, default=16, help="default: 16")

@@ -315,7 +315,7 @@ class Fourier(PositionEncoding):
     def features(self, grid: tuple[int, int], device) -> torch.Tensor:
         y, x = patch_coords(grid, device=device)
         pos = torch.stack([(y + 0.5) / self.grid_size[0], (x + 0.5) / self.grid_size[1]], dim=-1)
-        z = 2 * math.pi * self.proj(pos)
+        z = 2 * math.pi * F.linear(pos, self.proj.weight.float())  # float32 phases, whatever the model's dtype
         return torch.cat([z.cos(), z.sin()], dim=-1) / math.sqrt(self.num_features)
 
     def embed(self, x, grid):
@@ -523,8 +523,8 @@ class Pape(PositionEncoding):
         y, x = patch_coords(grid, device=q.device)
         # Centred: the bias depends only on offsets, and smaller coordinates lose less to cancellation.
         pos = torch.stack([y - (grid[0] - 1) / 2, x - (grid[1] - 1) / 2], dim=-1)
-        u = self.direction[layer](pos).view(-1, H, P).transpose(0, 1)  # (H, N, P)
-        ab = self.shape[layer](q[:, :, p:].transpose(1, 2).reshape(B, T - p, H * D).float())
+        u = F.linear(pos, self.direction[layer].weight.float()).view(-1, H, P).transpose(0, 1)  # (H, N, P)
+        ab = F.linear(q[:, :, p:].transpose(1, 2).reshape(B, T - p, H * D).float(), self.shape[layer].weight.float())
         a, b = ab.view(B, T - p, 2, H, P).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, P) each
         a = F.softplus(a)
         # sum_r -a (u_q - u_k)^2 + b (u_q - u_k) = [sum_r -a u_q^2 + b u_q] + (2 a u_q - b) . u_k - a . u_k^2

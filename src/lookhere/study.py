@@ -138,7 +138,13 @@ class StudyConfig:
                 self.train_config(name, pe, self.seeds[0], "x").validate()
         for name in self.datasets:
             cfg = self.train_config(name, self.encodings[0], self.seeds[0], "x")
-            for size in self.sizes(name):
+            sizes = self.sizes(name)
+            if sizes != sorted(set(sizes)):
+                raise ValueError(f"{source}: {name} sizes {sizes}: list each size once, smallest first")
+            if cfg.img_size not in sizes:
+                raise ValueError(f"{source}: {name} sizes {sizes} leave out the training size {cfg.img_size}, "
+                                 f"which the report compares every other size with")
+            for size in sizes:
                 if size % cfg.patch_size:
                     raise ValueError(f"{source}: {name} size {size} is not a multiple of patch size {cfg.patch_size}")
 
@@ -369,18 +375,19 @@ def check_cells_match(cells: list[Cell]) -> None:
 
 
 def cells_to_redo(cells: list[Cell], identities: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """Cells already (partly) made whose command now resolves to something else, with the reasons;
-    a part-made cell from before identities were recorded is started again too."""
+    """Cells already (partly) made, or cleared to be made again by a run that was stopped, whose
+    command now resolves to something else, with the reasons; a part-made cell from before identities
+    were recorded is started again too."""
     redo = {}
     for cell in cells:
         made = cell.recorded()
-        if made is None or cell.status() == "todo":
+        if made is None:
             continue
         if "identity" in made:
             changes = identity_changes(made["identity"], identities[cell.key])
             if changes:
                 redo[cell.key] = changes
-        elif cell.status() != "done":
+        elif cell.status() not in ("done", "todo"):
             redo[cell.key] = ["part-made before identities were recorded"]
     return redo
 
@@ -428,8 +435,12 @@ def _environments(cell: Cell) -> dict[str, Any]:
 
 def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optional[list[str]] = None) -> dict[str, float]:
     """Train (or resume) and evaluate one cell; returns the seconds each part took. ``identity`` is
-    recorded in ``cell.json`` (``resolve_identities`` makes it); ``why``, if the cell is made again."""
+    recorded in ``cell.json`` (``resolve_identities`` makes it); ``why``, if the cell is made again
+    (kept from ``cell.json`` when a stopped run had started making it again)."""
     cell.dir.mkdir(parents=True, exist_ok=True)
+    earlier = cell.recorded()
+    if why is None and earlier is not None and identity is not None and earlier.get("identity") == identity:
+        why = earlier.get("made_again")
     commands = cell.commands()
     record: dict[str, Any] = {"dataset": cell.dataset, "encoding": cell.encoding, "seed": cell.seed,
                               "command": cell.command_line(), "train_command": commands["train"],

@@ -45,7 +45,10 @@ def paired(reference: Sequence[float], other: Sequence[float]) -> dict[str, Any]
     a, b = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
     d = a - b
     out = summarize(d)
-    out["p_value"] = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 and d.std() > 0 else None
+    # The same difference on every seed (k/n accuracies subtract to it up to rounding): no spread, no test.
+    if len(d) > 1 and np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):
+        out.update(std=0.0, ci95=[out["mean"], out["mean"]])
+    out["p_value"] = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 and out["std"] > 0 else None
     out["wins"] = int((d > 0).sum())
     out["ties"] = int((d == 0).sum())
     return out
@@ -103,7 +106,7 @@ def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         rows = [r for r in records if r["dataset"] == dataset]
         encodings = list(dict.fromkeys(r["encoding"] for r in rows))
-        sizes = list(rows[0]["sizes"])
+        sizes = sorted(rows[0]["sizes"], key=int)
         ds: dict[str, Any] = {"train_size": rows[0]["train_size"], "sizes": sizes, "encodings": {}, "paired": {}}
         for enc in encodings:
             runs = [r for r in rows if r["encoding"] == enc]
@@ -241,34 +244,35 @@ PAPER_ROPES = ("rope-2d-axial", "rope-2d-mixed")
 NEWER = ("rope-2d-dinov3", "fire", "pape")
 
 
-def paper_claims(records: list[dict[str, Any]]) -> dict[str, Any]:
+def paper_claims(records: list[dict[str, Any]], encodings: list[str]) -> dict[str, Any]:
     """The paper's four contrasts, per dataset: seed by seed, the mean of LookHere's released presets
-    minus the mean of every encoding that is not LookHere at the training size (top-1 and ECE at the
+    minus the mean of the paper's other encodings at the training size (top-1 and ECE at the
     defaults, accuracy under each attack), and minus the best of the paper's 2D-RoPEs at the largest
-    test size (at the defaults, and with each one's knob tuned); then mean and 95% interval over
-    seeds. Beside them, not a claim of the paper: the same largest-size contrast against the best of
-    the newer encodings (``newer``)."""
+    test size (at the defaults, and with each one's knob tuned); then mean and 95% interval over the
+    seeds on which every one of the study's ``encodings`` has finished. Beside them, not a claim of
+    the paper: the same largest-size contrast against the best of the newer encodings (``newer``),
+    which are in neither mean."""
     out: dict[str, Any] = {}
+    lookhere = [e for e in LOOKHERE if e in encodings]
+    # the all-masked ablations are LookHere too, and in neither group
+    others = [e for e in encodings if not e.startswith("lh-") and e not in NEWER]
+    ropes = [e for e in PAPER_ROPES if e in others]
+    newer = [e for e in NEWER if e in encodings]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         rows = [r for r in records if r["dataset"] == dataset]
         by = {(r["encoding"], r["seed"]): r for r in rows}
-        encodings = list(dict.fromkeys(r["encoding"] for r in rows))
-        lookhere = [e for e in LOOKHERE if e in encodings]
-        others = [e for e in encodings if not e.startswith("lh-")]  # the all-masked ablations are LookHere too
-        ropes = [e for e in PAPER_ROPES if e in others]
-        newer = [e for e in NEWER if e in others]
         seeds = sorted(s for s in dict.fromkeys(r["seed"] for r in rows)
-                       if all((e, s) in by for e in lookhere + others))
+                       if all((e, s) in by for e in lookhere + others + newer))
         if not lookhere or not others or not seeds:
             continue
-        train, last = str(rows[0]["train_size"]), list(rows[0]["sizes"])[-1]
+        train, last = str(rows[0]["train_size"]), max(rows[0]["sizes"], key=int)
 
         def contrast(value, group: list[str]) -> dict[str, Any]:
             return summarize([float(np.mean([value(by[e, s]) for e in lookhere]) - np.mean([value(by[e, s]) for e in group]))
                               for s in seeds])
 
         ds: dict[str, Any] = {
-            "seeds": seeds, "lookhere": lookhere, "others": others, "train_size": int(train), "largest": int(last),
+            "seeds": seeds, "lookhere": lookhere, "others": others, "newer_encodings": newer, "train_size": int(train), "largest": int(last),
             "accuracy": contrast(lambda r: r["sizes"][train]["default"]["top1"], others),
             "calibration": contrast(lambda r: r["sizes"][train]["default"]["ece"], others),
             "robustness": {a: contrast(lambda r, a=a: r["adversarial"][a], others)
@@ -302,12 +306,12 @@ def claims_markdown(claims: dict[str, Any]) -> str:
                          if v in e) or "-"
 
     newer = [f"| not a claim of the paper: top-1 at the largest size, LookHere minus the best of the newer "
-             f"encodings ({', '.join(e for e in NEWER if e in first['others'])}) | "
+             f"encodings ({', '.join(first['newer_encodings'])}) | "
              + col(lambda c: f"at {c['largest']} px: {extra(c, 'newer')}") + " |"] if any(claims[d]["newer"] for d in names) else []
 
     lines = ["## The paper's claims in this study", "",
              "| the paper (ViT-B/16, ImageNet-1k, trained at 224 px) | " +
-             " | ".join(f"{d} (trained at {claims[d]['train_size']} px; {len(claims[d]['seeds'])} seeds)" for d in names) + " |",
+             " | ".join(f"{d} (trained at {claims[d]['train_size']} px; {len(claims[d]['seeds'])} seed{'s' if len(claims[d]['seeds']) != 1 else ''})" for d in names) + " |",
              "|---|" + "---|" * len(names),
              f"| top-1 at the training size, LookHere minus the others: +{PAPER_CLAIMS['accuracy']} | "
              + col(lambda c: _pm(c["accuracy"], signed=True)) + " |",
@@ -320,7 +324,8 @@ def claims_markdown(claims: dict[str, Any]) -> str:
              "",
              f"Points; mean over seeds ± the half-width of the 95% interval of the per-seed contrast, over "
              f"the seeds every encoding has finished. LookHere: the mean of {', '.join(first['lookhere'])}; the others: the "
-             f"mean of {', '.join(first['others'])}. At the training size every encoding runs at its defaults; at the "
+             f"mean of {', '.join(first['others'])}" + (f" (the paper's encodings; the newer encodings, {', '.join(first['newer_encodings'])}, are in "
+             "neither mean)" if first["newer_encodings"] else "") + ". At the training size every encoding runs at its defaults; at the "
              f"largest size LookHere is set against the better of the paper's 2D-RoPEs ({' and '.join(PAPER_ROPES)}, by "
              "mean top-1 there; the newer encodings in a row of their own), both at their defaults and with each "
              "encoding's knob chosen on validation.", ""]
@@ -438,7 +443,7 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
     for dataset, ds in summary.items():
         sizes = ds["sizes"]
         t = ds["train_size"]
-        last = sizes[-1]
+        last = max(sizes, key=int)
         lines += [f"## {dataset} (trained at {t} px)", "", "### Top-1 (%) by test size, tuned", "",
                   "| encoding | best val top-1 | " + " | ".join(f"{s} px" for s in sizes) + " |",
                   "|---|---:|" + "---:|" * len(sizes)]
@@ -554,7 +559,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     notes_file = root / "notes.md"
     if not notes and notes_file.is_file():
         notes = notes_file.read_text().strip()
-    claims = paper_claims(records)
+    claims = paper_claims(records, cfg["encodings"])
     results = {"study": cfg["name"], "config": cfg, "reference": cfg.get("reference", "lh-90"),
                "cells": records, "summary": summary, "paper_claims": claims}
     tmp = root / "results.json.tmp"

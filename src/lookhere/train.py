@@ -64,7 +64,8 @@ class TrainConfig:
 
     data: str = _setting("synthetic", f"dataset: {', '.join(DATASETS)}")
     data_root: Optional[str] = _setting(None, "folder of the dataset's files", "the dataset's standard place")
-    data_length: Optional[int] = _setting(None, "training samples (synthetic: scenes rendered; others: the first N)",
+    data_length: Optional[int] = _setting(None, "training samples, the first N (synthetic: N scenes rendered, N/5 for "
+                                          "validation; fashion-mnist: the first N of validation too)",
                                           "synthetic 4000, others all")
     num_classes: Optional[int] = _setting(None, "outputs of the classifier", "the dataset's classes")
     pos_encoding: str = _setting("lh-90", f"position encoding: {', '.join(POSITION_ENCODINGS)}")
@@ -212,6 +213,12 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """This rank's share of ``n`` samples, without the repeats DistributedSampler pads with: summed
+    over ranks, every sample counts once, as in a run on one process."""
+    return list(range(rank, n, world))
+
+
 class SeededSamples(Dataset):
     """Training samples whose random augmentation is drawn from RNGs seeded by (seed, epoch, index).
 
@@ -290,11 +297,27 @@ def write_checkpoint(directory: Path, model: nn.Module, ema, state: dict[str, An
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()},
                   str(tmp / "ema.safetensors"))
     torch.save(state, tmp / "state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
+    if directory.exists():  # else ``old`` may be the only checkpoint (a crash between renames): keep it
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def forget_after(metrics: Path, step: int) -> None:
+    """Drop the step and epoch records a killed stretch logged past ``step``, its last checkpoint, and
+    a line cut short by the kill: the resumed run logs those steps again, once."""
+    if not metrics.exists():
+        return
+    kept = []
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "environment" or record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    _write_atomically(metrics, "".join(kept))
 
 
 def find_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -451,7 +474,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if cfg.resume else None)
+        if cfg.resume:
+            forget_after(run_dir / "metrics.jsonl", step)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if d.main else None
     if metrics_file is not None:  # at every start and resume: what decides this stretch's last digits
         metrics_file.write(json.dumps({"kind": "environment", "step": step, **environment()}) + "\n")
@@ -481,7 +506,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                      "train_s": train_seconds(), **counts}
             write_checkpoint(run_dir / name, raw, ema, state)
 
-    val_sampler = DistributedSampler(val_ds, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None
+    val_sampler = shard(len(val_ds), d.rank, d.world) if d.world > 1 else None
     # Loaders get generators of their own: creating one must not draw from the global RNG, or a run
     # resumed mid-epoch would see different dropout and mixup draws than an uninterrupted one.
     val_loader = DataLoader(val_ds, batch_size=per_rank, sampler=val_sampler, num_workers=cfg.workers,

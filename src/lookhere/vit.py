@@ -398,7 +398,9 @@ def _cfg(**kwargs: Any) -> dict:
 
 # The paper's architecture around LookHere (DeiT-III's ViT as the authors trained it): an MLP head
 # (width -> mlp_ratio x width -> classes, tanh) whose last layer starts at weight 0 and bias
-# -ln(classes), LayerScale 1e-4, and drop-path 0.1 in every block. Every LookHere variant is built so.
+# -ln(classes) (-6.9 for ImageNet's 1000, as released: uniform predictions, whichever the classes; a
+# softmax ignores the constant, so it changes no step), LayerScale 1e-4, and drop-path 0.1 in every
+# block. Every LookHere variant is built so.
 LOOKHERE_ARCH = dict(init_values=1e-4, drop_path_rate=0.1, drop_path_schedule="uniform")
 # The released weights (ViT-B/16, ImageNet-1k, 150 epochs at 224 px) on the Hugging Face Hub, with
 # the paper's evaluation at 224 px: shorter side to 256, centre crop 224, bicubic, ImageNet mean/std.

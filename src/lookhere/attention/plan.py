@@ -76,7 +76,8 @@ class AttentionPlan(nn.Module):
     def cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """``build()`` once per key; the oldest entries go first when the cache is over its size."""
         if key not in self._cache:
-            value = build()
+            with torch.inference_mode(False):  # an inference tensor kept here would break later training steps
+                value = build()
             size = sum(t.numel() * t.element_size() for t in _tensors(value))
             while self._cache and self.cached_bytes() + size > self.CACHE_BYTES:
                 self._cache.pop(next(iter(self._cache)))

@@ -30,7 +30,8 @@ LABEL_COLUMNS = ("label", "labels")  # a Hugging Face dataset's class column: on
 class DataSpec:
     name: str
     img_size: int | tuple[int, int]
-    length: int | None = None  # synthetic: training scenes (default 4000); val and test get a fifth
+    length: int | None = None  # training samples, the first N (synthetic: scenes rendered, default 4000,
+    # val and test get a fifth; fashion-mnist: the first N of every split)
     seed: int = 0
     root: str | None = None
     hf_val_split: str = "validation"
@@ -172,7 +173,8 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
     """The ``split`` of a dataset (train, val, test; a folder's subfolder; a Hugging Face split, sliced
     as ``train[99%:]``), wrapped so a bad sample is skipped and counted.
 
-    ``length`` keeps only the first ``length`` samples (synthetic: exactly that many scenes).
+    ``length`` keeps only the first ``length`` samples (synthetic: exactly that many scenes);
+    ``spec.length`` is the training length (see ``--data-length``).
     """
     train = split == "train" if train is None else train
     name = spec.name
@@ -190,6 +192,8 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
         if not target:
             raise ValueError(f"--data {name!r} needs a path or name after '{kind}:'")
         ds = _timm_photos(kind, target, split, spec, train)
+        if split == "train" and length is None:
+            length = spec.length
     else:
         raise ValueError(f"--data {name!r}: unknown dataset; allowed: {', '.join(DATASETS)}")
     if length is not None and length < len(ds):
