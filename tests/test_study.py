@@ -366,6 +366,7 @@ def _summary_row(top1_by_size: dict[str, float]) -> dict:
 
 def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the_lines(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
 
     from lookhere.study_report import headline, plot_headline
 
@@ -387,6 +388,10 @@ def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the
     fig = kept[0]
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
+        # Intervals as bars, one set per line (bands of seven lines cover each other): lh-90's span its ci95.
+        assert len(ax.containers) == 4 and not any(isinstance(c, PolyCollection) for c in ax.collections)
+        spans = [sorted(seg[:, 1]) for seg in ax.containers[0].lines[2][0].get_segments()]
+        np.testing.assert_allclose(spans, [[85, 95], [75, 85], [65, 75]], atol=1e-9)
         legend = ax.get_legend()
         assert [t.get_text() for t in legend.get_texts()][0] == "lh-90"
         # No legend sits over any panel's plotting area.
