@@ -570,3 +570,20 @@ def test_a_stopped_study_still_says_why_its_cells_were_made_again(tmp_path, monk
         with pytest.raises(Killed):
             study.run_cell(c, new, redo.get(c.key))
         assert json.loads((c.dir / "cell.json").read_text())["made_again"] == why, c.key
+
+
+def test_every_encoding_keeps_one_distinct_style_across_a_studys_figures():
+    """LookHere's presets in blues, their ablations dotted in the same blue, no other encoding in a blue
+    or in another encoding's colour (the synthetic study has nine others and three ablations)."""
+    from lookhere.study_report import LOOKHERE_COLORS, _styles
+
+    others = ["none", "learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d",
+              "rope-2d-axial", "rope-2d-mixed", "rope-2d-dinov3", "fire", "pape"]
+    ablations = ["lh-180-all-masked", "lh-90-all-masked", "lh-45-all-masked"]
+    styles = _styles(others + list(LOOKHERE_COLORS) + ablations)
+    for preset, blue in LOOKHERE_COLORS.items():
+        assert styles[preset] == {"color": blue, "lw": 2.2, "ls": "-"}
+        assert styles[f"{preset}-all-masked"]["color"] == blue and styles[f"{preset}-all-masked"]["ls"] == ":"
+    colors = [styles[e]["color"] for e in others]
+    assert len(set(colors)) == len(others) and not set(colors) & set(LOOKHERE_COLORS.values())
+    assert {styles[e]["ls"] for e in others} == {"--"}

@@ -180,7 +180,8 @@ def _setting_text(settings: dict[str, int]) -> str:
 
 
 def plot_study(summary: dict[str, Any], path: Path) -> str:
-    """Top-1 against test size, one line per encoding, the 95% interval as a band; one column per
+    """Top-1 against test size, one line per encoding (the mean over seeds: the intervals of a dozen
+    lines would hide each other; the headline figure and the tables give them); one column per
     dataset, with each encoding's knob tuned on validation (top row) and at its defaults (bottom)."""
     import matplotlib
 
@@ -190,16 +191,15 @@ def plot_study(summary: dict[str, Any], path: Path) -> str:
     names = list(summary)
     variants = {"tuned": "knob tuned on validation", "default": "defaults, no knob"}
     fig, axes = plt.subplots(2, len(names), figsize=(5.8 * len(names), 8.4), squeeze=False, sharey=True)
-    cmap = plt.get_cmap("tab20")
     for col, dataset in enumerate(names):
         ds = summary[dataset]
         sizes = [int(s) for s in ds["sizes"]]
+        styles = _styles(list(ds["encodings"]))
         for ax, (variant, title) in zip(axes[:, col], variants.items()):
-            for i, (enc, e) in enumerate(ds["encodings"].items()):
-                lh = enc.startswith("lh")
-                _band(ax, sizes, e, variant, lw=2.2 if lh else 1.2, color=cmap(i % 20), label=enc, ls="-" if lh else "--")
+            for enc, e in ds["encodings"].items():
+                ax.plot(sizes, _interval(e, variant, sizes)[0], marker="o", ms=3, label=enc, **styles[enc])
             _size_axis(ax, sizes, ds["train_size"])
-            ax.set_ylabel("top-1 (%), mean and 95% interval over seeds")
+            ax.set_ylabel("top-1 (%), mean over seeds")
             ax.set_title(f"{dataset}: {title}")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -209,6 +209,27 @@ def plot_study(summary: dict[str, Any], path: Path) -> str:
 
 
 LOOKHERE = ("lh-180", "lh-90", "lh-45")
+LOOKHERE_COLORS = dict(zip(LOOKHERE, ("#08306b", "#2171b5", "#6baed6")))
+# Every other encoding in a colour of its own that is not LookHere's blue (tab10 without blue, then more).
+OTHER_COLORS = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf", "#000000", "#fdbf6f", "#b15928", "#cab2d6")
+
+
+def _styles(encodings: list[str]) -> dict[str, dict[str, Any]]:
+    """One line style per encoding, the same in every figure of a study: LookHere's presets solid in
+    blues, their ablations dotted in the preset's blue, the rest dashed in other colours."""
+    out, others = {}, [e for e in encodings if not e.startswith("lh-")]
+    for enc in encodings:
+        base = next((p for p in LOOKHERE if enc == p or enc.startswith(p + "-")), None)
+        if base == enc:
+            out[enc] = dict(color=LOOKHERE_COLORS[enc], lw=2.2, ls="-")
+        elif base is not None:
+            out[enc] = dict(color=LOOKHERE_COLORS[base], lw=1.6, ls=":")
+        elif enc.startswith("lh-"):
+            out[enc] = dict(color=LOOKHERE_COLORS["lh-90"], lw=1.6, ls="-.")
+        else:
+            out[enc] = dict(color=OTHER_COLORS[others.index(enc) % len(OTHER_COLORS)], lw=1.2, ls="--")
+    return out
 # The families the headline figure draws one line for (their best member), in drawing order.
 FAMILIES = {
     "RoPE": ("rope-2d-axial", "rope-2d-mixed", "rope-2d-dinov3"),
@@ -342,12 +363,6 @@ def _interval(e: dict[str, Any], variant: str, sizes: list[int]) -> tuple[np.nda
     return mean, np.clip(lo, 0, 100), np.clip(hi, 0, 100)
 
 
-def _band(ax, sizes: list[int], e: dict[str, Any], variant: str, alpha: float = 0.15, **style) -> None:
-    mean, lo, hi = _interval(e, variant, sizes)
-    ax.plot(sizes, mean, marker="o", ms=3, **style)
-    ax.fill_between(sizes, lo, hi, color=style["color"], alpha=alpha, lw=0)
-
-
 def _size_axis(ax, sizes: list[int], train_size: int) -> None:
     ax.axvline(train_size, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
@@ -372,7 +387,6 @@ def plot_headline(summary: dict[str, Any], path: Path) -> str:
     # Constrained layout makes room for the legends under the panels, off the lines.
     fig, axes = plt.subplots(len(names), 2, figsize=(11, 5.0 * len(names)), squeeze=False, sharey=True,
                              layout="constrained")
-    lh_colors = dict(zip(LOOKHERE, ("#08306b", "#2171b5", "#6baed6")))
     family_colors = dict(zip(FAMILIES, ("#d94801", "#238b45", "#6a51a3", "#525252")))
     for row, dataset in enumerate(names):
         ds = summary[dataset]
@@ -381,7 +395,7 @@ def plot_headline(summary: dict[str, Any], path: Path) -> str:
             lines = headline(ds, variant)
             for i, (label, enc) in enumerate(lines):
                 family = next((f for f, m in FAMILIES.items() if enc in m), None)
-                style = (dict(color=lh_colors[enc], lw=2.4, ls="-") if family is None else
+                style = (dict(color=LOOKHERE_COLORS[enc], lw=2.4, ls="-") if family is None else
                          dict(color=family_colors[family], lw=1.6, ls="--"))
                 mean, lo, hi = _interval(ds["encodings"][enc], variant, sizes)
                 aside = 2.0 ** (0.03 * (i - (len(lines) - 1) / 2))  # the x axis is logarithmic
@@ -408,16 +422,14 @@ def plot_learning(summary: dict[str, Any], path: Path) -> str:
     names = list(summary)
     fig, axes = plt.subplots(1, len(names), figsize=(5.8 * len(names), 4.4), squeeze=False, sharey=True,
                              layout="constrained")
-    cmap = plt.get_cmap("tab20")
     for ax, dataset in zip(axes[0], names):
-        for i, (enc, e) in enumerate(summary[dataset]["encodings"].items()):
+        styles = _styles(list(summary[dataset]["encodings"]))
+        for enc, e in summary[dataset]["encodings"].items():
             if not e["val_curve"]:
                 continue
             epochs = np.arange(1, len(e["val_curve"]) + 1)
             mean = np.array([s["mean"] for s in e["val_curve"]]) * 100
-            lh = enc.startswith("lh")
-            ax.plot(epochs, mean, color=cmap(i % 20), lw=2.2 if lh else 1.2, ls="-" if lh else "--", marker="o",
-                    ms=3, label=enc)
+            ax.plot(epochs, mean, marker="o", ms=3, label=enc, **styles[enc])
         ax.axhline(LEARNED * 100, color="grey", lw=0.8, ls=":")
         ax.set_ylim(0, 100)
         ax.set_xlabel("epoch; dotted: the bar for a learned task")
@@ -444,7 +456,7 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
     if headline_plot:
         lines += [f"![LookHere's presets against the best of each family]({headline_plot})", "",
                   "LookHere's three presets against the best member of each other family (chosen by mean top-1 "
-                  "over the sizes above the training size, separately with and without knobs). Every encoding:", ""]
+                  "over the sizes above the training size, separately with and without knobs). Every encoding (means over seeds):", ""]
     if plot:
         lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
     if learning_plot:
