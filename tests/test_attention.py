@@ -191,6 +191,10 @@ def test_plan_follows_a_replaced_config_and_the_device():
     assert pe.state_dict() == {}  # derived tables are not saved
     pe.to(torch.float64)  # casting a model keeps the scales exact
     assert pe.plan.scale.dtype == torch.float32 and pe.plan.coef.dtype == torch.int32
+    pe.to("meta")  # a config replaced after a move builds its plan on the model's device
+    pe.config = pe.config.replace(global_slope=0.25)
+    assert pe.config.global_slope == 0.25
+    assert pe.plan.scale.device.type == "meta" and pe.plan.coef.device.type == "meta"
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -222,11 +222,12 @@ def test_metrics_with_label_lists_match_hand_computation():
     assert float(label_set_nll(logits, single)) == pytest.approx(float(nn.functional.cross_entropy(logits, single)))
 
 
-def _tiny_model_dir(path, seed=0):
+def _tiny_model_dir(path, seed=0, pos_encoding="lh-90"):
     import lookhere
 
     torch.manual_seed(seed)
-    model = lookhere.create_vit("lh-90", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=12, num_classes=10)
+    model = lookhere.create_vit(pos_encoding, img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=12,
+                                num_classes=10)
     lookhere.save_model(model, path)
     return model.eval()
 
@@ -390,6 +391,34 @@ def test_messages_name_flags(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--split", "train[99%:]",
                  "--sizes", "32", "--device", "cpu"]) == 2
     assert "--split 'train[99%:]': synthetic has the splits train, val, test" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pos_encoding,flag,knob,default,value", [
+    ("lh-90", "--lh-global-slope 0.5", "config.global_slope", 2.0, 0.5),
+    ("rope-2d-axial", "--rope-interpolate", "interpolate", False, True),
+    ("learned-1d", "--pos-resample grid", "resample", "bicubic", "grid"),
+    ("fire", "--fire-normalize train", "normalize", "test", "train"),
+])
+def test_eval_knob_flags_reach_the_model_that_is_evaluated(tmp_path, monkeypatch, pos_encoding, flag, knob, default,
+                                                           value):
+    """Each test-time knob flag sets the encoding of the model handed to the evaluation; without it the
+    model keeps the setting it was saved with."""
+    import operator
+
+    import lookhere.evaluate
+    from lookhere.cli import main
+
+    _tiny_model_dir(tmp_path / "model", pos_encoding=pos_encoding)
+    seen = []
+
+    def record(model, settings, **kwargs):
+        seen.append(operator.attrgetter(knob)(model.pos_encoding))
+        raise RuntimeError("stop after recording")
+
+    monkeypatch.setattr(lookhere.evaluate, "run_eval", record)
+    argv = ["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--sizes", "32", "--device", "cpu"]
+    assert main(argv) == 1 and main([*argv, *flag.split()]) == 1
+    assert seen == [default, value]
 
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_needs_debug(tmp_path, capsys, monkeypatch):

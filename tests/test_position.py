@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers.pos_embed_sincos import RotaryEmbeddingMixed
+from timm.layers.pos_embed_sincos import RotaryEmbeddingMixed, apply_rot_embed_cat
 
 import lookhere
 from lookhere import POSITION_ENCODINGS, create_vit
@@ -127,11 +127,17 @@ def test_resampling_is_identity_at_training_grid_and_bicubic_elsewhere():
         centre = (i + 0.5) * 4 / 8
         taps = [(j, cubic(j + 0.5 - centre)) for j in range(4)]
         ref = sum(w * table[j] for j, w in taps) / sum(w for _, w in taps)
-        torch.testing.assert_close(rows[0, i].double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rows[0, i].double(), ref, atol=1e-7, rtol=1e-6)
     assert rows.shape == (1, 8, 48)
-    # Downsampling 4 -> 2 is antialiased: each output averages more than its nearest entries.
+    # Downsampling 4 -> 2 is antialiased: the kernel is stretched by the scale, so each output
+    # averages all four entries rather than its two nearest.
     assert cols.shape == (1, 2, 48)
-    torch.testing.assert_close(cols.mean(1), fac.col_embed.mean(1), atol=0.02, rtol=0)
+    col, scale = fac.col_embed[0].double(), 4 / 2
+    for i in range(2):
+        centre = (i + 0.5) * scale
+        taps = [(j, cubic((j + 0.5 - centre) / scale)) for j in range(4)]
+        ref = sum(w * col[j] for j, w in taps) / sum(w for _, w in taps)
+        torch.testing.assert_close(cols[0, i].double(), ref, atol=1e-7, rtol=1e-6)
     x = torch.zeros(1, 16, 48)
     emb = fac.embed(x, (4, 4)).reshape(4, 4, 48)
     torch.testing.assert_close(emb[2, 3], fac.row_embed[0, 2] + fac.col_embed[0, 3])
@@ -189,8 +195,6 @@ def test_alibi_bias_matches_formula():
 
 @pytest.mark.parametrize("name", ["rope-2d-axial", "rope-2d-mixed"])
 def test_rope_scores_depend_only_on_offset(name):
-    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
-
     pe = encoding(name)
     qv, kv = torch.randn(2, 12, 1, 4).unbind(0)
     emb = pe.rotary((9, 9), layer=0)  # (H, N, 2D)
@@ -205,22 +209,30 @@ def test_rope_scores_depend_only_on_offset(name):
     assert not torch.allclose(score(0, 10), score(0, 11), atol=1e-4)
 
 
-def test_rope_axial_matches_complex_rotation():
-    pe = encoding("rope-2d-axial")
-    grid = (3, 4)
-    q = torch.randn(1, 12, 12, 4)
-    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
-
-    got = apply_rot_embed_cat(q, pe.rotary(grid, layer=0))
-    mags = [1.0 / 100 ** (j * 4 / 4) for j in range(1)]  # head_dim 4: one frequency per axis
-    ref = torch.empty_like(q)
-    for i in range(12):
-        y, x = divmod(i, 4)
-        angles = [x * mags[0], y * mags[0]]  # pair 0 turns with x, pair 1 with y
-        for j, a in enumerate(angles):
-            c = torch.complex(q[..., i, 2 * j], q[..., i, 2 * j + 1]) * complex(math.cos(a), math.sin(a))
+def rotated_pairs(q, coords, mags):
+    """q ``(..., N, 4 * len(mags))`` turned in float64 as complex pairs: pair j by ``x * mags[j]``,
+    pair ``len(mags) + j`` by ``y * mags[j]``, for the ``(y, x)`` of each token in ``coords``."""
+    ref = torch.empty_like(q, dtype=torch.float64)
+    for i, (y, x) in enumerate(coords):
+        for j, a in enumerate([x * m for m in mags] + [y * m for m in mags]):
+            c = torch.complex(q[..., i, 2 * j].double(), q[..., i, 2 * j + 1].double())
+            c = c * complex(math.cos(a), math.sin(a))
             ref[..., i, 2 * j], ref[..., i, 2 * j + 1] = c.real, c.imag
-    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    return ref
+
+
+@pytest.mark.parametrize("theta", [None, 10.0])
+def test_rope_axial_matches_complex_rotation(theta):
+    """Head dim 8: two frequencies per axis, theta ** (-4j / 8) (theta 100 unless given), so both the
+    frequency spacing and theta show in the rotation."""
+    options = {} if theta is None else {"theta": theta}
+    pe = build_position_encoding("rope-2d-axial", embed_dim=96, num_heads=12, depth=2, grid_size=TRAIN_GRID,
+                                 **options)
+    q = torch.randn(1, 12, 12, 8)
+    got = apply_rot_embed_cat(q, pe.rotary((3, 4), layer=0))
+    mags = [(theta or 100.0) ** (-4 * j / 8) for j in range(2)]
+    ref = rotated_pairs(q, [divmod(i, 4) for i in range(12)], mags)
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_rope_mixed_matches_timm_rotary_embedding_mixed():
@@ -232,10 +244,18 @@ def test_rope_mixed_matches_timm_rotary_embedding_mixed():
 
 
 def test_rope_interpolation_squeezes_into_training_range():
+    """With interpolate, a 10x7 grid's patches turn by their row and column squeezed into the 4x4
+    training grid's range (times 3/9 and 3/6); at the training grid nothing changes."""
     pe = encoding("rope-2d-axial", interpolate=True)
     y, x = lookhere.position.patch_coords((10, 7), TRAIN_GRID, interpolate=True)
     assert float(y.max()) == pytest.approx(3.0) and float(x.max()) == pytest.approx(3.0)
     torch.testing.assert_close(pe.rotary(TRAIN_GRID, 0), encoding("rope-2d-axial").rotary(TRAIN_GRID, 0))
+    q = torch.randn(1, 12, 70, 4)
+    squeezed = [(r * 3 / 9, c * 3 / 6) for r, c in (divmod(i, 7) for i in range(70))]
+    ref = rotated_pairs(q, squeezed, [1.0])  # head dim 4: one frequency per axis, 1
+    torch.testing.assert_close(apply_rot_embed_cat(q, pe.rotary((10, 7), 0)).double(), ref, atol=1e-6, rtol=1e-6)
+    plain = apply_rot_embed_cat(q, encoding("rope-2d-axial").rotary((10, 7), 0)).double()
+    assert (plain - ref).abs().max() > 0.1
 
 
 def test_baselines_in_timm():
@@ -318,7 +338,11 @@ def test_unknown_options_are_refused_with_the_allowed_ones(name):
 def test_rope_options_are_listed():
     with pytest.raises(ValueError, match="allowed: theta, interpolate"):
         small("rope-2d-axial", pos_options={"interpolat": True})
-    assert small("rope-2d-axial", pos_options={"interpolate": True}).pos_encoding.interpolate
+    pe = small("rope-2d-axial", pos_options={"interpolate": True}).pos_encoding
+    assert pe.interpolate
+    torch.testing.assert_close(pe.rotary((10, 7), 0), encoding("rope-2d-axial", interpolate=True).rotary((10, 7), 0),
+                               rtol=0, atol=0)
+    assert (pe.rotary((10, 7), 0) - encoding("rope-2d-axial").rotary((10, 7), 0)).abs().max() > 0.1
 
 
 def test_a_lookhere_config_must_agree_with_the_encoding_name():

@@ -179,8 +179,12 @@ def test_pape_stays_exact_under_autocast_on_a_large_grid():
         exact = pe.attend(q, k, v, grid=grid, layer=0, num_prefix_tokens=1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = pe.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=grid, layer=0, num_prefix_tokens=1)
+        rounded = [t.bfloat16().float() for t in (q, k, v)]
+        ideal = pe.attend(*rounded, grid=grid, layer=0, num_prefix_tokens=1).bfloat16()
     assert low.dtype == torch.bfloat16
-    # Only the inputs' and the output's rounding to bfloat16 remain.
+    # Only the inputs' and the output's rounding to bfloat16 remain: the float32 computation on the
+    # rounded inputs, rounded, exactly.
+    torch.testing.assert_close(low, ideal, rtol=0, atol=0)
     assert (low.float() - exact).abs().max() < 0.05
 
 

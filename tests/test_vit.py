@@ -224,14 +224,26 @@ def test_timm_features_only():
     assert [m.shape for m in maps] == [(1, 192, 3, 5)] * 2
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    """Same gradients, and checkpointing is in effect: each block goes through checkpoint and runs
+    its forward again in the backward pass (once without checkpointing)."""
+    import lookhere.vit
+
     model = tiny(drop_path_rate=0.0).train()
     x = torch.randn(2, 3, 32, 40)
+    forwards, checkpointed = [], []
+    for i, blk in enumerate(model.blocks):
+        blk.mlp.fc1.register_forward_hook(lambda *_, i=i: forwards.append(i))
+    real = lookhere.vit.checkpoint
+    monkeypatch.setattr(lookhere.vit, "checkpoint", lambda *a, **kw: checkpointed.append(1) or real(*a, **kw))
     model(x).sum().backward()
+    assert sorted(forwards) == [0, 1] and not checkpointed
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    forwards.clear()
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
+    assert sorted(forwards) == [0, 0, 1, 1] and len(checkpointed) == 2
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
 
@@ -257,19 +269,38 @@ def test_attention_dropout_is_applied_in_training_only(pos_encoding):
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
+def assert_drops_attention_weights(attend, T=31, D=32):
+    """With v the identity plus a column of ones, the output's first T columns are the attention
+    weights and the last their row sum. Dropout p = 0.5 must turn each weight into 0 or twice itself,
+    and the row sums must be those of the kept weights: one mask on the weights, not on the output."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 12, T, D) for _ in range(2))
+    v = torch.cat([torch.eye(T), torch.ones(T, 1), torch.zeros(T, D - T - 1)], 1).expand(2, 12, T, D).contiguous()
+    exact = attend(q, k, v, 0.0)
+    w, d = exact[..., :T], attend(q, k, v, 0.5)
+    torch.testing.assert_close(exact[..., T], torch.ones(2, 12, T), rtol=1e-5, atol=1e-5)
+    assert ((d[..., :T] == 0) | torch.isclose(d[..., :T], 2 * w, rtol=1e-5, atol=1e-7)).all()
+    torch.testing.assert_close(d[..., T], d[..., :T].sum(-1), rtol=1e-5, atol=1e-5)
+    kept = ((d[..., :T] != 0) & (w != 0)).sum() / (w != 0).sum()
+    assert 0.45 < kept < 0.55
+
+
 @pytest.mark.parametrize("backend", ["dense", "slab"])
 def test_lookhere_backends_apply_attention_dropout(backend):
     from lookhere import lookhere_attention
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 12, 1 + 5 * 6, 8) for _ in range(3))
     kw = dict(config="lh-90", grid_size=(5, 6), layer=1, depth=3, backend=backend)
-    exact = lookhere_attention(q, k, v, **kw)
-    dropped = lookhere_attention(q, k, v, dropout_p=0.5, **kw)
-    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, exact)
-    # The expectation over dropout masks is the exact attention.
-    mean = torch.stack([lookhere_attention(q, k, v, dropout_p=0.5, **kw) for _ in range(400)]).mean(0)
-    assert (mean - exact).abs().mean() < 0.05 * exact.abs().mean()
+    assert_drops_attention_weights(lambda q, k, v, p: lookhere_attention(q, k, v, dropout_p=p, **kw))
+
+
+@pytest.mark.parametrize("pos_encoding", list(POSITION_ENCODINGS))
+def test_every_encoding_drops_attention_weights(pos_encoding):
+    """The attention dropout the ViT passes in training lands on the attention weights."""
+    from lookhere.position import build_position_encoding
+
+    pe = build_position_encoding(pos_encoding, embed_dim=12 * 32, num_heads=12, depth=2, grid_size=(4, 4)).eval()
+    assert_drops_attention_weights(
+        lambda q, k, v, p: pe.attend(q, k, v, grid=(5, 6), layer=1, num_prefix_tokens=1, dropout_p=p))
 
 
 def test_flex_backend_refuses_attention_dropout():
