@@ -230,6 +230,8 @@ def _styles(encodings: list[str]) -> dict[str, dict[str, Any]]:
         else:
             out[enc] = dict(color=OTHER_COLORS[others.index(enc) % len(OTHER_COLORS)], lw=1.2, ls="--")
     return out
+
+
 # The families the headline figure draws one line for (their best member), in drawing order.
 FAMILIES = {
     "RoPE": ("rope-2d-axial", "rope-2d-mixed", "rope-2d-dinov3"),
