@@ -5,7 +5,7 @@ Times are medians of several runs, measured side by side in one process. Peak me
 how far one call, set-up included, raises the resident set above where it started (Linux: the
 peak is reset through /proc/self/clear_refs before each call); on GPU, torch's peak allocation.
 On a GPU (``--device cuda``, bfloat16 by default, where plain SDPA runs FlashAttention) it also
-counts FlashAttention compilations: after the first call per grid there must be none.
+counts FlexAttention compilations: after the first call per grid there must be none.
 
     python benchmarks/attention.py [--grids 14 32 48 64] [--repeats 5] [--threads 1] [--markdown out.md]
 """
@@ -51,7 +51,7 @@ def plan_for(preset: str, device: str) -> AttentionPlan:
     return _plans[preset]
 
 
-def methods(grid: int, preset: str, device: str):
+def methods(grid: int, preset: str, device: str, dtype=torch.float32):
     """name -> (setup, call): setup builds what the method keeps between calls (untimed)."""
     cfg = resolve_config(preset)
     plan = plan_for(preset, device)
@@ -62,14 +62,14 @@ def methods(grid: int, preset: str, device: str):
     def dense_setup():
         # As the published code keeps it: one (heads, T, T) bias per layer, passed as a 3D mask.
         bias = layer_bias(cfg, (grid, grid), LAYER, DEPTH, H, device=device)
-        return F.pad(bias, (1, 0, 1, 0))
+        return F.pad(bias, (1, 0, 1, 0)).to(dtype)  # kept in the inputs' dtype, as published
 
     rope = Rope2d(H * D, H, DEPTH, (grid, grid), mixed=False).to(device)
 
     return {
         "ours": (lambda: None, lambda s, q, k, v: ours(q, k, v)),
         "dense_bias_sdpa": (dense_setup, lambda s, q, k, v: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=s.to(q.dtype))),
+            q, k, v, attn_mask=s)),
         "plain_sdpa": (lambda: None, lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v)),
         "rope_sdpa": (lambda: None, lambda s, q, k, v: rope.attend(q, k, v, grid=(grid, grid), layer=LAYER,
                                                                     num_prefix_tokens=1)),
@@ -83,7 +83,7 @@ def sync(device: str) -> None:
 
 def time_all(grid: int, preset: str, device: str, repeats: int, dtype=torch.float32) -> dict[str, float]:
     q, k, v = inputs(grid, device, dtype)
-    ms = methods(grid, preset, device)
+    ms = methods(grid, preset, device, dtype)
     states = {name: setup() for name, (setup, _) in ms.items()}
     times: dict[str, list[float]] = {name: [] for name in ms}
     with torch.no_grad():
@@ -108,9 +108,10 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory(grid: int, preset: str, method: str, device: str, dtype=torch.float32) -> float:
-    """MiB of peak memory that one call (with its set-up) adds."""
+    """MiB of peak memory that one call adds after a warm-up call: for ours, the tables its plan built
+    in the warm-up and keeps for the grid are not counted; dense-bias builds its bias in the call."""
     q, k, v = inputs(grid, device, dtype)
-    setup, call = methods(grid, preset, device)[method]
+    setup, call = methods(grid, preset, device, dtype)[method]
     with torch.no_grad():
         call(setup(), q, k, v)  # warm caches first, as in the timing
         if device == "cuda":
@@ -137,7 +138,7 @@ def memory_table(grid: int, presets: list[str], device: str, dtype=torch.float32
     for p in presets:
         for m in METHODS:
             code = ("import sys; sys.path.insert(0, 'benchmarks'); import attention as a; "
-                    f"print(a.peak_memory({grid}, {p!r}, {m!r}, 'cpu'))")
+                    f"print(a.peak_memory({grid}, {p!r}, {m!r}, 'cpu', a.torch.{str(dtype).split('.')[-1]}))")
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             table.setdefault(p, {})[m] = float(out.stdout.strip().splitlines()[-1])
     return table

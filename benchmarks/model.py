@@ -38,13 +38,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def memory_table(sizes, device):
+def memory_table(sizes, dtype):
     """Peaks per size and model, in a fresh process whose large blocks go straight to and from the
     OS, so that its resident set follows live memory (too slow to time in)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import model as b; "
+    code = ("import json, sys, torch; sys.path.insert(0, 'benchmarks'); import model as b; "
             "ms = {n: f().eval() for n, f in b.MODELS.items()}; "
-            f"print(json.dumps({{s: {{n: b.peak(m, s, 'cpu') for n, m in ms.items()}} for s in {list(sizes)!r}}}))")
+            f"print(json.dumps({{s: {{n: b.peak(m, s, 'cpu', torch.{str(dtype).split('.')[-1]}) for n, m in ms.items()}} "
+            f"for s in {list(sizes)!r}}}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
@@ -67,16 +68,19 @@ def run(sizes, repeats, device, dtype, memory=True):
                     times[name].append(time.perf_counter() - t)
         results[size] = {n: statistics.median(t) for n, t in times.items()}
         if device == "cuda" and memory:
-            peaks[size] = {n: peak(m, size, device) for n, m in models.items()}
+            peaks[size] = {n: peak(m, size, device, dtype) for n, m in models.items()}
     if device != "cuda":
-        peaks = memory_table(sizes, device) if memory else {s: {n: float("nan") for n in models} for s in sizes}
+        peaks = memory_table(sizes, dtype) if memory else {s: {n: float("nan") for n in models} for s in sizes}
     return results, peaks
 
 
-def peak(model, size: int, device: str) -> float:
-    """MiB that one forward adds to the peak (GPU: allocated; CPU: resident set, peak reset first)."""
+def peak(model, size: int, device: str, dtype: torch.dtype = torch.float32) -> float:
+    """MiB that one forward adds to the peak once the model has run at this size, in the timings'
+    dtype (GPU: allocated; CPU: resident set, peak reset first). The warm-up keeps the process's
+    one-time costs and the per-grid tables built once (LookHere's plan) out of the number."""
     x = torch.randn(1, 3, size, size, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        model(x)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

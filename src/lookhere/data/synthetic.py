@@ -94,7 +94,7 @@ def _shape_sdf(shape: int, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
         return np.sqrt(dx * dx + dy * dy) - r
     if shape == 1:
         return np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
-    if shape == 2:  # equilateral triangle pointing up
+    if shape == 2:  # equilateral triangle, flat side up (image rows grow downward)
         k = math.sqrt(3.0)
         ax = np.abs(dx)
         return np.maximum(ax * k / 2 + dy / 2, -dy) - r / 2
