@@ -194,6 +194,26 @@ def test_demo_quick_runs(tmp_path):
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10000
 
 
+def test_resumed_demo_counts_the_training_before_the_kill(tmp_path, monkeypatch):
+    import torch
+
+    from lookhere import demo
+
+    tiny = demo.DemoPlan(train_length=64, epochs=1, eval_length=8, sizes=(32,), batch_size=32)
+    monkeypatch.setattr(demo, "QUICK", tiny)
+    out = tmp_path / "demo"
+    first = demo.run_demo(out, quick=True, progress=False)
+    # as a demo killed after its runs trained leaves them, each with an hour of training on record
+    for pe in tiny.encodings:
+        path = out / pe / "last" / "state.pt"
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "train_s": 3600.0}, path)
+    again = demo.run_demo(out, quick=True, progress=False)
+    assert again["summary"] == first["summary"]
+    assert 2 * 60 <= again["minutes"] < 2 * 60 + 5
+    assert f"{again['minutes']:.1f} minutes on this machine" in (out / "report" / "report.md").read_text()
+
+
 # --- list labels (ImageNet-HR) and the paper's models ---------------------------------------------
 def test_metrics_with_label_lists_match_hand_computation():
     from lookhere.evaluate import label_set_nll

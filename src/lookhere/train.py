@@ -586,4 +586,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if metrics_file is not None:
         metrics_file.close()
         writer.close()
-    return {"step": step, "best_val_acc": best, "val": last_val, "run_dir": str(run_dir), "model": raw}
+    return {"step": step, "best_val_acc": best, "val": last_val, "run_dir": str(run_dir), "model": raw,
+            "train_s": train_seconds()}
