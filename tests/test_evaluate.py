@@ -1,5 +1,7 @@
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +90,23 @@ def test_attack_keeps_pixels_in_range():
 def test_parse_eps():
     assert parse_eps("1/255,2/255") == [1 / 255, 2 / 255]
     assert parse_eps("0.01") == [0.01]
-    with pytest.raises(ValueError, match="--eps"):
-        parse_eps("one/255")
+    for bad in ("one/255", "1/0", "nan", "inf", "-1/255"):
+        with pytest.raises(ValueError, match="--eps"):
+            parse_eps(bad)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"val_length": 0}, "--val-length must be >= 1, got 0"),
+    ({"length": 0}, "--length must be >= 1, got 0"),
+    ({"lh_slope_scales": (0.5, -1.0)}, "--lh-slope-scales 0.5 -1.0: scales must be finite and >= 0"),
+    ({"lh_slope_scales": (float("nan"),)}, "--lh-slope-scales nan: scales must be finite and >= 0"),
+])
+def test_eval_settings_refuse_before_any_work(setting, message):
+    from lookhere.evaluate import EvalSettings
+
+    EvalSettings(data="synthetic", sizes=[32, 64], train_size=32, tune_knobs=True).check(4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalSettings(data="synthetic", sizes=[32, 64], train_size=32, tune_knobs=True, **setting).check(4)
 
 
 def test_attention_distance_on_known_attention():
@@ -150,6 +167,21 @@ def test_compare_report_opens(tmp_path):
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page
 
 
+def test_compare_names_runs_by_their_folder_and_refuses_a_name_twice(tmp_path):
+    _fake_eval(tmp_path / "lh" / "eval", [0.8, 0.7, 0.6])
+    _fake_eval(tmp_path / "rope" / "eval", [0.75, 0.5, 0.3])
+    compare([tmp_path / "lh" / "eval" / "eval.json", tmp_path / "rope" / "eval"], tmp_path / "report")
+    assert set(json.loads((tmp_path / "report" / "results.json").read_text())) == {"lh", "rope"}
+    _fake_eval(tmp_path / "cells" / "lh-90" / "seed0", [0.8, 0.7, 0.6])
+    _fake_eval(tmp_path / "cells" / "rope" / "seed0", [0.75, 0.5, 0.3])
+    seeds = [tmp_path / "cells" / "lh-90" / "seed0", tmp_path / "cells" / "rope" / "seed0"]
+    with pytest.raises(ValueError, match="two or more runs are named seed0; name each with --names"):
+        compare(seeds, tmp_path / "report2")
+    with pytest.raises(ValueError, match=re.escape("--names: give one name per run (2 runs, 1 names)")):
+        compare(seeds, tmp_path / "report2", names=["lh"])
+    assert not (tmp_path / "report2").exists()
+
+
 def test_eval_and_analyze_commands_on_a_trained_run(tmp_path):
     run = tmp_path / "run"
     common = ["--data", "synthetic", "--data-length", "64", "--img-size", "16", "--patch-size", "4",
@@ -202,16 +234,19 @@ def test_resumed_demo_counts_the_training_before_the_kill(tmp_path, monkeypatch)
     tiny = demo.DemoPlan(train_length=64, epochs=1, eval_length=8, sizes=(32,), batch_size=32)
     monkeypatch.setattr(demo, "QUICK", tiny)
     out = tmp_path / "demo"
-    first = demo.run_demo(out, quick=True, progress=False)
-    # as a demo killed after its runs trained leaves them, each with an hour of training on record
-    for pe in tiny.encodings:
-        path = out / pe / "last" / "state.pt"
-        state = torch.load(path, weights_only=True)
-        torch.save({**state, "train_s": 3600.0}, path)
-    again = demo.run_demo(out, quick=True, progress=False)
+    first = demo.run_demo(out, quick=True, seed=1, progress=False)
+    # as a demo killed while lh-90 had not yet saved a checkpoint leaves it (its config.yaml written),
+    # and rope-2d-mixed trained, with an hour of training on record
+    for name in ("last", "best"):
+        shutil.rmtree(out / "lh-90" / name)
+    path = out / "rope-2d-mixed" / "last" / "state.pt"
+    torch.save({**torch.load(path, weights_only=True), "train_s": 3600.0}, path)
+    again = demo.run_demo(out, quick=True, seed=1, progress=False)
     assert again["summary"] == first["summary"]
-    assert 2 * 60 <= again["minutes"] < 2 * 60 + 5
-    assert f"{again['minutes']:.1f} minutes on this machine" in (out / "report" / "report.md").read_text()
+    assert 60 <= again["minutes"] < 60 + 5
+    report = (out / "report" / "report.md").read_text()
+    assert f"{again['minutes']:.1f} minutes on this machine" in report
+    assert f"`lookhere demo --quick --seed 1 --output {out}`" in report
 
 
 # --- list labels (ImageNet-HR) and the paper's models ---------------------------------------------
@@ -380,6 +415,19 @@ def test_a_misspelled_attack_is_refused_before_any_work(tmp_path, capsys, monkey
         main(["eval", "--checkpoint", str(tmp_path), "--sizes", "32", "--adversarial", "fgsm,pdg"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--adversarial" in err and "pdg" in err and "allowed: fgsm, pgd" in err
+
+
+@pytest.mark.parametrize("argv", [["example", "--patch-size", "0"], ["example", "--batch-size", "-1"],
+                                  ["eval", "--checkpoint", "x", "--sizes", "32", "--train-size", "0"],
+                                  ["analyze", "--checkpoint", "x", "--num-images", "0"],
+                                  ["study", "--config", "x", "--output", "y", "--jobs", "0"]])
+def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
+    from lookhere.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    flag = next(a for a in argv if a.startswith("--") and a not in ("--checkpoint", "--sizes", "--config", "--output"))
+    assert e.value.code == 2 and f"argument {flag}: must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", [["--adversarial", "fgsm"], ["--by-object-size"]])

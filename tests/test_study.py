@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,13 +144,24 @@ def test_study_config_errors(tmp_path):
         StudyConfig.from_dict({**good, "eval": {"sizes": [64, 128]}})
     with pytest.raises(ValueError, match="unknown eval key"):
         StudyConfig.from_dict({**good, "eval": {"size": [32]}})
+    # what each cell's eval command would refuse after its training is refused before any cell runs
+    for plan, message in (({"adversarial": ["bogus"]}, "eval: --adversarial bogus: unknown attack"),
+                          ({"eps": "1/0"}, "--eps '1/0': expected numbers"),
+                          ({"pgd_steps": 0}, "eval: --pgd-steps must be >= 1, got 0"),
+                          ({"batch_size": 0}, "eval: --batch-size must be >= 1, got 0"),
+                          ({"val_length": 0}, "eval: --val-length must be >= 1, got 0"),
+                          ({"lh_slope_scales": [-1]}, "eval: --lh-slope-scales -1: scales must be finite")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            StudyConfig.from_dict({**good, "eval": plan})
+    with pytest.raises(ValueError, match="reference 'lh90', the encoding the others are compared against, is not"):
+        StudyConfig.from_dict({**good, "reference": "lh90"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StudyConfig.from_yaml(tmp_path / "missing.yaml")
 
 
 def test_shipped_studies_are_valid():
     root = Path(__file__).resolve().parents[1] / "studies"
-    for name in ("synthetic.yaml", "fashion-mnist.yaml"):
+    for name in ("synthetic.yaml", "fashion-mnist.yaml", "paper-grid.yaml"):
         cfg = StudyConfig.from_yaml(root / name)
         assert len(cfg.seeds) >= 3 and cfg.reference in cfg.encodings
     assert set(StudyConfig.from_yaml(root / "synthetic.yaml").datasets) == {"synthetic", "synthetic-where"}
@@ -170,6 +182,16 @@ def _study(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lookhere.cli", "study", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_a_setting_switched_off_reaches_the_cells_command():
+    from lookhere.cli import _train_config, build_parser
+
+    cfg = StudyConfig.from_dict({**TINY, "train": {**TINY["train"], "clip_grad": None, "init_values": None}})
+    argv = cfg.cells("root")[0].commands()["train"]
+    assert argv[argv.index("--clip-grad") + 1] == "0" and argv[argv.index("--init-values") + 1] == "0"
+    parsed = _train_config(build_parser().parse_args(argv[1:]))
+    assert parsed.clip_grad == 0 and parsed.init_values == 0  # 0: no clipping, no LayerScale
 
 
 def test_dry_run_lists_the_grid(tmp_path):
@@ -231,7 +253,7 @@ def test_variants_and_the_kernel_pin_in_a_study_config():
         with pytest.raises(ValueError, match=message):
             StudyConfig.from_dict({**TINY, **change})
     # A variant the model refuses is named before any cell runs (resolving the identities builds it).
-    contradicting = StudyConfig.from_dict({**TINY, "encodings": ["v"], "variants": {
+    contradicting = StudyConfig.from_dict({**TINY, "encodings": ["v"], "reference": "v", "variants": {
         "v": {"pos_encoding": "lh-90", "lookhere_config": OLD_LH90}}})
     with pytest.raises(RuntimeError, match="could not resolve the cells' settings: .*differs from the preset"):
         resolve_identities(contradicting, contradicting.cells("root"))

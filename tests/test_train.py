@@ -300,6 +300,29 @@ def test_train_flag_and_setting_errors_name_the_flag(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("field", ["lr", "min_lr", "clip_grad", "init_values", "mixup", "warmup_epochs"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_settings_must_be_finite(field, value):
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be a finite number, got {value}"):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_a_config_file_on_resume_overrides_only_what_it_sets(tmp_path):
+    from lookhere.cli import _train_config, build_parser
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(TrainConfig(epochs=20, log_every=5, lr=3e-3).to_dict()))
+    (tmp_path / "more.yaml").write_text("epochs: 30\nlog-every: 7\n")
+    cfg = _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "more.yaml"),
+                                                   "--resume", str(run), "--log-every", "9"]))
+    assert (cfg.epochs, cfg.log_every, cfg.lr, cfg.output) == (30, 9, 3e-3, str(run))  # file, flag, run, run
+    # a run killed before its config.yaml: the file gives the settings
+    cfg = _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "more.yaml"),
+                                                   "--resume", str(tmp_path / "fresh")]))
+    assert (cfg.epochs, cfg.lr, cfg.output) == (30, TrainConfig().lr, str(tmp_path / "fresh"))
+
+
 def test_resume_into_another_output_is_refused_and_a_moved_run_resumes_in_place(tmp_path, capsys):
     from lookhere.cli import _train_config, build_parser, main
 

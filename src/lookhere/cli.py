@@ -32,6 +32,17 @@ def _attacks(text: str) -> tuple[str, ...]:
     return names
 
 
+def _count(text: str) -> int:
+    """argparse type of a flag that counts something (>= 1): argparse names the flag in the message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _example(args: argparse.Namespace) -> int:
     """Build a LookHere ViT at one size and classify random images at three sizes, no set-up calls."""
     import torch
@@ -40,8 +51,6 @@ def _example(args: argparse.Namespace) -> int:
 
     if args.img_size % args.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     torch.manual_seed(args.seed)
     model = create_vit(args.pos_encoding, img_size=args.img_size, patch_size=args.patch_size, embed_dim=192,
                        depth=12, num_heads=12, num_classes=10).eval()
@@ -114,17 +123,16 @@ def _train_config(args: argparse.Namespace):
 
     from .train import TrainConfig
 
-    if args.config:
-        base = TrainConfig.from_yaml(args.config).to_dict()
-    elif args.resume:  # a resumed run keeps its own settings unless a flag says otherwise
+    base: dict = {}
+    if args.resume:  # a resumed run keeps its own settings unless the --config file or a flag says otherwise
         saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
+        if saved.is_file():
+            base = TrainConfig.from_yaml(saved).to_dict()
+        elif not args.config:
             raise FileNotFoundError(f"--resume {args.resume}: no config.yaml there; is it a lookhere run directory?")
-        base = TrainConfig.from_yaml(saved).to_dict()
-    else:
-        base = {}
-    if args.resume and (not args.config or base["output"] == TrainConfig().output):
         base["output"] = args.resume  # the run continues where it is, even moved; an --output elsewhere is refused
+    if args.config:
+        base.update(TrainConfig.settings_in(args.config))
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -226,8 +234,6 @@ def _analyze(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .report import compare
 
-    if args.names and len(args.names) != len(args.runs):
-        raise ValueError(f"--names: give one name per run ({len(args.runs)} runs, {len(args.names)} names)")
     files = compare(args.runs, args.output, names=args.names, title=args.title)
     print(Path(files["markdown"]).read_text())
     print(f"wrote {files['markdown']} and {files['html']}")
@@ -285,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("example", help="classify random images at three sizes with one LookHere ViT")
     ex.add_argument("--pos-encoding", default="lh-90")
-    ex.add_argument("--img-size", type=int, default=224)
-    ex.add_argument("--patch-size", type=int, default=16)
-    ex.add_argument("--batch-size", type=int, default=2)
+    ex.add_argument("--img-size", type=_count, default=224)
+    ex.add_argument("--patch-size", type=_count, default=16)
+    ex.add_argument("--batch-size", type=_count, default=2)
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
 
@@ -317,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(a Hub name or a local folder); default: the run's")
     ev.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
     ev.add_argument("--sizes", type=int, nargs="+", required=True, help="test image sizes (px)")
-    ev.add_argument("--train-size", type=int,
+    ev.add_argument("--train-size", type=_count,
                     help="the model's training size (default: its run's, its pretrained_cfg's, or its built size)")
     ev.add_argument("--split", default="test", type=_split,
                     help="split (default: test); hf: data takes its own names and slices, e.g. 'train[99%%:]'")
@@ -358,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
     an.add_argument("--sizes", type=int, nargs="+", required=True, help="image sizes (px)")
     an.add_argument("--split", default="test", type=_split, help="default: test")
-    an.add_argument("--num-images", type=int, default=16, help="default: 16")
+    an.add_argument("--num-images", type=_count, default=16, help="default: 16")
     an.add_argument("--layer", type=int, help="layer of the attention-map picture (default: last)")
     an.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
     an.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ... (default: auto)")
@@ -375,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="multi-seed grid of datasets x encodings: resumable, parallel, with error bars")
     st.add_argument("--config", help="study YAML (see studies/)")
     st.add_argument("--output", help="study directory; rerun the same command to resume")
-    st.add_argument("--jobs", type=int, default=1, help="cells run at once, one thread each")
+    st.add_argument("--jobs", type=_count, default=1, help="cells run at once, one thread each")
     st.add_argument("--dry-run", action="store_true", help="list the cells and estimate the time; run nothing")
     st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
     st.add_argument("--no-progress", action="store_true")

@@ -42,8 +42,8 @@ def run_demo(output: str | Path = "demo", quick: bool = False, seed: int = 0, pr
                           img_size=plan.img_size, patch_size=plan.patch_size, epochs=plan.epochs,
                           batch_size=plan.batch_size, lr=2e-3, warmup_epochs=0.3, seed=seed, output=str(run),
                           progress=progress, log_every=20, checkpoint_every=50)
-        if (run / "last" / "state.pt").is_file():
-            cfg.resume = str(run)  # an interrupted demo picks up where it stopped
+        if (run / "config.yaml").is_file():
+            cfg.resume = str(run)  # an interrupted demo picks up where it stopped (or starts a run it had begun)
         print(f"training {pe} ({plan.model}, {plan.img_size}px, {plan.epochs} epochs of {plan.train_length} scenes)")
         seconds += train(cfg)["train_s"]
         t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def run_demo(output: str | Path = "demo", quick: bool = False, seed: int = 0, pr
              f"{plan.train_length} synthetic scenes for {plan.epochs} epochs (seed {seed}), tested on "
              f"{plan.eval_length} test scenes rendered natively at each size; {minutes:.1f} minutes on this machine. "
              f"One seed: differences of a few points are within run-to-run noise; see the study for error bars. "
-             f"Command: `lookhere demo{' --quick' if quick else ''} --output {out}`.")
+             f"Command: `lookhere demo{' --quick' if quick else ''}{f' --seed {seed}' if seed else ''} --output {out}`.")
     files = compare(run_dirs, out / "report", names=list(plan.encodings),
                     title="LookHere vs. 2D-RoPE: trained small, tested large", notes=notes)
     summary = {name: json.loads((d / "eval.json").read_text())["sizes"] for name, d in zip(plan.encodings, run_dirs)}

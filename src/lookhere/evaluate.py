@@ -228,10 +228,10 @@ def parse_eps(text: str) -> list[float]:
         num, _, den = part.partition("/")
         try:
             out.append(float(num) / (float(den) if den else 1.0))
-        except ValueError:
+        except (ValueError, ZeroDivisionError):
             raise ValueError(f"--eps {text!r}: expected numbers or fractions like 1/255, comma separated") from None
-    if not out or any(e < 0 for e in out):
-        raise ValueError(f"--eps {text!r}: expected non-negative values")
+    if not out or not all(math.isfinite(e) and e >= 0 for e in out):
+        raise ValueError(f"--eps {text!r}: expected finite, non-negative values")
     return out
 
 
@@ -355,8 +355,12 @@ class EvalSettings:
         for flag in ("batch_size", "adversarial_samples", "pgd_steps"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
-        if self.length is not None and self.length < 1:
-            raise ValueError(f"--length must be >= 1, got {self.length}")
+        for flag in ("length", "val_length"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if not all(math.isfinite(s) and s >= 0 for s in self.lh_slope_scales):
+            raise ValueError(f"--lh-slope-scales {' '.join(map(str, self.lh_slope_scales))}: scales must be "
+                             f"finite and >= 0")
 
 
 def _split(settings: EvalSettings, size: int, split: str, length: Optional[int]):

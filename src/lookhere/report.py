@@ -19,6 +19,14 @@ def find_eval(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: no eval.json (run `lookhere eval --checkpoint {p} --output {p}/eval` first)")
 
 
+def _run_name(path: str | Path) -> str:
+    """The run's folder name, also when given its ``eval`` folder or ``eval.json``."""
+    p = Path(path)
+    if p.name == "eval.json":
+        p = p.parent
+    return p.parent.name if p.name == "eval" else p.name
+
+
 def _metric_table(runs: dict[str, dict[str, Any]], metric: str, fmt: str = "{:.4f}") -> list[str]:
     sizes = sorted({int(s) for r in runs.values() for s in r["sizes"]})
     lines = ["| size | " + " | ".join(runs) + " |", "|---:|" + "---:|" * len(runs)]
@@ -34,13 +42,15 @@ def _metric_table(runs: dict[str, dict[str, Any]], metric: str, fmt: str = "{:.4
 def compare(run_dirs: list[str | Path], out_dir: str | Path, names: list[str] | None = None,
             title: str = "Comparison", notes: str = "") -> dict[str, str]:
     """Write ``report.md``, ``report.html`` and plots comparing the runs' ``eval.json``."""
+    names = list(names) if names else [_run_name(d) for d in run_dirs]
+    if len(names) != len(run_dirs):
+        raise ValueError(f"--names: give one name per run ({len(run_dirs)} runs, {len(names)} names)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"two or more runs are named {', '.join(repeated)}; name each with --names")
+    runs = {name: json.loads(find_eval(d).read_text()) for name, d in zip(names, run_dirs)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict[str, Any]] = {}
-    for i, d in enumerate(run_dirs):
-        res = json.loads(find_eval(d).read_text())
-        name = names[i] if names else Path(d).name
-        runs[name] = res
     plots = {m: plot_accuracy(runs, out / f"{m}_vs_size.png", metric=m) for m in ("top1", "nll", "ece")}
     md = [f"# {title}", ""]
     if notes:

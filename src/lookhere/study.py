@@ -28,13 +28,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
 from .environment import CPU_CAPABILITIES, KERNEL_PINS, kernel_pin
 from .io import write_atomic
 from .train import TrainConfig
+
+if TYPE_CHECKING:
+    from .evaluate import EvalSettings
 
 SYNTHETIC = ("synthetic", "synthetic-where")
 
@@ -133,6 +136,9 @@ class StudyConfig:
                              f"{', '.join(CPU_CAPABILITIES)} or null")
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.encodings)) != len(self.encodings):
             raise ValueError(f"{source}: seeds and encodings must not repeat")
+        if self.reference not in self.encodings:
+            raise ValueError(f"{source}: reference {self.reference!r}, the encoding the others are compared "
+                             f"against, is not among the encodings; set reference to one of them")
         for pe in self.encodings:  # unknown keys and contradicting encoding options fail here
             for name in self.datasets:
                 self.train_config(name, pe, self.seeds[0], "x").validate()
@@ -147,6 +153,23 @@ class StudyConfig:
             for size in sizes:
                 if size % cfg.patch_size:
                     raise ValueError(f"{source}: {name} size {size} is not a multiple of patch size {cfg.patch_size}")
+            try:  # the eval command's own checks, before any cell trains
+                self.eval_settings(name).check(cfg.patch_size)
+            except ValueError as e:
+                raise ValueError(f"{source}: eval: {e}") from None
+
+    def eval_settings(self, dataset: str) -> "EvalSettings":
+        """What each cell's ``lookhere eval`` command asks for (without the checkpoint)."""
+        from .evaluate import EvalSettings, parse_eps
+
+        plan = self.eval
+        train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").img_size
+        return EvalSettings(data=dataset, sizes=self.sizes(dataset), train_size=train_size, length=plan.test_length,
+                            val_length=plan.val_length if plan.tune_knobs else None, tune_knobs=plan.tune_knobs,
+                            lh_slope_scales=tuple(plan.lh_slope_scales), adversarial=tuple(plan.adversarial),
+                            eps=tuple(parse_eps(plan.eps)) if plan.adversarial else (), pgd_steps=plan.pgd_steps,
+                            adversarial_samples=plan.adversarial_samples, batch_size=plan.batch_size,
+                            by_object_size=dataset in SYNTHETIC)
 
     def sizes(self, dataset: str) -> list[int]:
         return list(self.datasets[dataset].get("sizes", self.eval.sizes))
@@ -192,6 +215,8 @@ def _flags(cfg: TrainConfig) -> list[str]:
             out.append(flag if value else "--no-" + f.name.replace("_", "-"))
         elif isinstance(value, dict):
             out += [flag, json.dumps(value, separators=(",", ":"))]
+        elif value is None:  # clip_grad, init_values: their flags spell "off" as 0
+            out += [flag, "0"]
         else:
             out += [flag, str(value)]
     return out

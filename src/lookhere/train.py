@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -123,16 +124,23 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls.from_dict(cls.settings_in(path))
+
+    @classmethod
+    def settings_in(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The settings a YAML file gives (keys with - or _), checked; those it leaves out are not in it."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
         d = yaml.safe_load(p.read_text()) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{p}: expected a mapping of settings, got {type(d).__name__}")
+        d = {k.replace("-", "_"): v for k, v in d.items()}
         try:
-            return cls.from_dict({k.replace("-", "_"): v for k, v in d.items()})
+            cfg = cls.from_dict(d)
         except ValueError as e:
             raise ValueError(f"{p}: {e}") from None
+        return {k: getattr(cfg, k) for k in d}
 
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
         if self.model not in MODEL_SIZES:
@@ -146,6 +154,10 @@ class TrainConfig:
                     num_classes=num_classes, drop_path_rate=self.drop_path, init_values=self.init_values, **size)
 
     def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{flag(f.name)} must be a finite number, got {value}")
         for k in ("epochs", "batch_size", "img_size", "patch_size", "log_every", "checkpoint_every", "max_steps",
                   "embed_dim", "depth", "num_heads", "num_classes", "data_length"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
