@@ -167,10 +167,17 @@ def test_released_variants_load_from_the_hub_and_evaluate_as_the_paper(variant):
     assert model.pos_encoding.config == lookhere.LookHereConfig.from_dict(lookhere.PRESETS[f"lh-{variant}"])
 
 
+def test_layerscale_and_the_mlp_head_turn_off_through_timm():
+    """timm.create_model drops keyword arguments that are None: 0 is how a user turns these off."""
+    model = timm.create_model("vit_tiny_patch16_lookhere_90", embed_dim=48, depth=1, init_values=0, head_hidden_dim=0)
+    assert isinstance(model.blocks[0].ls1, torch.nn.Identity) and isinstance(model.blocks[0].ls2, torch.nn.Identity)
+    assert isinstance(model.head, torch.nn.Linear) and model.head_hidden_size == 48
+
+
 def test_released_architecture():
     model = timm.create_model("vit_base_patch16_lookhere_90.in1k", pretrained=False)
     assert (model.embed_dim, len(model.blocks), model.patch_size, model.blocks[0].attn.num_heads) == (768, 12, 16, 12)
-    head = model.get_classifier()
+    head = model.head
     assert (head.fc1.in_features, head.fc1.out_features, head.fc2.out_features) == (768, 3072, 1000)
     assert isinstance(head.act, torch.nn.Tanh)
     assert torch.all(head.fc2.weight == 0) and torch.allclose(head.fc2.bias, torch.full((1000,), -math.log(1000)))
@@ -184,10 +191,43 @@ def test_a_new_released_head_starts_as_the_first_did():
     cfg = ViTConfig(pos_encoding="lookhere", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=4, head_hidden_dim=64,
                     lookhere_config={"head_directions": "halves", "global_slope": 2.0, "layer_slopes": [1.0, 1.0]})
     model = create_vit(**cfg.to_dict())
-    model.reset_classifier(7)
-    head = model.get_classifier()
-    assert torch.all(head.fc2.weight == 0) and torch.allclose(head.fc2.bias, torch.full((7,), -math.log(7)))
+    head = model.head
+    assert torch.all(head.fc2.weight == 0) and torch.allclose(head.fc2.bias, torch.full((1000,), -math.log(1000)))
     assert head.fc1.weight.std() < 0.03 and torch.all(head.fc1.bias == 0)  # trunc_normal(0.02), not nn.Linear's
+    fc1 = head.fc1.weight.clone()
+    model.reset_classifier(7)  # a new classifier (fc2), after the pre-logits stage (fc1 -> tanh) it keeps
+    assert model.head is head and torch.equal(head.fc1.weight, fc1)
+    assert torch.all(head.fc2.weight == 0) and torch.allclose(head.fc2.bias, torch.full((7,), -math.log(7)))
+    assert model.get_classifier() is head.fc2 and model.head_hidden_size == 64
+
+
+@pytest.mark.parametrize("head_hidden_dim", [None, 64])
+def test_a_new_head_takes_the_models_dtype_and_mode(head_hidden_dim):
+    model = tiny(head_hidden_dim=head_hidden_dim).double().eval()
+    model.reset_classifier(5)
+    assert model.get_classifier().weight.dtype == torch.float64 and not model.get_classifier().training
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    assert model(x).shape == (2, 5)
+    model.train().reset_classifier(3)
+    assert model.get_classifier().training and model(x).dtype == torch.float64
+
+
+def test_layer_decay_groups_an_encodings_per_block_modules_with_their_block():
+    from timm.optim import param_groups_layer_decay
+
+    for pe, per_block in (("fire", "mlp"), ("pape", "direction")):
+        model = tiny(pos_encoding=pe, depth=3)
+        groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+        scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+        params = dict(model.named_parameters())
+        for i in range(3):
+            assert scale[id(params[f"pos_encoding.{per_block}.{i}.0.weight" if pe == "fire" else
+                                f"pos_encoding.{per_block}.{i}.weight"])] == scale[id(params[f"blocks.{i}.attn.qkv.weight"])]
+        assert scale[id(params["patch_embed.proj.weight"])] < scale[id(params["blocks.0.attn.qkv.weight"])]
+    model = tiny(pos_encoding="fourier", depth=3)  # its MLP's layers are not blocks: it stays with the stem
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    stem = next(g for g in groups if any(p is model.patch_embed.proj.weight for p in g["params"]))
+    assert any(p is model.pos_encoding.mlp[2].weight for p in stem["params"])
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_lookhere_180", "vit_small_patch16_lookhere_45"])
@@ -203,8 +243,9 @@ def test_timm_contract(name):
         feats = model.forward_features(x)
         assert feats.shape == (2, 1 + 4 * 6, model.num_features)
         pre = model.forward_head(feats, pre_logits=True)
-        assert pre.shape == (2, model.num_features)
+        assert pre.shape == (2, model.head_hidden_size)
         torch.testing.assert_close(model.forward_head(feats), model.get_classifier()(pre))
+        assert model.get_classifier() is model.get_submodule(cfg["classifier"])
         final, inter = model.forward_intermediates(x)
         torch.testing.assert_close(final, feats)
         assert len(inter) == len(model.feature_info) == 12
@@ -212,7 +253,7 @@ def test_timm_contract(name):
         only = model.forward_intermediates(x, indices=[0, 5], intermediates_only=True, output_fmt="NLC")
         assert [t.shape for t in only] == [(2, 24, model.num_features)] * 2
         model.reset_classifier(0)
-        assert model(x).shape == (2, model.num_features)
+        torch.testing.assert_close(model(x), pre)  # the pre-logits features, as forward_head(pre_logits=True)
         model.reset_classifier(3, global_pool="avg")
         assert model(x).shape == (2, 3)
 

@@ -67,6 +67,8 @@ class PositionEncoding(nn.Module):
     # Settings that may change on a built model (test-time knobs): attributes named like the
     # constructor options that set them, so a saved model's config can record them.
     knobs: tuple[str, ...] = ()
+    # ModuleLists holding one module per ViT block: layer-wise learning-rate decay groups each with its block.
+    layer_modules: tuple[str, ...] = ()
 
     def resolved(self) -> dict[str, Any]:
         """What this encoding resolved to: its class and every plain setting it holds (options,
@@ -438,6 +440,7 @@ class Fire(OffsetBias):
 
     name = "fire"
     knobs = ("normalize",)
+    layer_modules = ("mlp",)
     NORMALIZE = ("test", "train")
 
     def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], width: int = 32, init_c: float = 0.1,
@@ -503,6 +506,7 @@ class Pape(PositionEncoding):
 
     name = "pape"
     relative = True
+    layer_modules = ("direction", "shape")
 
     def __init__(self, embed_dim: int, num_heads: int, depth: int, parabolas: int = 50):
         super().__init__()

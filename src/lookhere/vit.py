@@ -48,8 +48,9 @@ class ViTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    init_values: Optional[float] = 1e-4
-    head_hidden_dim: Optional[int] = None
+    # 0 turns each off (timm.create_model drops keyword arguments that are None)
+    init_values: Optional[float] = 1e-4  # LayerScale's initial value
+    head_hidden_dim: Optional[int] = None  # the LookHere head's hidden width (fc1 -> tanh -> fc2)
     norm_eps: float = 1e-5
     drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
@@ -164,7 +165,9 @@ class VisionTransformer(nn.Module):
         cfg = self._built_config = ViTConfig.from_dict(kwargs)
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
+        self.num_features = self.embed_dim = cfg.embed_dim
+        # the LookHere head's fc1 -> tanh is its pre-logits stage, fc2 the classifier (timm's "head.fc2")
+        self.head_hidden_size = cfg.head_hidden_dim or cfg.embed_dim
         self.num_prefix_tokens = 1
         self.patch_size = cfg.patch_size
         self.grad_checkpointing = False
@@ -225,19 +228,28 @@ class VisionTransformer(nn.Module):
         return dataclasses.replace(self._built_config, **changes)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        """A freshly initialised head, so that a new one (reset_classifier) starts as the first did."""
+        """A freshly initialised head (without classes: the pre-logits stage, if any)."""
+        hidden = self._built_config.head_hidden_dim
+        if hidden:
+            # The published LookHere head: fc1 -> tanh -> fc2, starting at uniform predictions.
+            head = Mlp(self.embed_dim, hidden, max(num_classes, 1), act_layer=nn.Tanh)
+            named_apply(_init_vit_layer, head)
+            head.fc2 = self._logits(head.fc2, num_classes)
+            return head
         if num_classes <= 0:
             return nn.Identity()
-        if self._built_config.head_hidden_dim:
-            # The published LookHere head: fc1 -> tanh -> fc2, starting at uniform predictions.
-            head = Mlp(self.embed_dim, self._built_config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
-            named_apply(_init_vit_layer, head)
-            nn.init.zeros_(head.fc2.weight)
-            nn.init.constant_(head.fc2.bias, -math.log(num_classes))
-            return head
         head = nn.Linear(self.embed_dim, num_classes)
         _init_vit_layer(head)
         return head
+
+    @staticmethod
+    def _logits(fc2: nn.Linear, num_classes: int) -> nn.Module:
+        """The LookHere head's classifier, starting at uniform predictions over ``num_classes``."""
+        if num_classes <= 0:
+            return nn.Identity()
+        nn.init.zeros_(fc2.weight)
+        nn.init.constant_(fc2.bias, -math.log(num_classes))
+        return fc2
 
     def _init_weights(self) -> None:
         """DeiT-III's initialisation for every layer but the position encoding's, which owns its own."""
@@ -252,8 +264,13 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^cls_token|^pos_encoding|^patch_embed",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        # an encoding's per-block modules (FIRE's MLPs, PaPE's projections) go with their block
+        per_block = "|".join(self.pos_encoding.layer_modules)
+        encoding = rf"^pos_encoding(?!\.(?:{per_block})\.\d)" if per_block else r"^pos_encoding"
+        return dict(stem=rf"^cls_token|{encoding}|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None),
+                            *[(rf"^pos_encoding\.{name}\.(\d+)", None) for name in self.pos_encoding.layer_modules],
+                            (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -261,7 +278,7 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head
+        return self.head.fc2 if isinstance(self.head, Mlp) else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
@@ -269,7 +286,13 @@ class VisionTransformer(nn.Module):
             if global_pool not in GLOBAL_POOLS:
                 raise ValueError(f"global_pool={global_pool!r}; allowed: {GLOBAL_POOLS}")
             self.global_pool = global_pool
-        self.head = self._make_head(num_classes)
+        like = self.cls_token
+        if isinstance(self.head, Mlp):  # keep the pre-logits stage (fc1 -> tanh), as timm's loading does
+            fc2 = nn.Linear(self.head.fc1.out_features, max(num_classes, 1), device=like.device, dtype=like.dtype)
+            self.head.fc2 = self._logits(fc2, num_classes)
+        else:
+            self.head = self._make_head(num_classes).to(device=like.device, dtype=like.dtype)
+        self.head.train(self.training)
 
     # --- forward ------------------------------------------------------------------------------
     def grid_for(self, x: torch.Tensor) -> tuple[int, int]:
@@ -299,7 +322,9 @@ class VisionTransformer(nn.Module):
         elif self.global_pool == "avg":
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        if pre_logits:
+            return self.head.act(self.head.fc1(x)) if isinstance(self.head, Mlp) else x
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -440,7 +465,8 @@ def _register(size: str, pos_encoding: str, name: str) -> None:
         return _create(name, pretrained, **args)
 
     fn.__name__ = name
-    fn.__doc__ = f"ViT-{size.capitalize()}/16 with the {pos_encoding} position encoding."
+    fn.__doc__ = (f"ViT-{size.capitalize()}/16 with the {pos_encoding} position encoding. "
+                  f"init_values=0 turns LayerScale off, head_hidden_dim=0 gives a linear head.")
     fn.__module__ = __name__
     register_model(fn)
 
