@@ -100,6 +100,8 @@ def test_parse_eps():
     ({"length": 0}, "--length must be >= 1, got 0"),
     ({"lh_slope_scales": (0.5, -1.0)}, "--lh-slope-scales 0.5 -1.0: scales must be finite and >= 0"),
     ({"lh_slope_scales": (float("nan"),)}, "--lh-slope-scales nan: scales must be finite and >= 0"),
+    ({"split": "val"}, "--tune-knobs chooses each knob on the validation split, the split --split val scores"),
+    ({"split": "validation[:10%]"}, "the split --split validation[:10%] scores"),
 ])
 def test_eval_settings_refuse_before_any_work(setting, message):
     from lookhere.evaluate import EvalSettings
@@ -107,6 +109,40 @@ def test_eval_settings_refuse_before_any_work(setting, message):
     EvalSettings(data="synthetic", sizes=[32, 64], train_size=32, tune_knobs=True).check(4)
     with pytest.raises(ValueError, match=re.escape(message)):
         EvalSettings(data="synthetic", sizes=[32, 64], train_size=32, tune_knobs=True, **setting).check(4)
+
+
+def _ece_reference(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """The definition in float64: bins [0, 1/15), ..., [14/15, 1], the last holding 1.0."""
+    index = np.minimum(np.floor(confidence * bins).astype(int), bins - 1)
+    return sum(abs(correct[index == b].mean() - confidence[index == b].mean()) * (index == b).mean()
+               for b in range(bins) if (index == b).any())
+
+
+def test_calibration_error_matches_the_definition_and_torchmetrics_digits():
+    # 100 images at confidence exactly 1.0 (90 right), 100 at about 0.95 (all right): one bin, gap 0.025
+    sure = torch.full((100, 10), -30.0).index_fill_(1, torch.tensor([3]), 0.0)
+    likely = torch.full((100, 10), math.log(0.05 / 9)).index_fill_(1, torch.tensor([3]), math.log(0.95))
+    labels = torch.cat([torch.tensor([3] * 90 + [4] * 10), torch.full((100,), 3)])
+    m = Metrics(10)
+    m.update(torch.cat([sure, likely]), labels)
+    confidence = torch.cat([sure, likely]).softmax(-1).amax(-1)
+    assert (confidence[:100] == 1).all()
+    expected = _ece_reference(confidence.double().numpy(), (labels == 3).double().numpy())
+    # float32 sums over the bin, as torchmetrics: within 1e-5 (torchmetrics' 16th bin for 1.0 gives 0.075)
+    assert m.compute()["ece"] == pytest.approx(expected, abs=1e-5) and expected == pytest.approx(0.025, abs=1e-6)
+    torchmetrics = pytest.importorskip("torchmetrics.classification")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # below a confidence of 1.0, torchmetrics' digits, accumulated over uneven batches
+        logits, labels = torch.randn(499, 10, generator=g) * 3, torch.randint(0, 10, (499,), generator=g)
+        assert (logits.softmax(-1).amax(-1) < 1).all()
+        m = Metrics(10)
+        for part in torch.split(torch.arange(499), 97):
+            m.update(logits[part], labels[part])
+        reference = torchmetrics.MulticlassCalibrationError(10, n_bins=15, norm="l1")
+        reference.update(logits.softmax(-1), labels)
+        assert m.compute()["ece"] == reference.compute().item()
+        confidence = logits.softmax(-1).amax(-1).double().numpy()
+        assert m.compute()["ece"] == pytest.approx(_ece_reference(confidence, (logits.argmax(-1) == labels).double().numpy()), abs=1e-5)
 
 
 def test_attention_distance_on_known_attention():

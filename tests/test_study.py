@@ -71,6 +71,8 @@ def test_aggregate_over_seeds_and_against_the_reference():
     c = out["paired"]["rope-2d-mixed"]
     assert c["top1"]["32"]["mean"] == pytest.approx(0.7 + 0.02 - 0.45)  # mean of 0.30, 0.27, 0.24
     assert c["top1"]["32"]["wins"] == 3 and c["top1"]["16"]["wins"] == 1  # 0.02, 0.0, -0.02
+    # NLL (1 - top-1 here) and ECE: lower wins; lh-90's NLL is lower on every seed at 32 px
+    assert c["nll"]["32"]["wins"] == 3 and c["ece"]["32"]["wins"] == 0
     assert c["adversarial"]["fgsm@1/255"]["mean"] == pytest.approx(0.09)
     assert "lh-90" not in out["paired"]
 
@@ -556,6 +558,9 @@ def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
     # rather than one against fewer encodings than the caption names.
     assert paper_claims(records, planned + ["sincos-2d"]) == {}
     partial = [r for r in records if not (r["encoding"] == "none" and r["seed"] == 1)]
+    assert paper_claims(partial, planned)["d"]["seeds"] == [0]
+    # the ablation is in neither mean, but its seeds count: every planned encoding has finished
+    partial = [r for r in records if not (r["encoding"] == "lh-90-all-masked" and r["seed"] == 1)]
     assert paper_claims(partial, planned)["d"]["seeds"] == [0]
 
 

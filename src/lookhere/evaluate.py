@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.classification import MulticlassCalibrationError
 
 from .data import DataSpec, build_dataset, collate
 from .environment import environment
@@ -139,19 +138,37 @@ def label_set_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "
     return {"mean": nll.mean, "sum": nll.sum}.get(reduction, lambda: nll)()
 
 
+def calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """Top-label ECE (L1): over equal-width bins of the top-1 confidence, [0, 1/15), ..., [14/15, 1],
+    the gap between accuracy and mean confidence, weighted by the bin's share of the images.
+
+    The float32 operations are torchmetrics' (``MulticlassCalibrationError``), so the digits are
+    theirs, with one difference: a confidence of exactly 1.0 (a top logit ahead by about 17) falls in
+    the last bin, where torchmetrics gives it a 16th bin of its own, which can only raise the error.
+    """
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp_(max=n_bins - 1)
+    # n_bins + 1 slots, the last always empty, as torchmetrics lays them out: the same sums, the same digits
+    count, conf_sum, acc_sum = (torch.zeros(n_bins + 1, dtype=confidence.dtype).scatter_add_(0, index, src)
+                                for src in (torch.ones_like(confidence), confidence, correct.to(confidence.dtype)))
+    gap = (torch.nan_to_num(acc_sum / count) - torch.nan_to_num(conf_sum / count)).abs()
+    return torch.sum(gap * (count / count.sum())).item()
+
+
 @dataclass
 class Metrics:
-    """Accumulates per-image top-1/top-5 correctness, NLL (:func:`label_set_nll`) and torchmetrics'
-    15-bin ECE; labels are class indices or lists of valid classes (:data:`LABEL_LIST_METRICS`)."""
+    """Accumulates per-image top-1/top-5 correctness, NLL (:func:`label_set_nll`) and the 15-bin ECE
+    (:func:`calibration_error`); labels are class indices or lists of valid classes
+    (:data:`LABEL_LIST_METRICS`)."""
 
     num_classes: int
 
     def __post_init__(self) -> None:
-        self.ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")
         self.nll_sum, self.n = 0.0, 0
         self.label_lists = False
         self.correct: list[torch.Tensor] = []
         self.correct5: list[torch.Tensor] = []
+        self.confidence: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.float().cpu(), labels.cpu()
@@ -162,10 +179,9 @@ class Metrics:
                              f"do --data and the model have the same classes?")
         self.label_lists |= labels.ndim == 2
         probs = logits.softmax(-1)
-        pred = probs.argmax(-1)
+        confidence, pred = probs.amax(-1), probs.argmax(-1)
         top1 = (pred[:, None] == sets).any(-1)
-        # torchmetrics scores argmax == target: the prediction stands for the list when it is in it
-        self.ece.update(probs, torch.where(top1, pred, sets[:, 0]))
+        self.confidence.append(confidence)
         self.nll_sum += label_set_nll(logits, labels, "sum").item()
         self.n += len(labels)
         self.correct.append(top1)
@@ -176,7 +192,8 @@ class Metrics:
             raise ValueError("no samples were evaluated")
         return {"top1": self.per_sample_correct().double().mean().item(),
                 "top5": torch.cat(self.correct5).double().mean().item(),
-                "nll": self.nll_sum / self.n, "ece": self.ece.compute().item(), "n": self.n}
+                "nll": self.nll_sum / self.n, "ece": calibration_error(torch.cat(self.confidence), self.per_sample_correct()),
+                "n": self.n}
 
     def per_sample_correct(self) -> torch.Tensor:
         return torch.cat(self.correct)
@@ -358,6 +375,10 @@ class EvalSettings:
         for flag in ("length", "val_length"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if self.tune_knobs and self.split.partition("[")[0] in ("val", "validation"):
+            raise ValueError(f"--tune-knobs chooses each knob on the validation split, the split --split "
+                             f"{self.split} scores: the choice would be marked on its own images; evaluate "
+                             f"another split, or leave out --tune-knobs")
         if not all(math.isfinite(s) and s >= 0 for s in self.lh_slope_scales):
             raise ValueError(f"--lh-slope-scales {' '.join(map(str, self.lh_slope_scales))}: scales must be "
                              f"finite and >= 0")

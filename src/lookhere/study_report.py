@@ -37,9 +37,9 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
-def paired(reference: Sequence[float], other: Sequence[float]) -> dict[str, Any]:
+def paired(reference: Sequence[float], other: Sequence[float], higher_is_better: bool = True) -> dict[str, Any]:
     """Reference minus other, seed by seed: the mean difference, its 95% interval, the paired
-    t-test's two-sided p-value and how many seeds the reference won."""
+    t-test's two-sided p-value and how many seeds the reference won (for NLL and ECE, lower wins)."""
     from scipy import stats
 
     a, b = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
@@ -49,7 +49,7 @@ def paired(reference: Sequence[float], other: Sequence[float]) -> dict[str, Any]
     if len(d) > 1 and np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):
         out.update(std=0.0, ci95=[out["mean"], out["mean"]])
     out["p_value"] = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 and out["std"] > 0 else None
-    out["wins"] = int((d > 0).sum())
+    out["wins"] = int((d > 0).sum() if higher_is_better else (d < 0).sum())
     out["ties"] = int((d == 0).sum())
     return out
 
@@ -143,7 +143,8 @@ def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
                 for size in sizes:
                     for m in METRICS:
                         cmp[m][size] = paired([ref[s]["sizes"][size]["tuned"][m] for s in seeds],
-                                              [other[s]["sizes"][size]["tuned"][m] for s in seeds])
+                                              [other[s]["sizes"][size]["tuned"][m] for s in seeds],
+                                              higher_is_better=m == "top1")
                 for attack in ref[seeds[0]]["adversarial"] if seeds else ():
                     if attack != "n":
                         cmp["adversarial"][attack] = paired([ref[s]["adversarial"][attack] for s in seeds],
@@ -285,7 +286,7 @@ def paper_claims(records: list[dict[str, Any]], encodings: list[str]) -> dict[st
         rows = [r for r in records if r["dataset"] == dataset]
         by = {(r["encoding"], r["seed"]): r for r in rows}
         seeds = sorted(s for s in dict.fromkeys(r["seed"] for r in rows)
-                       if all((e, s) in by for e in lookhere + others + newer))
+                       if all((e, s) in by for e in encodings))
         if not lookhere or not others or not seeds:
             continue
         train, last = str(rows[0]["train_size"]), max(rows[0]["sizes"], key=int)
