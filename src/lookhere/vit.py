@@ -166,8 +166,6 @@ class VisionTransformer(nn.Module):
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.num_features = self.embed_dim = cfg.embed_dim
-        # the LookHere head's fc1 -> tanh is its pre-logits stage, fc2 the classifier (timm's "head.fc2")
-        self.head_hidden_size = cfg.head_hidden_dim or cfg.embed_dim
         self.num_prefix_tokens = 1
         self.patch_size = cfg.patch_size
         self.grad_checkpointing = False
@@ -228,16 +226,15 @@ class VisionTransformer(nn.Module):
         return dataclasses.replace(self._built_config, **changes)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        """A freshly initialised head (without classes: the pre-logits stage, if any)."""
-        hidden = self._built_config.head_hidden_dim
-        if hidden:
+        """A freshly initialised head (none without classes: timm's models then give the pooled features)."""
+        if num_classes <= 0:
+            return nn.Identity()
+        if self._built_config.head_hidden_dim:
             # The published LookHere head: fc1 -> tanh -> fc2, starting at uniform predictions.
-            head = Mlp(self.embed_dim, hidden, max(num_classes, 1), act_layer=nn.Tanh)
+            head = Mlp(self.embed_dim, self._built_config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
             named_apply(_init_vit_layer, head)
             head.fc2 = self._logits(head.fc2, num_classes)
             return head
-        if num_classes <= 0:
-            return nn.Identity()
         head = nn.Linear(self.embed_dim, num_classes)
         _init_vit_layer(head)
         return head
@@ -275,6 +272,12 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pre-logits features: the LookHere head's fc1 -> tanh is a pre-logits stage and
+        fc2 its classifier (timm's "head.fc2"); other heads take the pooled token."""
+        return self.head.fc1.out_features if isinstance(self.head, Mlp) else self.embed_dim
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
