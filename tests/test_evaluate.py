@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from lookhere.analyze import head_diversity, mean_attention_distance, token_similarity
-from lookhere.evaluate import Metrics, fgsm_attack, parse_eps, pgd_attack
+from lookhere.evaluate import EvalSettings, Metrics, _adversarial, fgsm_attack, parse_eps, pgd_attack
 from lookhere.report import compare
 
 
@@ -85,6 +85,29 @@ def test_attack_keeps_pixels_in_range():
     adv = pgd_attack(model, x, torch.tensor([0, 1]), 0.1, steps=3, step_size=0.05, random_start=True,
                      generator=torch.Generator().manual_seed(0))
     assert adv.max() <= 1.0 and adv.min() >= 0.9 - 1e-6
+
+
+class _TiedLogits(nn.Module):
+    """Logits with a gradient of zero (no attack moves them), tied between classes 0 and 1, behind
+    class 2 for bright images."""
+
+    def forward(self, x):
+        bright = (x.mean((1, 2, 3)) > 0.5).float()
+        return torch.stack([torch.ones(len(x)), torch.ones(len(x)), 2 * bright], -1) + 0 * x.sum((1, 2, 3))[:, None]
+
+
+def test_accuracy_under_attack_breaks_ties_as_clean_top1_does():
+    """With a gradient of zero the attacked images score as the clean ones, ties included."""
+    images = torch.tensor([0.9] * 4 + [0.1] * 4).view(8, 1, 1, 1).expand(8, 3, 4, 4)
+    labels = torch.tensor([1, 1, 0, 2, 1, 0, 2, 1])
+    logits = _TiedLogits()(images)
+    clean = Metrics(3)
+    clean.update(logits, labels)
+    assert clean.compute()["top1"] == pytest.approx(2 / 8)  # the tie goes to class 0
+    ds = [(images[i], labels[i], 0) for i in range(8)]
+    out = _adversarial(_TiedLogits(), ds, EvalSettings(data="synthetic", sizes=[4], adversarial=("fgsm", "pgd"),
+                                                       eps=(1 / 255,), pgd_steps=2, batch_size=3), "cpu")
+    assert out == {"n": 8, "fgsm@1/255": 2 / 8, "pgd@1/255": 2 / 8}
 
 
 def test_parse_eps():

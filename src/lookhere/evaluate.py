@@ -123,6 +123,13 @@ def label_sets(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, None] if labels.ndim == 1 else labels
 
 
+def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image: is the highest-scoring class among its valid classes? One definition for clean and
+    attacked images: ``argmax`` of the float32 softmax, so a tie goes to the lower class index."""
+    pred = logits.float().softmax(-1).argmax(-1)
+    return (pred[:, None] == label_sets(labels)).any(-1)
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Per image: is any of the ``k`` highest-scoring classes among its valid classes?"""
     top = logits.topk(k, dim=-1).indices
@@ -178,13 +185,10 @@ class Metrics:
             raise ValueError(f"label {bad[0]} is outside the model's {self.num_classes} classes: "
                              f"do --data and the model have the same classes?")
         self.label_lists |= labels.ndim == 2
-        probs = logits.softmax(-1)
-        confidence, pred = probs.amax(-1), probs.argmax(-1)
-        top1 = (pred[:, None] == sets).any(-1)
-        self.confidence.append(confidence)
+        self.confidence.append(logits.softmax(-1).amax(-1))
         self.nll_sum += label_set_nll(logits, labels, "sum").item()
         self.n += len(labels)
-        self.correct.append(top1)
+        self.correct.append(top1_correct(logits, labels))
         self.correct5.append(topk_correct(logits, labels, min(5, self.num_classes)))
 
     def compute(self) -> dict[str, float]:
@@ -494,7 +498,7 @@ def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
                                      step_size=2.5 * eps / settings.pgd_steps, mean=mean, std=std,
                                      random_start=True, generator=gen)
                 with torch.no_grad():
-                    correct += topk_correct(model(adv), labels, 1).sum().item()
+                    correct += top1_correct(model(adv), labels).sum().item()
                 total += len(labels)
             out[f"{attack}@{eps * 255:g}/255"] = correct / max(total, 1)
     return out
