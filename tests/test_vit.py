@@ -258,6 +258,19 @@ def test_timm_contract(name):
         assert model(x).shape == (2, 3)
 
 
+@pytest.mark.parametrize("pos_encoding", ["lh-90", "rope-2d-mixed"])
+def test_torch_export_at_a_fixed_size(pos_encoding):
+    """Deployment by torch.export (TorchScript is not supported): the exported program gives the
+    eager model's logits, and exporting leaves the eager model as it was."""
+    model = tiny(pos_encoding=pos_encoding)
+    x = torch.randn(2, 3, 24, 56)
+    with torch.no_grad():
+        eager = model(x)
+        program = torch.export.export(model, (x,))
+        torch.testing.assert_close(program.module()(x), eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), eager, rtol=0, atol=0)
+
+
 def test_timm_features_only():
     model = timm.create_model("vit_tiny_patch16_lookhere_90", features_only=True, out_indices=(1, 3)).eval()
     with torch.no_grad():
