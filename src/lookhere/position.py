@@ -498,6 +498,7 @@ class Pape(PositionEncoding):
     input; the attention hook sees the layer's queries (all heads concatenated), an affine and
     generically invertible function of that input, so the same family of biases. Positions are patch
     indices; a larger grid extends them (the authors' extension), and there is no test-time knob.
+    Both projections are ``nn.Linear`` layers, initialised and weight-decayed as the ViT's others.
 
     The bias is never materialised: expanding the square makes it one dot product of ``1 + 2P``
     extra query and key features, appended to q and k (as the authors do), computed in float32
