@@ -65,6 +65,15 @@ def lr_by_step(run: Path) -> dict[int, float]:
     return {r["step"]: r["lr"] for r in records if r["kind"] == "step"}
 
 
+def tensorboard_steps(run: Path) -> dict[str, list[int]]:
+    """The steps of each TensorBoard scalar, as TensorBoard shows them (purged points left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_kill_and_resume_is_bit_exact(tmp_path):
     """A run killed with SIGKILL mid-epoch and resumed ends with the same weights as one never killed."""
     common = SMALL + ["--epochs", "3", "--checkpoint-every", "1", "--log-every", "1", "--ema-decay", "0.9",
@@ -97,6 +106,8 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     seconds = [r["train_s"] for r in records if r["kind"] == "epoch" and r["step"] > starts[1]]
     assert state["train_s"] < seconds[0] < state["train_s"] + 600 and seconds == sorted(seconds)
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 18
+    # TensorBoard shows every point once, the checkpoint step's too (the kill left them on disk)
+    assert tensorboard_steps(run) == tensorboard_steps(tmp_path / "full")
 
 
 def test_resume_with_more_epochs_follows_the_schedule_of_the_new_length(tmp_path):
@@ -118,6 +129,32 @@ def test_resume_with_more_epochs_follows_the_schedule_of_the_new_length(tmp_path
         assert got[s] == want[s], f"step {s}: lr {got[s]} after the resume, {want[s]} in a 5-epoch run"
     assert all(want[s] > TrainConfig().min_lr for s in range(19, 30))  # where the 3-epoch schedule had ended
     assert TrainConfig.from_yaml(run / "config.yaml").epochs == 5  # a later --resume keeps the new length
+
+
+def test_the_logged_rate_is_the_one_each_update_used(tmp_path):
+    """Step s logs the rate of update s, that of timm's schedule at t = s - 1 of 6: a linear warmup from
+    lr/1000 over 3 steps, then the cosine (not shifted by the warmup)."""
+    cfg = TrainConfig(data="synthetic", data_length=192, img_size=16, patch_size=4, embed_dim=48, depth=1,
+                      num_heads=12, batch_size=32, epochs=1, warmup_epochs=0.5, log_every=1, lr=1e-3,
+                      output=str(tmp_path / "r"), progress=False)
+    train(cfg)
+    start = cfg.lr * 1e-3
+    want = [start + t * (cfg.lr - start) / 3 if t < 3 else
+            cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(6)]
+    got = lr_by_step(tmp_path / "r")
+    assert got[1] == start and [got[s] for s in range(1, 7)] == pytest.approx(want, rel=1e-12)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
+    run = tmp_path / "run"
+    first = cli(*SMALL, "--epochs", "2", "--max-steps", "3", "--output", str(run))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli("--resume", str(run), "--epochs", "3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (f"--resume {run}: the run is at step 3, where it ends (--epochs 3, --max-steps 3: 3 steps); nothing "
+            f"to train. Raise --epochs or --max-steps to go on") in again.stderr
+    more = cli("--resume", str(run), "--max-steps", "4")
+    assert more.returncode == 0 and json.loads(more.stdout.strip().splitlines()[-1])["step"] == 4
 
 
 def test_resume_with_workers_is_bit_exact_and_independent_of_the_worker_count(tmp_path):
@@ -307,6 +344,23 @@ def test_settings_must_be_finite(field, value):
         TrainConfig(**{field: value}).validate()
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(ema_decay=0.0), "--ema-decay must be in (0, 1), got 0.0; leave it out for no EMA"),
+    (dict(lr=1e-3, min_lr=2e-3), "--min-lr 0.002 is above --lr 0.001: the schedule would rise"),
+])
+def test_settings_that_would_be_ignored_or_misread_are_refused(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**settings).validate()
+
+
+def test_data_that_cannot_be_trained_as_asked_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"--data-root {tmp_path}: synthetic is not read from it")):
+        train(TrainConfig(data="synthetic", data_root=str(tmp_path), output=str(tmp_path / "a"), progress=False))
+    with pytest.raises(ValueError, match=re.escape("--num-classes 4: synthetic has 10 classes")):
+        train(TrainConfig(data="synthetic", num_classes=4, output=str(tmp_path / "b"), progress=False))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_config_file_on_resume_overrides_only_what_it_sets(tmp_path):
     from lookhere.cli import _train_config, build_parser
 
@@ -375,6 +429,17 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     assert len(epochs["ddp"]) == len(epochs["single"]) == 2
     for a, b in zip(epochs["ddp"], epochs["single"]):
         assert a["val_acc"] == b["val_acc"] and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    # the logged training loss is the whole batch's, over both ranks
+    steps = {name: [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                    if r["kind"] == "step"] for name in ("ddp", "single")}
+    assert [r["step"] for r in steps["ddp"]] == [r["step"] for r in steps["single"]] == [10, 12]
+    for a, b in zip(steps["ddp"], steps["single"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # a fresh run into a taken --output is refused on every rank: none waits for the others
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "--master_port=29533", str(script), str(tmp_path / "ddp")], env=ENV, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
 def test_validation_shards_cover_every_sample_once():

@@ -170,9 +170,13 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.img_size % self.patch_size:
             raise ValueError(f"--img-size {self.img_size} is not a multiple of --patch-size {self.patch_size}")
-        for k in ("label_smoothing", "drop_path", "ema_decay"):
+        for k in ("label_smoothing", "drop_path"):
             if getattr(self, k) is not None and not 0 <= getattr(self, k) < 1:
                 raise ValueError(f"{flag(k)} must be in [0, 1), got {getattr(self, k)}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}; leave it out for no EMA")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would rise")
 
 
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
@@ -278,7 +282,8 @@ def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # only once CUDA is in use: asking earlier would start it in every CPU run on a GPU machine
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
@@ -288,7 +293,8 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        for index, cuda_state in enumerate(s["cuda"][:torch.cuda.device_count()]):  # the devices this machine has
+            torch.cuda.set_rng_state(cuda_state, index)
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     p = s["python"]
@@ -425,6 +431,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     spec = DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, cfg.data_root)
     train_ds, val_ds = build_dataset(spec, "train"), build_dataset(spec, "val")
     num_classes = cfg.num_classes or num_classes_of(train_ds)
+    if cfg.num_classes and getattr(train_ds, "num_classes", None) and cfg.num_classes < train_ds.num_classes:
+        raise ValueError(f"--num-classes {cfg.num_classes}: {cfg.data} has {train_ds.num_classes} classes")
     train_ds = SeededSamples(train_ds, cfg.seed)
 
     model: nn.Module = initial_model(cfg, num_classes).to(device)
@@ -466,11 +474,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
         step, best, earlier_s = state["step"], state["best"], state.get("train_s", 0.0)
-        counts.update({k: state.get(k, 0) for k in counts})
-        _set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-    elif d.main:
-        if run_dir.exists() and (run_dir / "config.yaml").exists() and not cfg.resume:
-            raise FileExistsError(f"--output {run_dir} already holds a run; use --resume {run_dir} or another --output")
+        mine = min(d.rank, len(state["rng"]) - 1)
+        # checkpoints written before the counts were kept per rank hold rank 0's at the top level
+        counts.update(state["counts_by_rank"][mine] if "counts_by_rank" in state else
+                      {k: state.get(k, 0) for k in counts})
+        _set_rng_state(state["rng"][mine])
+    taken = torch.tensor(int(ckpt is None and not cfg.resume and d.main and (run_dir / "config.yaml").is_file()),
+                         device=device)
+    if d.world > 1:  # decided by rank 0, before it writes, and by every rank alike, so that none waits alone
+        dist.all_reduce(taken, op=dist.ReduceOp.MAX)
+    if taken:
+        raise FileExistsError(f"--output {run_dir} already holds a run; use --resume {run_dir} or another --output")
     # The schedule is a function of the step and this config: a resume with more --epochs continues as a
     # run of the new length would, rather than at the old schedule's end.
     scheduler.step_update(num_updates=step)
@@ -486,7 +500,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if cfg.resume else None)
+        # Points past the checkpoint are logged again; the checkpoint step's own points stay.
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if cfg.resume else None)
         if cfg.resume:
             forget_after(run_dir / "metrics.jsonl", step)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if d.main else None
@@ -507,16 +522,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         """Wall seconds of training so far, over every stretch (a resume adds to its checkpoint's)."""
         return earlier_s + time.perf_counter() - started
 
+    def summed(values: list[float]) -> list[float]:
+        """Summed over the ranks (every rank calls it at the same step)."""
+        if d.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_counts() -> dict[str, int]:
+        return dict(zip(counts, map(int, summed([float(v) for v in counts.values()]))))
+
     def checkpoint(name: str) -> None:
-        rng = [_rng_state()]
+        per_rank = [(_rng_state(), dict(counts))]
         if d.world > 1:
             gathered: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+            dist.all_gather_object(gathered, per_rank[0])
+            per_rank = gathered
         if d.main:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": rng,
-                     "train_s": train_seconds(), **counts}
+            state = {"optimizer": optimizer.state_dict(), "step": step, "best": best,
+                     "rng": [r for r, _ in per_rank], "counts_by_rank": [c for _, c in per_rank],
+                     "train_s": train_seconds()}
             write_checkpoint(run_dir / name, raw, ema, state)
+            writer.flush()  # what a resume does not log again must be on disk
 
     val_sampler = shard(len(val_ds), d.rank, d.world) if d.world > 1 else None
     # Loaders get generators of their own: creating one must not draw from the global RNG, or a run
@@ -525,6 +553,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
     last_val: dict[str, float] = {}
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if cfg.resume and step >= limit and d.main:
+        print(f"--resume {run_dir}: the run is at step {step}, where it ends (--epochs {cfg.epochs}"
+              f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}: {limit} steps); nothing to train. Raise "
+              f"--epochs or --max-steps to go on", file=sys.stderr)
     bar = tqdm(total=limit, initial=min(step, limit), disable=not (d.main and cfg.progress), unit="step",
                dynamic_ncols=True)
     while step < limit:
@@ -560,6 +592,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 optimizer.step()
             else:  # no readable sample: no update, but the step counts, keeping schedule and data position aligned
                 counts["empty_batches"] += 1
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update used
             step += 1
             scheduler.step_update(num_updates=step)
             if ema is not None and usable:
@@ -569,14 +602,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}" if loss is not None else "-", img_s=f"{ips:.0f}")
             if step % cfg.log_every == 0 or step == limit:
-                log({"kind": "step", "step": step, "epoch": epoch, "loss": loss.item() if loss is not None else None,
-                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": ips,
-                     "grad_norm": float(grad_norm) if grad_norm is not None else None, **counts})
+                # the loss of the whole batch, over every rank (grad_norm is already of the reduced gradients)
+                mean_loss = summed([loss.item()])[0] / d.world if loss is not None else None
+                log({"kind": "step", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "images_per_s": ips,
+                     "grad_norm": float(grad_norm) if grad_norm is not None else None, **all_counts()})
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch:
                 last_val = evaluate(raw, val_loader, device, d)
                 record = {"kind": "epoch", "step": step, "epoch": epoch, "val_acc": last_val["acc"],
-                          "val_loss": last_val["loss"], "train_s": train_seconds(), **counts}
+                          "val_loss": last_val["loss"], "train_s": train_seconds(), **all_counts()}
                 if ema is not None:
                     ev = evaluate(ema.module, val_loader, device, d)
                     record.update(val_acc_ema=ev["acc"], val_loss_ema=ev["loss"])
@@ -591,9 +625,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if step >= limit:
                 break
     bar.close()
-    if d.main and any(counts.values()):
-        print(f"warning: {counts['skipped']} unreadable samples were skipped, {counts['mixup_dropped']} more left "
-              f"out to keep mixup batches even, and {counts['empty_batches']} batches had no sample left (no "
+    total = all_counts()
+    if d.main and any(total.values()):
+        print(f"warning: {total['skipped']} unreadable samples were skipped, {total['mixup_dropped']} more left "
+              f"out to keep mixup batches even, and {total['empty_batches']} batches had no sample left (no "
               f"update)", file=sys.stderr)
     if metrics_file is not None:
         metrics_file.close()

@@ -178,6 +178,9 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
     """
     train = split == "train" if train is None else train
     name = spec.name
+    if spec.root and (name in ("synthetic", "synthetic-where") or name.startswith("folder:")):
+        raise ValueError(f"--data-root {spec.root}: {name} is not read from it (it is for fashion-mnist and hf: "
+                         f"datasets); leave it out")
     if name in ("synthetic", "synthetic-where", "fashion-mnist") and split not in SPLITS:
         raise ValueError(f"--split {split!r}: {name} has the splits {', '.join(SPLITS)}")
     if name in ("synthetic", "synthetic-where"):
