@@ -114,6 +114,37 @@ def test_bad_shapes_are_clear_errors():
                            grid_size=(4, 4), layer=0, depth=1)
 
 
+def test_values_narrower_than_queries_are_refused():
+    q = torch.randn(1, 12, 13, 8)
+    with pytest.raises(ValueError, match=r"\(B, H, T, D\) with matching shapes, got \(1, 12, 13, 8\), \(1, 12, 13, 8\), "
+                                         r"\(1, 12, 13, 4\)"):
+        lookhere_attention(q, q, q[..., :4], config="lh-90", grid_size=(3, 4), layer=0, depth=1, num_prefix_tokens=1)
+
+
+@pytest.mark.parametrize("name,backend", [("lh-45", "dense"), ("lh-45", "slab"), ("lh-180", "slab"),
+                                          ("sqrt-zero", "dense"), ("square-max", "dense")])
+def test_float64_attention_has_float64_digits(name, backend):
+    """Against the spec's bias in Python floats: float64 inputs get a float64 bias, not float32's."""
+    from spec_reference import bias as reference_bias
+
+    grid, depth, layer, prefix = (3, 5), 3, 1, 1
+    plan = AttentionPlan(CONFIGS[name], depth, 12)
+    q, k, v = torch.randn(3, 2, 12, prefix + 15, 16, dtype=torch.float64).unbind(0)
+    bias = F.pad(torch.tensor(reference_bias(CONFIGS[name], grid, depth, 12)[layer], dtype=torch.float64),
+                 (prefix, 0, prefix, 0))
+    ref = (q @ k.transpose(-1, -2) / 4 + bias).softmax(-1) @ v
+    out = attend(q, k, v, plan, layer=layer, grid_size=grid, num_prefix_tokens=prefix, backend=backend)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_plans_config_cannot_be_replaced_under_its_tables():
+    plan = AttentionPlan("lh-90", 2, 12)
+    with pytest.raises(AttributeError, match="build a new plan"):
+        plan.config = plan.config.replace(global_slope=0.0)
+    assert plan.config == AttentionPlan("lh-90", 2, 12).config
+
+
 BACKEND_CASES = [(name, grid) for name in CONFIGS for grid in [(6, 6), (4, 9), (11, 3)]]
 
 
@@ -173,6 +204,8 @@ def test_auto_backend_choice():
     assert choose_backend(centre, cpu, 4096) == "dense"
     assert choose_backend(plan, cuda, 196) == "flex"
     assert choose_backend(plan, cuda, 4096, dropout_p=0.1) == "slab"
+    for device in ("mps", "xpu"):
+        assert choose_backend(plan, torch.device(device), 4096) == "dense"
     with pytest.raises(ValueError, match="backend"):
         q = torch.randn(1, 12, 17, 4)
         lookhere_attention(q, q, q, config="lh-90", grid_size=(4, 4), layer=0, depth=1, backend="fast")

@@ -27,17 +27,17 @@ SLAB_MIN_PATCHES = 576
 
 
 def choose_backend(plan: AttentionPlan, device: torch.device, num_patches: int, dropout_p: float = 0.0) -> str:
-    """FlexAttention on GPU (it has no dropout); on CPU row slabs for large grids where they apply,
-    else the dense path."""
+    """FlexAttention on GPU (it has no dropout); else row slabs for large grids where they apply;
+    else, and on devices the slabs were not written for (MPS, XPU), the dense path."""
     if device.type == "cuda" and not dropout_p:
         return "flex"
-    if num_patches >= SLAB_MIN_PATCHES and plan.offset_only:
+    if device.type in ("cpu", "cuda") and num_patches >= SLAB_MIN_PATCHES and plan.offset_only:
         return "slab"
     return "dense"
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
-    if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
             f"q, k, v must be (B, H, T, D) with matching shapes, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import head_penalties
-from .plan import AttentionPlan
+from .plan import AttentionPlan, table_dtype
 
 # Elements of one chunk's bias (H x rows x T). 2**24 floats = 64 MiB.
 CHUNK_ELEMENTS = 1 << 24
@@ -28,7 +28,8 @@ def dense_attention(q, k, v, plan: AttentionPlan, layer: int, grid: tuple[int, i
     B, H, T, D = q.shape
     p, n = num_prefix_tokens, grid[0] * grid[1]
     cfg, pattern = plan.config, plan.layer_pattern[layer]
-    scale = plan.scale[layer].to(q.device)[:, None, None]
+    work = table_dtype(q.dtype)
+    scale = plan.layer_scales(layer, q.dtype).to(q.device)[:, None, None]
     parts = []
     if p:
         parts.append(F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p))
@@ -39,9 +40,9 @@ def dense_attention(q, k, v, plan: AttentionPlan, layer: int, grid: tuple[int, i
 
         def build(start=start, stop=stop):
             return head_penalties(plan.patterns[pattern], cfg.distance, cfg.fill_with, grid, slice(start, stop),
-                                  device=q.device)
+                                  dtype=work, device=q.device)
 
-        pen, fov = plan.cached(("dense", pattern, grid, start, stop, q.device), build) if keep else build()
+        pen, fov = plan.cached(("dense", pattern, grid, start, stop, q.device, work), build) if keep else build()
         bias = (-(scale * pen)).masked_fill(~fov, float("-inf"))
         if p:
             bias = F.pad(bias, (p, 0))

@@ -41,6 +41,12 @@ def _tensors(value: Any):
     # block masks and other objects count as nothing: they are small
 
 
+def table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Biases are built in float32 (cast to the attention's dtype at the end), in float64 for float64
+    attention, whose digits would otherwise be float32's."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class AttentionPlan(nn.Module):
     """Per-layer head tables of one LookHere config for ``depth`` layers of ``num_heads`` heads.
 
@@ -53,7 +59,7 @@ class AttentionPlan(nn.Module):
 
     def __init__(self, config: str | dict | LookHereConfig, depth: int, num_heads: int):
         super().__init__()
-        self.config = cfg = resolve_config(config)
+        self._config = cfg = resolve_config(config)
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         self.depth, self.num_heads = depth, num_heads
@@ -69,6 +75,21 @@ class AttentionPlan(nn.Module):
         # Masks with -inf fill and translation-equivariant penalties: the bias is a function of the offset.
         self.offset_only = cfg.fill_with == "inf" and all(h.penalty != "center" for p in self.patterns for h in p)
         self._cache: dict[Hashable, tuple[Any, int]] = {}
+
+    @property
+    def config(self) -> LookHereConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config) -> None:
+        raise AttributeError("an AttentionPlan's tables are built for one config: build a new plan "
+                             "(LookHere's encoding rebuilds its plan when its config is set)")
+
+    def layer_scales(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """This layer's per-head scales in ``table_dtype(dtype)``."""
+        if table_dtype(dtype) == torch.float64:
+            return torch.tensor(self._scales[layer], dtype=torch.float64, device=self.scale.device)
+        return self.scale[layer]
 
     def heads(self, layer: int) -> tuple[HeadSpec, ...]:
         return self.patterns[self.layer_pattern[layer]]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import field_of_view, patch_coords, transform_distance
-from .plan import SIDES, AttentionPlan
+from .plan import SIDES, AttentionPlan, table_dtype
 
 Tensor = torch.Tensor
 
@@ -55,7 +55,7 @@ def side_groups(sides: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ..
 
 
 def _unscaled_table(plan: AttentionPlan, pattern: int, o: str, group: tuple[int, ...], grid: tuple[int, int],
-                    device, rows_below: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    device, rows_below: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Layer-independent parts of a group's bias table over (query column, key row offset, key
     column): the distance ``(gx', M, gx')`` shared by all heads, each head's FOV ``(G, gx', M, gx')``,
     which heads carry the distance penalty, and the layout permutation. Key row offsets run from
@@ -69,7 +69,7 @@ def _unscaled_table(plan: AttentionPlan, pattern: int, o: str, group: tuple[int,
     dxn = torch.arange(nx, device=device)[None, None, :] - xq
     dy, dx = _original_offsets(o, dyn.expand(nx, -1, nx), dxn.expand(-1, dyn.shape[1], -1))
     fov = field_of_view(coef, dy, dx)
-    dist = transform_distance((dy * dy + dx * dx).float(), plan.config.distance)
+    dist = transform_distance((dy * dy + dx * dx).to(dtype), plan.config.distance)
     return dist, fov, (kind == 0), perm
 
 
@@ -87,7 +87,7 @@ def tile_groups(heads) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
 
 
 def _tiles(plan: AttentionPlan, pattern: int, group: tuple[int, ...], grid: tuple[int, int], p: int, device,
-           tile: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+           tile: tuple[int, int], dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor]]:
     """For each tile of query patches: the query tokens, the key tokens the tile's FOVs reach (prefix
     tokens first) and minus the unscaled penalty over them, ``-inf`` outside each query's FOV."""
     gy, gx = grid
@@ -104,7 +104,7 @@ def _tiles(plan: AttentionPlan, pattern: int, group: tuple[int, ...], grid: tupl
             fov = field_of_view(coef, dy, dx)[0]
             k_idx = fov.any(0).nonzero()[:, 0]
             dy, dx, fov = dy[:, k_idx], dx[:, k_idx], fov[:, k_idx]
-            neg = (-transform_distance((dy * dy + dx * dx).float(), plan.config.distance)).masked_fill_(
+            neg = (-transform_distance((dy * dy + dx * dx).to(dtype), plan.config.distance)).masked_fill_(
                 ~fov, float("-inf"))
             out.append((p + q_idx, torch.cat([prefix, p + k_idx]), F.pad(neg, (p, 0))))
     return out
@@ -113,12 +113,13 @@ def _tiles(plan: AttentionPlan, pattern: int, group: tuple[int, ...], grid: tupl
 def _tile_attention(q, k, v, plan, layer, grid, p, dropout_p, group, out, tile) -> None:
     """Attention of the heads ``group`` (one FOV) tile by tile, each tile against the keys it can see."""
     pattern = plan.layer_pattern[layer]
-    tiles = plan.cached(("tiles", pattern, group, grid, p, q.device, tile),
-                        lambda: _tiles(plan, pattern, group, grid, p, q.device, tile))
+    work = table_dtype(q.dtype)
+    tiles = plan.cached(("tiles", pattern, group, grid, p, q.device, tile, work),
+                        lambda: _tiles(plan, pattern, group, grid, p, q.device, tile, work))
     hs = torch.tensor(group, device=q.device)
     has_distance = plan.kind[pattern].to(q.device)[hs] == 0
     # A zero scale (no distance penalty) keeps the -inf mask: tiny * -inf = -inf, tiny * penalty ~ 0.
-    scale = (plan.scale[layer].to(q.device)[hs] * has_distance).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (plan.layer_scales(layer, q.dtype).to(q.device)[hs] * has_distance).clamp(min=torch.finfo(work).tiny)
     qg, kg, vg = (t.index_select(1, hs) for t in (q, k, v))
     res = torch.empty(q.shape[0], len(group), q.shape[2], q.shape[3], dtype=q.dtype, device=q.device)
     for q_tok, k_tok, neg in tiles:
@@ -185,7 +186,8 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: 
     p = num_prefix_tokens
     B, H, T, D = q.shape
     pattern = plan.layer_pattern[layer]
-    scales = plan.scale[layer].to(q.device)
+    work = table_dtype(q.dtype)
+    scales = plan.layer_scales(layer, q.dtype).to(q.device)
     out = torch.empty_like(q)
     if p:
         out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)
@@ -198,8 +200,8 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: 
         ny, nx = (gy, gx) if o in ("up", "down", "all") else (gx, gy)
         rows_below = ny - 1 if o == "all" else min(ny - 1, rows_per_call - 1)
         dist, fov, has_distance, perm = plan.cached(
-            ("slab", pattern, o, grid, q.device, rows_below),
-            lambda: _unscaled_table(plan, pattern, o, group, grid, q.device, rows_below))
+            ("slab", pattern, o, grid, q.device, rows_below, work),
+            lambda: _unscaled_table(plan, pattern, o, group, grid, q.device, rows_below, work))
         hs = torch.tensor(group, device=q.device)
         scale = scales[hs] * has_distance
         # This layer's table: -slope * distance inside the FOV, -inf outside; a row per head.
@@ -208,7 +210,8 @@ def slab_attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, layer: 
         qo = q.index_select(1, hs).index_select(2, tokens)
         ko = k.index_select(1, hs).index_select(2, tokens)
         vo = v.index_select(1, hs).index_select(2, tokens)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) or dropout_p:
+        # the views need the CPU kernel that returns log-sum-exps; elsewhere the rows are copied
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) or dropout_p or q.device.type != "cpu":
             res = _rows_copied(qo, ko, vo, table, o, ny, nx, p, rows_per_call, dropout_p)
         else:
             res = _rows_viewed(qo, ko, vo, table, o, ny, nx, p)
