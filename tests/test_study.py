@@ -390,7 +390,7 @@ def _summary_row(top1_by_size: dict[str, float]) -> dict:
 
 def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the_lines(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
-    from matplotlib.collections import PolyCollection
+    from matplotlib.collections import PathCollection, PolyCollection
 
     from lookhere.study_report import headline, plot_headline
 
@@ -407,7 +407,12 @@ def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the
 
     kept = []
     monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to measure it
-    path = plot_headline({"synthetic": ds}, tmp_path / "headline.png")
+    # lh-90's seeds, one that learned and two that did not: each a dot beside its line
+    per_seed = [{"24": 0.99, "48": 0.98, "96": 0.97}, {"24": 0.3, "48": 0.3, "96": 0.3}, {"24": 0.25, "48": 0.2, "96": 0.2}]
+    records = [{"dataset": "synthetic", "encoding": "lh-90", "seed": i,
+                "sizes": {s: {"tuned": {"top1": v}, "default": {"top1": v}} for s, v in top1.items()}}
+               for i, top1 in enumerate(per_seed)] + [{"dataset": "other", "encoding": "lh-90", "seed": 0, "sizes": {}}]
+    path = plot_headline({"synthetic": ds}, tmp_path / "headline.png", records)
     assert Path(path).stat().st_size > 0
     fig = kept[0]
     renderer = fig.canvas.get_renderer()
@@ -416,6 +421,13 @@ def test_headline_keeps_each_familys_best_extrapolator_and_its_legends_clear_the
         assert len(ax.containers) == 4 and not any(isinstance(c, PolyCollection) for c in ax.collections)
         spans = [sorted(seg[:, 1]) for seg in ax.containers[0].lines[2][0].get_segments()]
         np.testing.assert_allclose(spans, [[85, 95], [75, 85], [65, 75]], atol=1e-9)
+        scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+        assert len(scatters) == 1  # lh-90's alone: the other lines have no records
+        dots = scatters[0].get_offsets()
+        x_line = ax.containers[0].lines[0].get_xdata()
+        np.testing.assert_allclose(sorted(map(tuple, dots)),
+                                   sorted((x_line[i] * 2 ** 0.012, 100 * t[s]) for t in per_seed
+                                          for i, s in enumerate(ds["sizes"])))
         legend = ax.get_legend()
         assert [t.get_text() for t in legend.get_texts()][0] == "lh-90"
         # No legend sits over any panel's plotting area.

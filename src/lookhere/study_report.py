@@ -376,11 +376,12 @@ def _size_axis(ax, sizes: list[int], train_size: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_headline(summary: dict[str, Any], path: Path) -> str:
+def plot_headline(summary: dict[str, Any], path: Path, records: Sequence[dict[str, Any]] = ()) -> str:
     """LookHere's three presets against the best member of each other family, with the knob tuned
     on validation (left) and at the defaults (right); one row per dataset. The 95% intervals are bars,
     each line's set a little aside, so that seven lines' intervals stay readable where bands would
-    cover each other."""
+    cover each other; each seed of ``records`` is a faint dot beside them, for runs that split into
+    those that learned a task and those that did not, which a mean and its interval hide."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,6 +405,10 @@ def plot_headline(summary: dict[str, Any], path: Path) -> str:
                 aside = 2.0 ** (0.03 * (i - (len(lines) - 1) / 2))  # the x axis is logarithmic
                 ax.errorbar([s * aside for s in sizes], mean, yerr=[mean - lo, hi - mean], marker="o", ms=3,
                             capsize=2, elinewidth=0.9, label=label, **style)
+                seeds = [(s * aside * 2.0 ** 0.012, 100 * r["sizes"][str(s)][variant]["top1"]) for r in records
+                         if r["dataset"] == dataset and r["encoding"] == enc for s in sizes]
+                if seeds:  # just right of the line's own bar, before the next line's
+                    ax.scatter(*zip(*seeds), s=16, color=style["color"], alpha=0.6, linewidths=0, zorder=3)
             _size_axis(ax, sizes, ds["train_size"])
             ax.set_title(f"{dataset}: {title}")
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
@@ -459,7 +464,8 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
     if headline_plot:
         lines += [f"![LookHere's presets against the best of each family]({headline_plot})", "",
                   "LookHere's three presets against the best member of each other family (chosen by mean top-1 "
-                  "over the sizes above the training size, separately with and without knobs). Every encoding (means over seeds):", ""]
+                  "over the sizes above the training size, separately with and without knobs): mean, 95% interval "
+                  "and, as dots, each seed. Every encoding (means over seeds):", ""]
     if plot:
         lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
     if learning_plot:
@@ -581,7 +587,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
         raise FileNotFoundError(f"{root}: no finished cells yet")
     summary = aggregate(records, cfg.get("reference", "lh-90"))
     plot = plot_study(summary, root / "top1_vs_size.png")
-    top = plot_headline(summary, root / "headline.png")
+    top = plot_headline(summary, root / "headline.png", records)
     learning = plot_learning(summary, root / "learning.png")
     notes_file = root / "notes.md"
     if not notes and notes_file.is_file():
