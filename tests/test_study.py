@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,10 +156,38 @@ def test_study_config_errors(tmp_path):
                           ({"lh_slope_scales": [-1]}, "eval: --lh-slope-scales -1: scales must be finite")):
         with pytest.raises(ValueError, match=re.escape(message)):
             StudyConfig.from_dict({**good, "eval": plan})
+    # settings of the wrong kind, refused rather than misread
+    for bad, message in (({"datasets": "synthetic"}, "datasets must be a list of names or a mapping"),
+                         ({"encodings": "lh-90"}, "encodings must be a list, got 'lh-90'"),
+                         ({"seeds": 0}, "seeds must be a list, got 0"),
+                         ({"seeds": ["01"]}, "seeds must be whole numbers, got ['01']"),
+                         ({"eval": {"lh_slope_scales": 2}}, "lh_slope_scales must be a list, got 2"),
+                         ({"train": {"seed": 3, "lr": 0.1}}, "train sets seed, which each cell sets itself")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            StudyConfig.from_dict({**good, **bad})
+    assert StudyConfig.from_dict({**good, "eval": {"eps": 0.004}}).eval.eps == "0.004"  # a YAML number
     with pytest.raises(ValueError, match="reference 'lh90', the encoding the others are compared against, is not"):
         StudyConfig.from_dict({**good, "reference": "lh90"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StudyConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_a_study_in_which_no_cell_finished_names_every_failure(tmp_path, monkeypatch, capsys):
+    from lookhere import study
+    from lookhere.cli import main
+
+    def fail(cell, *args):
+        raise RuntimeError(f"exit 1; see {cell.dir / 'log.txt'}")
+
+    monkeypatch.setattr(study, "run_cell", fail)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "s", "datasets": ["synthetic"], "encodings": ["lh-90", "none"], "seeds": [0],
+        "train": {"img_size": 16, "embed_dim": 48, "depth": 1, "data_length": 64}, "eval": {"sizes": [16]}}))
+    assert main(["study", "--config", str(tmp_path / "s.yaml"), "--output", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for key in ("synthetic/lh-90/seed0", "synthetic/none/seed0"):
+        assert f"{key}: exit 1; see {tmp_path / 'out' / key / 'log.txt'}" in err
+    assert "no finished cells" not in err
 
 
 def test_shipped_studies_are_valid():
@@ -446,6 +475,21 @@ def _finished_cell(root: Path, encoding: str, seed: int, val_accs: list) -> None
     (d / "train.json").write_text(json.dumps({"epochs": [{"kind": "epoch", "epoch": e, "val_acc": a} for e, a in val_accs]}))
 
 
+def test_the_reports_cpu_hours_count_the_finished_cells_of_the_study(tmp_path):
+    from lookhere.study_report import write_report
+
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "name": "t", "datasets": {"synthetic-where": {}}, "encodings": ["lh-90"], "seeds": [0, 1], "reference": "lh-90"}))
+    _finished_cell(tmp_path, "lh-90", 0, [(0, 0.9)])
+    (tmp_path / "synthetic-where" / "lh-90" / "seed0" / "timing.json").write_text(json.dumps({"train_s": 5400, "eval_s": 1800}))
+    for unfinished in ("lh-90/seed1", "fire/seed0"):  # trained, not yet evaluated; a cell no longer in the study
+        d = tmp_path / "synthetic-where" / unfinished
+        d.mkdir(parents=True)
+        (d / "timing.json").write_text(json.dumps({"train_s": 36000}))
+    report = Path(write_report(tmp_path)["report"]).read_text()
+    assert "Cells finished: 1 of 2 (2.0 CPU-hours of one-thread cells)." in report
+
+
 def test_learning_speed_per_seed_in_the_report_and_its_figure(tmp_path):
     from lookhere.study_report import first_epoch_at, write_report
 
@@ -517,6 +561,14 @@ def test_reproduce_reads_the_record_and_names_every_difference(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and p.stderr.strip().endswith(f"see {tmp_path / 'again' / 'log.txt'}"), p.stderr
     assert "--data nowhere" in (tmp_path / "again" / "log.txt").read_text()
+    # That folder holds this cell's rerun: another cell's is refused there, rather than compared with it.
+    from lookhere.reproduce import reproduce_cell
+
+    other = tmp_path / "other"
+    shutil.copytree(cell, other)
+    (other / "cell.json").write_text((cell / "cell.json").read_text().replace("--data nowhere", "--data elsewhere"))
+    with pytest.raises(ValueError, match=f"--output {tmp_path / 'again'} holds something other than a rerun of {other}"):
+        reproduce_cell(other, tmp_path / "again")
 
 
 def _claims_record(encoding, seed, top1_train, ece_train, fgsm, top1_large_default, top1_large_tuned):
@@ -545,12 +597,13 @@ def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
     planned = list(dict.fromkeys(r["encoding"] for r in records))
     c = paper_claims(records, planned)["d"]
     assert c["seeds"] == [0, 1] and c["lookhere"] == ["lh-90", "lh-45"]
-    # The newer encodings are in neither mean: the paper's contrasts are against the paper's encodings.
-    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed", "none"] and c["newer_encodings"] == ["rope-2d-dinov3"]
-    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5 + 0.4) / 3 = 0.6; seed 1: 0.8 - 0.6.
-    assert c["accuracy"]["mean"] == pytest.approx(0.15) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
-    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.05)
-    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.3)
+    # The paper's contrasts are against the paper's encodings: the newer ones, no position encoding
+    # and the ablation are in neither mean.
+    assert c["others"] == ["rope-2d-axial", "rope-2d-mixed"] and c["newer_encodings"] == ["rope-2d-dinov3"]
+    # seed 0: LookHere (0.8 + 0.6) / 2 = 0.7, the others (0.9 + 0.5) / 2 = 0.7; seed 1: 0.8 - 0.7.
+    assert c["accuracy"]["mean"] == pytest.approx(0.05) and c["accuracy"]["std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert c["calibration"]["mean"] == pytest.approx(0.06 - 0.03)
+    assert set(c["robustness"]) == {"fgsm"} and c["robustness"]["fgsm"]["mean"] == pytest.approx(0.5 - 0.4)
     # At 96 px the better of the paper's RoPEs is rope-2d-mixed at the defaults (0.3 > 0.2), rope-2d-axial tuned.
     assert c["extrapolation"]["default"]["against"] == "rope-2d-mixed"
     assert c["extrapolation"]["default"]["mean"] == pytest.approx(0.6 - 0.3)
@@ -559,9 +612,9 @@ def test_the_papers_contrasts_are_per_seed_means_of_lookhere_minus_the_others():
     assert c["newer"]["default"]["against"] == c["newer"]["tuned"]["against"] == "rope-2d-dinov3"
     assert c["newer"]["default"]["mean"] == pytest.approx(0.6 - 0.8) and c["newer"]["tuned"]["mean"] == pytest.approx(0.65 - 0.8)
     table = claims_markdown({"d": c})
-    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +15.0 ± " in table
-    assert "the others: the mean of rope-2d-axial, rope-2d-mixed, none (the paper's encodings; the newer " \
-           "encodings, rope-2d-dinov3, are in neither mean)" in table
+    assert "| top-1 at the training size, LookHere minus the others: +1.6 | +5.0 ± " in table
+    assert "the others: the mean of rope-2d-axial, rope-2d-mixed (the paper's encodings; the newer encodings, " \
+           "rope-2d-dinov3, no position encoding and the ablations are in neither mean)" in table
     assert "at 96 px (4.0x): defaults: +30.0 ± 0.0 (vs rope-2d-mixed); tuned: +10.0 ± " in table
     assert ("| not a claim of the paper: top-1 at the largest size, LookHere minus the best of the newer encodings "
             "(rope-2d-dinov3) | at 96 px: defaults: -20.0 ± 0.0 (vs rope-2d-dinov3); tuned: -15.0 ± ") in table

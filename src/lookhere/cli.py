@@ -253,7 +253,11 @@ def _study(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_estimate(estimate(cfg, args.output, jobs=args.jobs)))
         return 0
-    result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+    try:
+        result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+    except RuntimeError as e:  # no cell finished: each failure names its log
+        print(f"lookhere study: {e}", file=sys.stderr)
+        return 1
     for key, why in result["made_again"].items():
         print(f"cell {key} was made again: {'; '.join(why)}")
     for key, why in result["failures"].items():
@@ -265,7 +269,8 @@ def _study(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from .reproduce import format_result, reproduce_cell
 
-    output = args.output or f"reproduce-{Path(args.cell).resolve().parent.name}-{Path(args.cell).resolve().name}"
+    cell = Path(args.cell).resolve()
+    output = args.output or f"reproduce-{cell.parent.parent.name}-{cell.parent.name}-{cell.name}"
     try:
         result = reproduce_cell(args.cell, output)
     except RuntimeError as e:  # a recorded command failed: its output is in the log

@@ -106,7 +106,13 @@ def reproduce_cell(cell_dir: str | Path, output: str | Path) -> dict[str, Any]:
     old = recorded_run[: -len("/run")] if recorded_run.endswith("/run") else recorded_run
     if output.resolve() == cell_dir.resolve():
         raise ValueError("--output must be another folder than the recorded cell")
+    made_for = output / "cell.txt"  # which cell's rerun the folder holds: a resume must be of the same cell
+    if output.is_dir() and any(output.iterdir()) and (
+            not made_for.is_file() or made_for.read_text() != cell["command"]):
+        raise ValueError(f"--output {output} holds something other than a rerun of {cell_dir}; choose another "
+                         f"--output")
     output.mkdir(parents=True, exist_ok=True)
+    made_for.write_text(cell["command"])
     train_argv, eval_argv = relocate(train_argv, old, str(output)), relocate(eval_argv, old, str(output))
     # The recorded command line's settings, and any other thread or kernel setting the evaluation recorded.
     recorded_settings = (rec["eval"].get("environment") or {}).get("settings", {})

@@ -95,8 +95,23 @@ class StudyConfig:
         datasets = d["datasets"]
         if isinstance(datasets, list):
             datasets = {name: {} for name in datasets}
+        if not isinstance(datasets, dict):
+            raise ValueError(f"{source}: datasets must be a list of names or a mapping of name to settings, "
+                             f"got {datasets!r}")
+        for key in ("encodings", "seeds", *(k for k in ("sizes", "lh_slope_scales", "adversarial") if k in plan)):
+            value = plan[key] if key in plan else d[key]
+            if not isinstance(value, list):
+                raise ValueError(f"{source}: {key} must be a list, got {value!r}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in d["seeds"]):
+            raise ValueError(f"{source}: seeds must be whole numbers, got {d['seeds']!r}")
+        if isinstance(plan.get("eps"), (int, float)) and not isinstance(plan["eps"], bool):
+            plan["eps"] = f"{plan['eps']:g}"  # a YAML number, as the --eps flag takes it
+        per_cell = sorted({"data", "pos_encoding", "seed", "output", "resume"} & set(d.get("train") or {}))
+        if per_cell:
+            raise ValueError(f"{source}: train sets {', '.join(per_cell)}, which each cell sets itself (from "
+                             f"datasets, encodings and seeds, and its folder); leave them out")
         cfg = cls(name=str(d["name"]), datasets={k: dict(v or {}) for k, v in datasets.items()},
-                  encodings=list(d["encodings"]), seeds=[int(s) for s in d["seeds"]],
+                  encodings=list(d["encodings"]), seeds=list(d["seeds"]),
                   train=dict(d.get("train") or {}), eval=EvalPlan(**plan), reference=d.get("reference", "lh-90"),
                   variants={k: dict(v or {}) for k, v in (d.get("variants") or {}).items()},
                   cpu_capability=d.get("cpu_capability", "avx2"))
@@ -195,7 +210,8 @@ class StudyConfig:
 VARIANT_KEYS = ("pos_encoding", "lookhere_config", "pos_options")
 
 
-def _dirname(dataset: str) -> str:
+def dataset_dirname(dataset: str) -> str:
+    """The folder of a dataset's cells (``folder:PATH`` and ``hf:NAME`` as one name)."""
     return dataset.replace(":", "-").replace("/", "-")
 
 
@@ -232,7 +248,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{_dirname(self.dataset)}/{self.encoding}/seed{self.seed}"
+        return f"{dataset_dirname(self.dataset)}/{self.encoding}/seed{self.seed}"
 
     @property
     def dir(self) -> Path:
@@ -491,8 +507,8 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
             epochs = [r for r in records if r.get("kind") == "epoch"]
             # the run's own count covers the stretches before a kill too; this process saw only the last
             timing["train_s"] = (epochs[-1].get("train_s") if epochs else None) or time.perf_counter() - t
+            _write_json(timing_file, timing)  # first: train.json marks the training done
             _write_json(cell.dir / "train.json", {"epochs": epochs})
-            _write_json(timing_file, timing)
         if not cell.eval_json.is_file():
             t = time.perf_counter()
             run_command(commands["eval"], log, env)
@@ -538,6 +554,8 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
     bar.close()
+    if failures and not any(c.status() == "done" for c in cells):
+        raise RuntimeError("no cell finished: " + "; ".join(f"{key}: {why}" for key, why in failures.items()))
     report = write_report(out)
     return {"cells": len(cells), "ran": len(todo), "made_again": redo, "failures": failures, **report}
 

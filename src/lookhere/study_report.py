@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
+from .study import dataset_dirname
+
 METRICS = ("top1", "nll", "ece")
 
 
@@ -62,7 +64,7 @@ def _cells(root: Path) -> list[dict[str, Any]]:
     for dataset in cfg["datasets"]:
         for encoding in cfg["encodings"]:
             for seed in cfg["seeds"]:
-                d = root / dataset.replace(":", "-").replace("/", "-") / encoding / f"seed{seed}"
+                d = root / dataset_dirname(dataset) / encoding / f"seed{seed}"
                 if not (d / "eval" / "eval.json").is_file():
                     continue
                 cell = json.loads((d / "cell.json").read_text())
@@ -265,6 +267,8 @@ PAPER_CLAIMS = {"accuracy": 1.6, "robustness": 5.4, "calibration": -1.5, "extrap
 # The 2D-RoPE of the paper's comparison (Heo et al.'s axial and mixed frequencies), and the encodings
 # that came after it, which the paper's claim says nothing about and the report sets apart.
 PAPER_ROPES = ("rope-2d-axial", "rope-2d-mixed")
+# The encodings the paper sets LookHere against (no position encoding is not one of them).
+PAPER_BASELINES = ("learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d", *PAPER_ROPES)
 NEWER = ("rope-2d-dinov3", "fire", "pape")
 
 
@@ -275,11 +279,10 @@ def paper_claims(records: list[dict[str, Any]], encodings: list[str]) -> dict[st
     test size (at the defaults, and with each one's knob tuned); then mean and 95% interval over the
     seeds on which every one of the study's ``encodings`` has finished. Beside them, not a claim of
     the paper: the same largest-size contrast against the best of the newer encodings (``newer``),
-    which are in neither mean."""
+    which are in neither mean, nor are no position encoding and the ablations."""
     out: dict[str, Any] = {}
     lookhere = [e for e in LOOKHERE if e in encodings]
-    # the all-masked ablations are LookHere too, and in neither group
-    others = [e for e in encodings if not e.startswith("lh-") and e not in NEWER]
+    others = [e for e in encodings if e in PAPER_BASELINES]
     ropes = [e for e in PAPER_ROPES if e in others]
     newer = [e for e in NEWER if e in encodings]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -348,8 +351,9 @@ def claims_markdown(claims: dict[str, Any]) -> str:
              "",
              f"Points; mean over seeds ± the half-width of the 95% interval of the per-seed contrast, over "
              f"the seeds every encoding has finished. LookHere: the mean of {', '.join(first['lookhere'])}; the others: the "
-             f"mean of {', '.join(first['others'])}" + (f" (the paper's encodings; the newer encodings, {', '.join(first['newer_encodings'])}, are in "
-             "neither mean)" if first["newer_encodings"] else "") + ". At the training size every encoding runs at its defaults; at the "
+             f"mean of {', '.join(first['others'])} (the paper's encodings; "
+             + (f"the newer encodings, {', '.join(first['newer_encodings'])}, " if first["newer_encodings"] else "")
+             + "no position encoding and the ablations are in neither mean). At the training size every encoding runs at its defaults; at the "
              f"largest size LookHere is set against the better of the paper's 2D-RoPEs ({' and '.join(PAPER_ROPES)}, by "
              "mean top-1 there; the newer encodings in a row of their own), both at their defaults and with each "
              "encoding's knob chosen on validation.", ""]
@@ -599,7 +603,8 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(root / "results.json")
     planned = len(cfg["datasets"]) * len(cfg["encodings"]) * len(cfg["seeds"])
-    seconds = sum(sum(json.loads(t.read_text()).values()) for t in root.glob("*/*/seed*/timing.json"))
+    timings = [root / dataset_dirname(r["dataset"]) / r["encoding"] / f"seed{r['seed']}" / "timing.json" for r in records]
+    seconds = sum(sum(json.loads(t.read_text()).values()) for t in timings if t.is_file())  # finished cells only
     progress = f"Cells finished: {len(records)} of {planned} ({seconds / 3600:.1f} CPU-hours of one-thread cells)."
     if len(records) < planned:
         progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."
