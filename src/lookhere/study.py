@@ -106,7 +106,7 @@ class StudyConfig:
             raise ValueError(f"{source}: seeds must be whole numbers, got {d['seeds']!r}")
         if isinstance(plan.get("eps"), (int, float)) and not isinstance(plan["eps"], bool):
             plan["eps"] = f"{plan['eps']:g}"  # a YAML number, as the --eps flag takes it
-        per_cell = sorted({"data", "pos_encoding", "seed", "output", "resume"} & set(d.get("train") or {}))
+        per_cell = sorted({*ALWAYS, "resume"} & set(d.get("train") or {}))
         if per_cell:
             raise ValueError(f"{source}: train sets {', '.join(per_cell)}, which each cell sets itself (from "
                              f"datasets, encodings and seeds, and its folder); leave them out")
@@ -210,9 +210,9 @@ class StudyConfig:
 VARIANT_KEYS = ("pos_encoding", "lookhere_config", "pos_options")
 
 
-def dataset_dirname(dataset: str) -> str:
-    """The folder of a dataset's cells (``folder:PATH`` and ``hf:NAME`` as one name)."""
-    return dataset.replace(":", "-").replace("/", "-")
+def cell_key(dataset: str, encoding: str, seed: int) -> str:
+    """A cell's folder in its study (``folder:PATH`` and ``hf:NAME`` datasets as one name)."""
+    return f"{dataset.replace(':', '-').replace('/', '-')}/{encoding}/seed{seed}"
 
 
 ALWAYS = ("data", "pos_encoding", "seed", "output")  # written out even when they equal the default
@@ -248,7 +248,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{dataset_dirname(self.dataset)}/{self.encoding}/seed{self.seed}"
+        return cell_key(self.dataset, self.encoding, self.seed)
 
     @property
     def dir(self) -> Path:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
-from .study import dataset_dirname
+from .study import cell_key
 
 METRICS = ("top1", "nll", "ece")
 
@@ -64,7 +64,7 @@ def _cells(root: Path) -> list[dict[str, Any]]:
     for dataset in cfg["datasets"]:
         for encoding in cfg["encodings"]:
             for seed in cfg["seeds"]:
-                d = root / dataset_dirname(dataset) / encoding / f"seed{seed}"
+                d = root / cell_key(dataset, encoding, seed)
                 if not (d / "eval" / "eval.json").is_file():
                     continue
                 cell = json.loads((d / "cell.json").read_text())
@@ -603,7 +603,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(root / "results.json")
     planned = len(cfg["datasets"]) * len(cfg["encodings"]) * len(cfg["seeds"])
-    timings = [root / dataset_dirname(r["dataset"]) / r["encoding"] / f"seed{r['seed']}" / "timing.json" for r in records]
+    timings = [root / cell_key(r["dataset"], r["encoding"], r["seed"]) / "timing.json" for r in records]
     seconds = sum(sum(json.loads(t.read_text()).values()) for t in timings if t.is_file())  # finished cells only
     progress = f"Cells finished: {len(records)} of {planned} ({seconds / 3600:.1f} CPU-hours of one-thread cells)."
     if len(records) < planned:
