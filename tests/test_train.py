@@ -157,6 +157,27 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
     assert more.returncode == 0 and json.loads(more.stdout.strip().splitlines()[-1])["step"] == 4
 
 
+def test_cuda_random_state_is_kept_once_cuda_is_in_use_and_restored_to_the_devices_there(monkeypatch):
+    """Mocked CUDA: asking for its state before CUDA is in use would start it in a CPU run; a
+    checkpoint from a machine with more GPUs restores the devices this one has."""
+    from lookhere import train as train_module
+
+    def never(*args):
+        raise AssertionError("CUDA was asked for its state before it was in use")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, CUDA not yet in use
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", never)
+    state = train_module._rng_state()
+    assert state["cuda"] == []
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, index: restored.__setitem__(index, s))
+    state["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]  # saved on a 4-GPU machine
+    train_module._set_rng_state(state)
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], state["cuda"][i]) for i in (0, 1))
+
+
 def test_resume_with_workers_is_bit_exact_and_independent_of_the_worker_count(tmp_path):
     """Random augmentation (photographs) is seeded per sample: two worker processes give the weights of
     none, and a run killed mid-epoch resumes to them bit for bit."""
