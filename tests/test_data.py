@@ -75,6 +75,31 @@ def test_where_marker_lies_on_the_labelled_side_apart_from_the_object():
         assert along >= sc.size / 2 + 0.04 + MARKER / 2 - 0.02 and abs(across) < 0.02, (i, side, mx, my)
 
 
+def test_far_marker_is_whole_in_the_labelled_half_and_the_object_in_the_other():
+    """The far task's class is (shape, marker half): the magenta marker lies whole inside the half the
+    label names, the object wholly inside the other half; scenes at two sizes are the same scene."""
+    from lookhere.data.synthetic import FAR_MARKER, HALVES, SHAPES
+
+    ds = SyntheticScenes("val", 128, 60, task="far")
+    assert ds.num_classes == 10
+    labels = {ds.scene(i).label for i in range(60)}
+    assert labels == set(range(10)), labels
+    for i in range(60):
+        sc = ds.scene(i)
+        shape, half = divmod(sc.label, 2)
+        assert SHAPES[shape] == SHAPES[sc.shape]
+        img = ds.render(i)
+        magenta = (img[0] > 0.9) & (img[1] < 0.1) & (img[2] > 0.9)
+        ys, xs = np.nonzero(magenta)
+        assert abs(magenta.sum() - (FAR_MARKER * 128) ** 2) <= 4 * FAR_MARKER * 128  # whole (edge pixels aside)
+        marker_right = xs.min() >= 64
+        assert (xs.max() < 64 or marker_right) and HALVES[half] == ("right" if marker_right else "left"), i
+        left, right = sc.cx - sc.size / 2, sc.cx + sc.size / 2
+        assert (right <= 0.5 if marker_right else left >= 0.5), (i, left, right)
+    small = SyntheticScenes("val", 32, 60, task="far")
+    assert all((small.scene(i).label, small.scene(i).marker) == (ds.scene(i).label, ds.scene(i).marker) for i in range(60))
+
+
 def test_preview_png(tmp_path):
     """The figure has the size preview asks for, and a framed tile per size (row) and scene (column)
     that shows that scene rendered at that size, pixel for pixel."""

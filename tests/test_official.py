@@ -124,9 +124,12 @@ def test_missing_file(tmp_path):
 
 
 def small_vit(lh=LH, **kw):
+    """The released architecture (LayerScale, MLP head), made small."""
+    from lookhere.vit import LOOKHERE_ARCH
+
     return lookhere.create_vit("lookhere", lookhere_config=lh, img_size=32, patch_size=PATCH, embed_dim=DIM,
                                depth=DEPTH, num_heads=HEADS, num_classes=CLASSES, mlp_ratio=MLP / DIM,
-                               head_hidden_dim=64, **kw)
+                               head_hidden_dim=64, **{**LOOKHERE_ARCH, **kw})
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."])

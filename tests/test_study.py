@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from lookhere import create_vit
-from lookhere.evaluate import EvalSettings, apply_knobs, evaluate_size, knob_grid, run_eval
+from lookhere.evaluate import EvalSettings, apply_knobs, evaluate_size, knob_grid, run_eval, slope_rule
 from lookhere.data import DataSpec, build_dataset
 from lookhere.environment import is_x86
 from lookhere.study import StudyConfig, check_cells_match, resolve_identities
-from lookhere.study_report import aggregate, paired, summarize
+from lookhere.study_report import _setting_text, aggregate, paired, summarize
 
 T_975_DF2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
 
@@ -87,6 +87,16 @@ def test_knob_grids_and_bad_knobs():
     # The released presets' global slope is 2: its own setting first, then half and double.
     assert knob_grid(_tiny_lookhere(), (0.5, 2.0)) == [{"lh_global_slope": 2.0}, {"lh_global_slope": 1.0},
                                                         {"lh_global_slope": 4.0}]
+    # and, given the ratio of the training size to the test size, the slope that counts penalties
+    # in training-grid patches (once: at 2x that is the x0.5 setting; at the training size, its own)
+    assert knob_grid(_tiny_lookhere(), (0.5, 2.0), size_ratio=0.25) == [
+        {"lh_global_slope": 2.0}, {"lh_global_slope": 1.0}, {"lh_global_slope": 4.0}, {"lh_global_slope": 0.5}]
+    assert len(knob_grid(_tiny_lookhere(), (0.5, 2.0), size_ratio=0.5)) == 3
+    assert len(knob_grid(_tiny_lookhere(), (0.5, 2.0), size_ratio=1.0)) == 3
+    assert slope_rule(2.0, 0.5, (0.5, 2.0), 0.25) == "size ratio"
+    assert slope_rule(2.0, 1.0, (0.5, 2.0), 0.5) == "x0.5 = size ratio"
+    assert slope_rule(2.0, 2.0, (0.5, 2.0), 0.5) == "own"
+    assert slope_rule(2.0, 4.0, (0.5, 2.0), 0.25) == "x2"
     rope = create_vit("rope-2d-axial", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
     assert knob_grid(rope) == [{"rope_interpolate": False}, {"rope_interpolate": True}]
     learned = create_vit("learned-1d", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
@@ -105,27 +115,34 @@ def test_knob_grids_and_bad_knobs():
         apply_knobs(rope, pos_resample="grid")
 
 
+def test_report_names_the_rule_that_gave_lookheres_slope():
+    text = _setting_text({'{"lh_global_slope": 0.5, "rule": "size ratio"}': 2, '{"lh_global_slope": 2.0, "rule": "own"}': 1,
+                          '{"rope_interpolate": true}': 3})
+    assert text == "slope=0.5 [size ratio] (2); slope=2 [own] (1); interpolate=True (3)"
+
+
 def test_tuned_setting_is_the_best_on_validation_and_its_test_metrics_are_that_settings():
     model = _tiny_lookhere()
-    settings = EvalSettings(data="synthetic-where", sizes=[16, 32], train_size=16, length=24, seed=3,
-                            tune_knobs=True, val_length=20, lh_slope_scales=(0.0, 0.25, 4.0))
+    settings = EvalSettings(data="synthetic-where", sizes=[16, 64], train_size=16, length=24, seed=3,
+                            tune_knobs=True, val_length=20, lh_slope_scales=(0.0, 0.5, 4.0))
     g0 = model.pos_encoding.config.global_slope
     res = run_eval(model, settings, progress=False)
     assert model.pos_encoding.config.global_slope == g0  # the model is left as it was
-    choice = res["knobs"]["32"]
-    val = build_dataset(DataSpec("synthetic-where", 32, None, 3), "val", train=False, length=20)
-    test = build_dataset(DataSpec("synthetic-where", 32, None, 3), "test", train=False, length=24)
+    choice = res["knobs"]["64"]
+    val = build_dataset(DataSpec("synthetic-where", 64, None, 3), "val", train=False, length=20)
+    test = build_dataset(DataSpec("synthetic-where", 64, None, 3), "test", train=False, length=24)
     expected = {}
-    for g in (g0, 0.0, 0.25 * g0, 4.0 * g0):
+    for g in (g0, 0.0, 0.5 * g0, 4.0 * g0, 0.25 * g0):  # the last: the size ratio, 16 / 64
         apply_knobs(model, lh_global_slope=g)
         expected[g] = evaluate_size(model, val, 4).compute()["top1"]
     assert choice["val_top1"] == {f"lh_global_slope={g:g}": v for g, v in expected.items()}
     best = max(expected.values())
     assert expected[choice["setting"]["lh_global_slope"]] == best
     assert list(expected.values()).index(best) == list(expected).index(choice["setting"]["lh_global_slope"])  # first best
+    assert choice["rule"] == slope_rule(g0, choice["setting"]["lh_global_slope"], (0.0, 0.5, 4.0), 0.25)
     apply_knobs(model, **choice["setting"])
     direct = evaluate_size(model, test, 4).compute()
-    assert res["tuned"]["32"] == direct
+    assert res["tuned"]["64"] == direct
     assert res["tuned"]["16"] == res["sizes"]["16"] and res["knobs"]["16"]["val_top1"] == {}
     assert res["environment"]["torch"] == torch.__version__  # eval.json records what decides its digits
 
@@ -220,7 +237,8 @@ def test_a_setting_switched_off_reaches_the_cells_command():
 
     cfg = StudyConfig.from_dict({**TINY, "train": {**TINY["train"], "clip_grad": None, "init_values": None}})
     argv = cfg.cells("root")[0].commands()["train"]
-    assert argv[argv.index("--clip-grad") + 1] == "0" and argv[argv.index("--init-values") + 1] == "0"
+    # clip_grad's default is on, so its off is spelled 0; no LayerScale is the default, so it is not spelled
+    assert argv[argv.index("--clip-grad") + 1] == "0" and "--init-values" not in argv
     parsed = _train_config(build_parser().parse_args(argv[1:]))
     assert parsed.clip_grad == 0 and parsed.init_values == 0  # 0: no clipping, no LayerScale
 

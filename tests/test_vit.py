@@ -188,7 +188,8 @@ def test_released_architecture():
 
 
 def test_a_new_released_head_starts_as_the_first_did():
-    cfg = ViTConfig(pos_encoding="lookhere", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=4, head_hidden_dim=64,
+    cfg = ViTConfig(pos_encoding="lookhere", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=4,
+                    head_hidden_dim=64, weight_init="timm",
                     lookhere_config={"head_directions": "halves", "global_slope": 2.0, "layer_slopes": [1.0, 1.0]})
     model = create_vit(**cfg.to_dict())
     head = model.head
@@ -390,3 +391,57 @@ def test_training_after_an_inference_mode_pass(backend):
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), want, rtol=0, atol=0)
+
+
+# --- defaults: a minimal ViT written by hand ---------------------------------------------------
+@pytest.mark.parametrize("size", [(32, 32), (24, 40), (64, 64)])
+def test_default_model_is_the_minimal_vit_written_by_hand(size):
+    """create_vit's defaults add nothing to a minimal pre-norm ViT with the LookHere bias: its weights
+    load strictly (no LayerScale, no other parameter) and give its logits at any grid."""
+    from minimal_vit import MinimalViT
+
+    ref = MinimalViT(10, dim=48, depth=2, heads=12, patch=4).eval()
+    model = ref.as_lookhere().eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _uniform_init(weight, fan_in):
+    """PyTorch's Linear/Conv2d initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+    return weight.abs().max() <= bound and abs(weight.std().item() / (bound / math.sqrt(3)) - 1) < 0.05
+
+
+@pytest.mark.parametrize("pos_encoding", ["lh-90", "rope-2d-mixed", "learned-1d"])
+def test_default_initialisation_is_pytorchs_own(pos_encoding):
+    """Small models trained from scratch start as a ViT written by hand does (docs/backbone-ablation.md):
+    every layer with PyTorch's initialisation (for width 96 a third wider than timm's N(0, 0.02)),
+    a zero CLS token, no LayerScale; the same for every encoding."""
+    model = create_vit(pos_encoding, img_size=32, patch_size=4, embed_dim=96, depth=2, num_heads=12, num_classes=10)
+    assert model.config.weight_init == "torch" and not model.config.init_values
+    assert torch.all(model.cls_token == 0)
+    for name, m in model.named_modules():
+        if name.startswith("pos_encoding"):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            assert _uniform_init(m.weight, m.in_features), name
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+    assert _uniform_init(model.patch_embed.proj.weight, 3 * 4 * 4)
+    assert not any("ls1" in n or "gamma" in n for n, _ in model.named_parameters())
+
+
+def test_timm_initialisation_and_the_registered_backbone():
+    model = create_vit("lh-90", img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=12, num_classes=10,
+                       weight_init="timm")
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert abs(m.weight.std().item() / 0.02 - 1) < 0.1 and torch.all(m.bias == 0), name
+    # The registered ViT-B/16 names keep the paper's backbone for every encoding: timm's
+    # initialisation and LayerScale 1e-4 (LookHere adds its MLP head and drop-path 0.1).
+    for name in ("vit_tiny_patch16_pe_rope_2d_mixed", "vit_tiny_patch16_lookhere_45"):
+        cfg = timm.create_model(name, depth=1).config
+        assert (cfg.weight_init, cfg.init_values) == ("timm", 1e-4), name
+    with pytest.raises(ValueError, match="weight_init='jax'; allowed: torch"):
+        create_vit("lh-90", img_size=32, patch_size=4, embed_dim=48, depth=1, num_heads=12, weight_init="jax")

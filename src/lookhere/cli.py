@@ -291,6 +291,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.factory import DATASETS
+    from .data.synthetic import TASKS
+
     parser = argparse.ArgumentParser(prog="lookhere", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -324,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", help="run directory, model directory or released .pth")
     ev.add_argument("--pretrained-file", metavar="PATH",
                     help="with --model: read its weights from this file instead of downloading them")
-    ev.add_argument("--data", help="dataset: synthetic, synthetic-where, fashion-mnist, folder:PATH, hf:NAME "
+    ev.add_argument("--data", help=f"dataset: {', '.join(DATASETS)} "
                                    "(a Hub name or a local folder); default: the run's")
     ev.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
     ev.add_argument("--sizes", type=int, nargs="+", required=True, help="test image sizes (px)")
@@ -410,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--out", default="synthetic-preview.png")
     pv.add_argument("--sizes", type=int, nargs=2, default=[32, 128])
     pv.add_argument("--count", type=int, default=8)
-    pv.add_argument("--task", choices=["what", "where"], default="what")
+    pv.add_argument("--task", choices=TASKS, default="what")
     pv.add_argument("--seed", type=int, default=0)
     pv.set_defaults(func=_data_preview)
     return parser

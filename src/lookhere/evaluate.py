@@ -285,13 +285,19 @@ def apply_knobs(model: nn.Module, *, lh_global_slope: Optional[float] = None, ro
         pe.normalize = fire_normalize
 
 
-def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0)) -> list[dict[str, Any]]:
+def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0),
+              size_ratio: Optional[float] = None) -> list[dict[str, Any]]:
     """The settings of the model's test-time knob worth trying, its current setting first; empty
-    when its encoding has none. LookHere's slope is tried at ``lh_slope_scales`` times its own."""
+    when its encoding has none. LookHere's slope is tried at ``lh_slope_scales`` times its own and,
+    given ``size_ratio`` (training size / test size), at that ratio times its own: penalties counted
+    in training-grid patches, as RoPE's interpolation counts its coordinates."""
     pe = model.pos_encoding
     if isinstance(pe, LookHere):
         g = pe.config.global_slope
-        return [{"lh_global_slope": g}] + [{"lh_global_slope": g * s} for s in lh_slope_scales if s != 1]
+        scales = [s for s in lh_slope_scales if s != 1]
+        if size_ratio is not None and size_ratio != 1 and size_ratio not in scales:
+            scales.append(size_ratio)
+        return [{"lh_global_slope": g}] + [{"lh_global_slope": g * s} for s in scales]
     if isinstance(pe, Rope2d):
         return [{"rope_interpolate": v} for v in (pe.interpolate, not pe.interpolate)]
     if isinstance(pe, LearnedAbsolute):
@@ -303,6 +309,16 @@ def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0)) -
 
 def knob_label(setting: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "default"
+
+
+def slope_rule(own: float, chosen: float, lh_slope_scales: Sequence[float], size_ratio: float) -> str:
+    """Which rule(s) of :func:`knob_grid` a LookHere slope came from: ``own``, ``x0.5``, ``size ratio``..."""
+    if math.isclose(chosen, own):
+        return "own"
+    rules = [f"x{s:g}" for s in lh_slope_scales if math.isclose(chosen, own * s)]
+    if math.isclose(chosen, own * size_ratio):
+        rules.append("size ratio")
+    return " = ".join(rules)
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -449,9 +465,9 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
 
     tuned_correct: dict[int, torch.Tensor] = {}
     if settings.tune_knobs:
-        grid = knob_grid(model, settings.lh_slope_scales)
         results["tuned"], results["knobs"] = {}, {}
         for size, ds in test.items():
+            grid = knob_grid(model, settings.lh_slope_scales, size_ratio=train_size / size)
             choice, scores = (grid[0] if grid else {}), {}
             if size != train_size and len(grid) > 1:
                 val = _split(settings, size, "val", settings.val_length)
@@ -468,6 +484,9 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
             if grid:
                 apply_knobs(model, **grid[0])
             results["knobs"][str(size)] = {"setting": choice, "val_top1": scores}
+            if "lh_global_slope" in choice:
+                results["knobs"][str(size)]["rule"] = slope_rule(
+                    grid[0]["lh_global_slope"], choice["lh_global_slope"], settings.lh_slope_scales, train_size / size)
 
     if settings.by_object_size:
         ds = test[train_size]

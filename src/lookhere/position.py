@@ -289,7 +289,7 @@ class Fourier(PositionEncoding):
 
     Coordinates are patch centres divided by the training grid (0..1 there), so a larger grid is
     evaluated at coordinates beyond 1, on the same scale. The frequencies start at N(0, 1/gamma^2),
-    the paper's initialisation; the MLP like the ViT's other linear layers.
+    the paper's initialisation; the MLP with PyTorch's, as the ViT's linear layers by default.
     """
 
     name = "fourier"
@@ -308,8 +308,7 @@ class Fourier(PositionEncoding):
     def init_weights(self) -> None:
         nn.init.normal_(self.proj.weight, std=1.0 / self.gamma)
         for layer in (self.mlp[0], self.mlp[2]):
-            trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
+            layer.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"proj.weight"}  # the frequencies

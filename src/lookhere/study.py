@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
+from .data.factory import SYNTHETIC_TASKS
 from .environment import CPU_CAPABILITIES, KERNEL_PINS, kernel_pin
 from .io import write_atomic
 from .train import TrainConfig
@@ -39,7 +40,7 @@ from .train import TrainConfig
 if TYPE_CHECKING:
     from .evaluate import EvalSettings
 
-SYNTHETIC = ("synthetic", "synthetic-where")
+SYNTHETIC = tuple(SYNTHETIC_TASKS)
 
 
 @dataclass
@@ -596,7 +597,8 @@ def _measure(cell: Cell) -> dict[str, Any]:
                 model(xb)
                 per_image[size] = (time.perf_counter() - t) / 8
         return {"step_s": min(times[1:]), "per_image_s": per_image, "train_len": len(ds), "cfg": cfg,
-                "settings": max(1, len(knob_grid(model, cell.study.eval.lh_slope_scales)))}
+                "settings": max(1, len(knob_grid(model, cell.study.eval.lh_slope_scales,
+                                                 size_ratio=cfg.img_size / max(cell.study.sizes(cell.dataset)))))}
     finally:
         torch.set_num_threads(threads)
 

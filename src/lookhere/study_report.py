@@ -76,7 +76,9 @@ def _cells(root: Path) -> list[dict[str, Any]]:
                 for size, m in ev["sizes"].items():
                     tuned = ev.get("tuned", {}).get(size, m)
                     knob = ev.get("knobs", {}).get(size, {})
-                    sizes[size] = {"default": m, "tuned": tuned, "setting": knob.get("setting", {}),
+                    # LookHere's slope also says which rule gave it (own, x0.5, x2, the size ratio)
+                    setting = {**knob.get("setting", {}), **({"rule": knob["rule"]} if "rule" in knob else {})}
+                    sizes[size] = {"default": m, "tuned": tuned, "setting": setting,
                                    "val_top1": knob.get("val_top1", {})}
                 records.append({
                     "dataset": dataset, "encoding": encoding, "seed": seed, "command": cell["command"],
@@ -173,11 +175,14 @@ SHORT = {"lh_global_slope": "slope", "rope_interpolate": "interpolate", "pos_res
 
 
 def _setting_text(settings: dict[str, int]) -> str:
-    """``{'{"lh_global_slope": 2.0}': 3}`` -> ``slope=2 (3)``."""
+    """``{'{"lh_global_slope": 0.5, "rule": "size ratio"}': 3}`` -> ``slope=0.5 [size ratio] (3)``."""
     parts = []
     for key, count in settings.items():
+        setting = json.loads(key)
+        rule = setting.pop("rule", None)
         label = ", ".join(f"{SHORT.get(k, k)}={v:g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}"
-                          for k, v in json.loads(key).items()) or "-"
+                          for k, v in setting.items()) or "-"
+        label += f" [{rule}]" if rule else ""
         parts.append(f"{label} ({count})")
     return "; ".join(parts)
 

@@ -38,7 +38,7 @@ from .data.factory import num_classes_of
 from .environment import environment
 from .io import save_model
 from .position import POSITION_ENCODINGS
-from .vit import SIZES, VisionTransformer, create_vit
+from .vit import SIZES, WEIGHT_INITS, VisionTransformer, create_vit
 
 MODEL_SIZES = {"micro": dict(embed_dim=96, depth=6, num_heads=12), **SIZES}
 
@@ -86,7 +86,8 @@ class TrainConfig:
     lr: float = _setting(1e-3, "peak learning rate (AdamW, cosine schedule)")
     min_lr: float = _setting(1e-5, "learning rate at the end of the schedule")
     weight_decay: float = _setting(0.05, "AdamW weight decay (not on norms, biases and tokens)")
-    warmup_epochs: float = _setting(0.1, "epochs of linear warmup from --lr / 1000")
+    warmup_epochs: Optional[float] = _setting(None, "epochs of linear warmup from --lr / 1000",
+                                              "a tenth of --epochs (docs/backbone-ablation.md)")
     label_smoothing: float = _setting(0.1, "label smoothing")
     clip_grad: Optional[float] = _setting(1.0, "clip the gradient norm to this (0: no clipping)", "no clipping")
     mixup: float = _setting(0.0, "mixup alpha (0: off); a batch shortened to an odd size by unreadable samples "
@@ -94,7 +95,9 @@ class TrainConfig:
     cutmix: float = _setting(0.0, "cutmix alpha (0: off); batches as for --mixup")
     ema_decay: Optional[float] = _setting(None, "keep an EMA of the weights with this decay, e.g. 0.9999", "no EMA")
     drop_path: float = _setting(0.0, "stochastic depth rate")
-    init_values: Optional[float] = _setting(0.1, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
+    init_values: Optional[float] = _setting(None, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
+    weight_init: str = _setting("torch", "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
+                                         "(N(0, 0.02), as timm's ViT and the released models)")
     seed: int = _setting(0, "seed of the weights, the data order and each sample's augmentation")
     output: str = _setting("runs/run", "run directory: config.yaml, metrics.jsonl, tb/, checkpoints last/ and best/")
     resume: Optional[str] = _setting(None, "continue the run in this directory from its last checkpoint, with its "
@@ -151,7 +154,13 @@ class TrainConfig:
                 size[k] = getattr(self, k)
         return dict(pos_encoding=self.pos_encoding, lookhere_config=self.lookhere_config,
                     pos_options=self.pos_options, img_size=self.img_size, patch_size=self.patch_size,
-                    num_classes=num_classes, drop_path_rate=self.drop_path, init_values=self.init_values, **size)
+                    num_classes=num_classes, drop_path_rate=self.drop_path, init_values=self.init_values,
+                    weight_init=self.weight_init, **size)
+
+    def warmup(self) -> float:
+        """Epochs of warmup: ``--warmup-epochs``, else a tenth of the run (a longer run warms up longer,
+        and ``--resume`` with a larger ``--epochs`` rebuilds the schedule as a run of that length)."""
+        return self.warmup_epochs if self.warmup_epochs is not None else self.epochs / 10
 
     def validate(self) -> None:
         for f in fields(self):
@@ -175,6 +184,8 @@ class TrainConfig:
                 raise ValueError(f"{flag(k)} must be in [0, 1), got {getattr(self, k)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}; leave it out for no EMA")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"--weight-init {self.weight_init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would rise")
 
@@ -451,7 +462,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(param_groups_weight_decay(raw, cfg.weight_decay, no_weight_decay_list=raw.no_weight_decay()),
                                   lr=cfg.lr)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
-                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3,
+                                  warmup_t=int(cfg.warmup() * steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3,
                                   t_in_epochs=False)
     mix = None
     if cfg.mixup > 0 or cfg.cutmix > 0:

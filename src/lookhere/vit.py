@@ -1,4 +1,4 @@
-"""A plain ViT (DeiT-III style: pre-norm blocks, LayerScale, CLS token) for any image size.
+"""A plain pre-norm ViT (CLS token; LayerScale and timm's initialisation as options) for any image size.
 
 The position encoding is a module (``lookhere.position``) that the model hands the current patch
 grid at every forward, so one model runs at any size and aspect ratio with no set-up call.
@@ -29,6 +29,12 @@ from .position import PositionEncoding, build_position_encoding
 DROP_PATH_SCHEDULES = ("uniform", "linear")
 # Pooling before the head: the CLS token, the mean of the patch tokens, or none (every token).
 GLOBAL_POOLS = ("token", "avg", "")
+# How the layers start. "torch": each layer's own PyTorch initialisation and a zero CLS token, what a
+# ViT written by hand gets; models trained from scratch learn best so (docs/backbone-ablation.md: timm's
+# N(0, 0.02) is about PyTorch's scale at width 768 but a third of it at width 96, and small models
+# learned less and extrapolated worse with it). "timm": timm's ViT and DeiT-III, every Linear and the
+# CLS token N(0, 0.02), biases 0: the released LookHere models' recipe.
+WEIGHT_INITS = ("torch", "timm")
 
 
 @dataclass
@@ -49,7 +55,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     # 0 turns each off (timm.create_model drops keyword arguments that are None)
-    init_values: Optional[float] = 1e-4  # LayerScale's initial value
+    init_values: Optional[float] = None  # LayerScale's initial value (the released models: 1e-4)
     head_hidden_dim: Optional[int] = None  # the LookHere head's hidden width (fc1 -> tanh -> fc2)
     norm_eps: float = 1e-5
     drop_rate: float = 0.0
@@ -57,6 +63,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     drop_path_schedule: str = "uniform"
+    weight_init: str = "torch"  # one of WEIGHT_INITS
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -171,6 +178,9 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         if cfg.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool={cfg.global_pool!r}; allowed: {GLOBAL_POOLS}")
+        if cfg.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init={cfg.weight_init!r}; allowed: torch (PyTorch's own, for training from "
+                             f"scratch), timm (N(0, 0.02), as the released models)")
         img = _pair(cfg.img_size)
         if img[0] % cfg.patch_size or img[1] % cfg.patch_size:
             raise ValueError(f"img_size={cfg.img_size} is not a multiple of patch_size={cfg.patch_size}")
@@ -232,11 +242,11 @@ class VisionTransformer(nn.Module):
         if self._built_config.head_hidden_dim:
             # The published LookHere head: fc1 -> tanh -> fc2, starting at uniform predictions.
             head = Mlp(self.embed_dim, self._built_config.head_hidden_dim, num_classes, act_layer=nn.Tanh)
-            named_apply(_init_vit_layer, head)
+            self._init_layers(head)
             head.fc2 = self._logits(head.fc2, num_classes)
             return head
         head = nn.Linear(self.embed_dim, num_classes)
-        _init_vit_layer(head)
+        self._init_layers(head)
         return head
 
     @staticmethod
@@ -248,12 +258,19 @@ class VisionTransformer(nn.Module):
         nn.init.constant_(fc2.bias, -math.log(num_classes))
         return fc2
 
+    def _init_layers(self, module: nn.Module) -> None:
+        """``weight_init``'s initialisation of ``module``'s layers (PyTorch's is what they were built with)."""
+        if self._built_config.weight_init == "timm":
+            named_apply(_init_timm_layer, module, include_root=True)
+
     def _init_weights(self) -> None:
-        """DeiT-III's initialisation for every layer but the position encoding's, which owns its own."""
-        trunc_normal_(self.cls_token, std=0.02)
-        for name, child in self.named_children():
+        """``weight_init`` for every layer but the position encoding's, which owns its own, and the head's,
+        made with it."""
+        if self._built_config.weight_init == "timm":
+            trunc_normal_(self.cls_token, std=0.02)
+        for child in self.children():
             if child is not self.pos_encoding and child is not self.head:
-                named_apply(_init_vit_layer, child, name)
+                self._init_layers(child)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -375,7 +392,7 @@ class VisionTransformer(nn.Module):
         return take
 
 
-def _init_vit_layer(module: nn.Module, name: str = "") -> None:
+def _init_timm_layer(module: nn.Module, name: str = "") -> None:
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -428,8 +445,10 @@ def _cfg(**kwargs: Any) -> dict:
 # (width -> mlp_ratio x width -> classes, tanh) whose last layer starts at weight 0 and bias
 # -ln(classes) (-6.9 for ImageNet's 1000, as released: uniform predictions, whichever the classes; a
 # softmax ignores the constant, so it changes no step), LayerScale 1e-4, and drop-path 0.1 in every
-# block. Every LookHere variant is built so.
-LOOKHERE_ARCH = dict(init_values=1e-4, drop_path_rate=0.1, drop_path_schedule="uniform")
+# block, all initialised as timm's ViT. Every LookHere variant is built so.
+# The registered baselines share its backbone (LayerScale 1e-4, timm's initialisation) with a linear head.
+PAPER_BACKBONE = dict(init_values=1e-4, weight_init="timm")
+LOOKHERE_ARCH = dict(PAPER_BACKBONE, drop_path_rate=0.1, drop_path_schedule="uniform")
 # The released weights (ViT-B/16, ImageNet-1k, 150 epochs at 224 px) on the Hugging Face Hub, with
 # the paper's evaluation at 224 px: shorter side to 256, centre crop 224, bicubic, ImageNet mean/std.
 RELEASED_HUB_ID = "antofuller/LookHere"
@@ -459,7 +478,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTran
 
 def _register(size: str, pos_encoding: str, name: str) -> None:
     def fn(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size])
+        args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size], **PAPER_BACKBONE)
         if pos_encoding.startswith("lh-"):
             args.update(LOOKHERE_ARCH)
         args.update(kwargs)

@@ -1,4 +1,5 @@
-"""Datasets by name: ``synthetic``, ``synthetic-where``, ``fashion-mnist``, ``folder:PATH``, ``hf:NAME``.
+"""Datasets by name: ``synthetic``, ``synthetic-where``, ``synthetic-far``, ``fashion-mnist``, ``folder:PATH``,
+``hf:NAME``.
 
 Photographs (folders, Hugging Face) go through timm's dataset and transform factories: DeiT-III's
 recipe for training (random resized crop, flip, one of grayscale / solarize / blur: timm's ``3a``
@@ -22,7 +23,9 @@ from torch.utils.data import Dataset, Subset, default_collate
 from .fashion_mnist import DEFAULT_ROOT, FashionMNIST
 from .synthetic import SPLITS, SyntheticScenes
 
-DATASETS = ("synthetic", "synthetic-where", "fashion-mnist", "folder:PATH", "hf:NAME")
+# The synthetic scenes' tasks by dataset name (see ``synthetic.py``).
+SYNTHETIC_TASKS = {"synthetic": "what", "synthetic-where": "where", "synthetic-far": "far"}
+DATASETS = (*SYNTHETIC_TASKS, "fashion-mnist", "folder:PATH", "hf:NAME")
 LABEL_COLUMNS = ("label", "labels")  # a Hugging Face dataset's class column: one class, or a list of valid ones
 
 
@@ -178,16 +181,15 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
     """
     train = split == "train" if train is None else train
     name = spec.name
-    if spec.root and (name in ("synthetic", "synthetic-where") or name.startswith("folder:")):
+    if spec.root and (name in SYNTHETIC_TASKS or name.startswith("folder:")):
         raise ValueError(f"--data-root {spec.root}: {name} is not read from it (it is for fashion-mnist and hf: "
                          f"datasets); leave it out")
-    if name in ("synthetic", "synthetic-where", "fashion-mnist") and split not in SPLITS:
+    if (name in SYNTHETIC_TASKS or name == "fashion-mnist") and split not in SPLITS:
         raise ValueError(f"--split {split!r}: {name} has the splits {', '.join(SPLITS)}")
-    if name in ("synthetic", "synthetic-where"):
+    if name in SYNTHETIC_TASKS:
         n = spec.length or 4000
         length = length or (n if split == "train" else max(1, n // 5))
-        ds = SyntheticScenes(split, spec.img_size, length, seed=spec.seed,
-                             task="where" if name == "synthetic-where" else "what")
+        ds = SyntheticScenes(split, spec.img_size, length, seed=spec.seed, task=SYNTHETIC_TASKS[name])
     elif name == "fashion-mnist":
         ds = FashionMNIST(split, spec.img_size, root=spec.root or DEFAULT_ROOT, length=spec.length)
     elif name.startswith("folder:") or name.startswith("hf:"):

@@ -20,6 +20,8 @@ def preview(path: str, sizes=(32, 128), count: int = 8, split: str = "train", ta
         what = f"{SHAPES[sc.shape]}/{ORIENTATIONS[sc.orientation][:5]}"
         if task == "where":
             what = f"marker {SIDES[sc.side]}"
+        elif task == "far":
+            what = f"{SHAPES[sc.shape]}/marker {SIDES[sc.side]}"
         for r, s in enumerate(sizes):
             ax = axes[r, i]
             ax.imshow(np.clip(ds.render(i, s).transpose(1, 2, 0), 0, 1), interpolation="nearest")

@@ -12,6 +12,10 @@ The ``where`` task asks on which side of the object a magenta marker lies. The m
 the image side) sits 0.04-0.12 image sides away from the object, so at the training size object and
 marker mostly fall in different patches: a model has to relate two places. (Markers of 5-10% of the
 image side proved too faint a signal for small ViTs to learn in a few epochs.)
+
+The ``far`` task relates two places far apart: a small marker lies anywhere in the left or right
+half of the image and the object in the other half; the class is (shape, the half with the marker).
+The distance between them, in patches, grows with the image, as a relation across a photograph does.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from torch.utils.data import Dataset
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 ORIENTATIONS = ("horizontal", "vertical")
 SIDES = ("above", "below", "left", "right")
-TASKS = ("what", "where")
+TASKS = ("what", "where", "far")
+HALVES = ("left", "right")  # the far task's marker half
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MEAN, STD = (0.35, 0.35, 0.35), (0.25, 0.25, 0.25)
 MIN_SIZE, MAX_SIZE = 0.14, 0.7
 WHERE_MAX_SIZE = 0.45  # objects of the where task leave room for the gap and the marker
 MARKER = 0.2  # side of the where task's marker, as a fraction of the image side
+FAR_MARKER = 0.1  # the far task's: small, and anywhere in its half
 MARKER_COLOR = (1.0, 0.0, 1.0)  # no object can have it: objects are bright in every channel
 
 
@@ -50,7 +56,8 @@ class Scene:
     bg: np.ndarray  # (3, 5): per channel base, amplitude, fx, fy, phase
     distractors: np.ndarray  # (k, 6): cx, cy, radius, r, g, b
     task: str = "what"
-    marker: tuple[float, float] = (0.0, 0.0)  # marker centre minus object centre ("where" task)
+    marker: tuple[float, float] = (0.0, 0.0)  # marker centre minus object centre (where and far tasks)
+    marker_size: float = MARKER
 
 
 def draw_scene(rng: np.random.Generator, task: str = "what") -> Scene:
@@ -59,10 +66,20 @@ def draw_scene(rng: np.random.Generator, task: str = "what") -> Scene:
     side = int(rng.integers(len(SIDES)))
     top = MAX_SIZE if task == "what" else WHERE_MAX_SIZE
     size = float(math.exp(rng.uniform(math.log(MIN_SIZE), math.log(top))))
+    marker_size = FAR_MARKER if task == "far" else MARKER
     if task == "what":
         margin = size / 2
         cx, cy = rng.uniform(margin, 1 - margin, size=2) if margin < 0.5 else (0.5, 0.5)
         marker = (0.0, 0.0)
+    elif task == "far":  # side 2 (left) or 3 (right) of SIDES: the marker's half; the object in the other
+        side = 2 + int(rng.integers(2))
+        m = size / 2 + 0.01
+        ox = float(rng.uniform(m, 0.5 - m))
+        cx = ox if side == 3 else 1 - ox
+        cy = float(rng.uniform(m, 1 - m))
+        h = marker_size / 2 + 0.01
+        mx = float(rng.uniform(h, 0.5 - h)) + (0.5 if side == 3 else 0.0)
+        marker = (mx - cx, float(rng.uniform(h, 1 - h)) - cy)
     else:
         reach = size / 2 + float(rng.uniform(0.04, 0.12)) + MARKER / 2  # centre to marker centre
         ux, uy = [(0, -1), (0, 1), (-1, 0), (1, 0)][side]
@@ -79,9 +96,9 @@ def draw_scene(rng: np.random.Generator, task: str = "what") -> Scene:
     k = int(rng.integers(0, 3))
     distractors = np.concatenate([rng.uniform(0.05, 0.95, (k, 2)), rng.uniform(0.015, 0.04, (k, 1)),
                                   rng.uniform(0.0, 1.0, (k, 3))], axis=1)
-    label = shape * 2 + orientation if task == "what" else side
+    label = {"what": shape * 2 + orientation, "where": side, "far": shape * 2 + side - 2}[task]
     return Scene(label, shape, orientation, side, size, float(cx), float(cy), float(rng.uniform(4.0, 6.0)),
-                 float(rng.uniform(0, 2 * math.pi)), colors, bg, distractors, task, marker)
+                 float(rng.uniform(0, 2 * math.pi)), colors, bg, distractors, task, marker, marker_size)
 
 
 def _coverage(sdf: np.ndarray, px: float) -> np.ndarray:
@@ -131,9 +148,9 @@ def render(scene: Scene, size: int | tuple[int, int]) -> np.ndarray:
     c0, c1 = scene.colors.astype(np.float32)
     obj = c1[:, None, None] + (c0 - c1)[:, None, None] * mix[None]
     img += cov * (obj - img)
-    if scene.task == "where":
+    if scene.task in ("where", "far"):
         mx, my = scene.marker
-        mcov = _coverage(np.maximum(np.abs(dx - mx), np.abs(dy - my)) - MARKER / 2, px)
+        mcov = _coverage(np.maximum(np.abs(dx - mx), np.abs(dy - my)) - scene.marker_size / 2, px)
         img += mcov * (np.array(MARKER_COLOR, dtype=np.float32)[:, None, None] - img)
     return img
 
@@ -143,6 +160,8 @@ class SyntheticScenes(Dataset):
 
     ``task="what"``: 10 classes, (shape, grating orientation). ``task="where"``: 4 classes, the side
     of the object where the marker sits: the class depends on where things are, not on what they are.
+    ``task="far"``: 10 classes, (shape, the half of the image holding a small marker; the object is
+    in the other half).
     """
 
     mean, std = MEAN, STD
@@ -156,7 +175,7 @@ class SyntheticScenes(Dataset):
         if length < 1:
             raise ValueError(f"length={length} must be >= 1")
         self.split, self.img_size, self.length, self.seed, self.task = split, img_size, length, seed, task
-        self.num_classes = 10 if task == "what" else len(SIDES)
+        self.num_classes = len(SIDES) if task == "where" else 10
         self._mean = np.array(MEAN, dtype=np.float32)[:, None, None]
         self._std = np.array(STD, dtype=np.float32)[:, None, None]
 
