@@ -240,7 +240,7 @@ def test_a_setting_switched_off_reaches_the_cells_command():
     # clip_grad's default is on, so its off is spelled 0; no LayerScale is the default, so it is not spelled
     assert argv[argv.index("--clip-grad") + 1] == "0" and "--init-values" not in argv
     parsed = _train_config(build_parser().parse_args(argv[1:]))
-    assert parsed.clip_grad == 0 and parsed.init_values == 0  # 0: no clipping, no LayerScale
+    assert parsed.clip_grad == 0 and not parsed.init_values  # 0: no clipping; no LayerScale either way
 
 
 def test_dry_run_lists_the_grid(tmp_path):
