@@ -8,12 +8,13 @@ then tested on 500 test scenes rendered natively at 32, 48, 64, 96 and 128 px (1
 ``minimal`` is a pre-norm ViT written out by hand (``tests/minimal_vit.py``): PyTorch's default
 initialisation, no LayerScale, a zero CLS token, a linear head, the LH-90 bias of
 ``lookhere.dense_bias`` added to the attention scores; it is tested at large sizes through the same
-function as a ``create_vit`` model (its weights copied, the logits checked equal). The other variants are ``lookhere.create_vit`` models with one difference at a
-time (``VARIANTS``), and ``train-defaults`` is ``lookhere train`` with its own defaults.
+function as a ``create_vit`` model (its weights copied, the logits checked equal). The other
+variants are ``lookhere.create_vit`` models with one difference at a time (``VARIANTS``), and
+``train-defaults`` is ``lookhere train`` with its own defaults.
 
-    OMP_NUM_THREADS=1 python benchmarks/backbone_ablation.py --out ablation/ --shard 0/2 &
-    OMP_NUM_THREADS=1 python benchmarks/backbone_ablation.py --out ablation/ --shard 1/2 &
-    python benchmarks/backbone_ablation.py --out ablation/ --report docs/backbone-ablation.md
+    OMP_NUM_THREADS=1 python benchmarks/backbone_ablation.py --out docs/backbone-ablation --shard 0/2 &
+    OMP_NUM_THREADS=1 python benchmarks/backbone_ablation.py --out docs/backbone-ablation --shard 1/2 &
+    python benchmarks/backbone_ablation.py --out docs/backbone-ablation --report docs/backbone-ablation/tables.md
 
 Each run writes ``OUT/<variant>/<task>/seed<k>.json`` (atomically); a rerun skips finished runs.
 """
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 import lookhere
+from lookhere.data.factory import SYNTHETIC_TASKS
 from lookhere.data.synthetic import SyntheticScenes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -72,15 +74,15 @@ def torch_default_init(model: nn.Module) -> None:
 
 
 def ours(num_classes: int, *, init: str = "default", cls: str = "default", pos: str = "lh-90", **kwargs) -> nn.Module:
+    """A create_vit model; ``init="torch"`` re-initialises it with PyTorch's own initialisation,
+    ``"trunc02"`` builds it with ``weight_init="timm"`` (every Linear N(0, 0.02), biases 0, the CLS
+    token N(0, 0.02) unless ``cls`` says otherwise)."""
+    if init == "trunc02":
+        kwargs["weight_init"] = "timm"
     model = lookhere.create_vit(pos, img_size=TRAIN_PX, patch_size=PATCH, embed_dim=DIM, depth=DEPTH,
                                 num_heads=HEADS, num_classes=num_classes, **kwargs)
     if init == "torch":
         torch_default_init(model)
-    elif init == "trunc02":  # timm's ViT: every Linear N(0, 0.02) (timm's trunc_normal_, cut at +-2), biases 0
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
     if cls == "zeros":
         nn.init.zeros_(model.cls_token)
     elif cls == "trunc02":
@@ -94,7 +96,7 @@ MATCHED = dict(init="torch", cls="zeros", init_values=0)
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "minimal": ({}, {}),
     # create_vit's defaults before this ablation, spelled out: timm's init, CLS N(0, 0.02), LayerScale 1e-4
-    "ours-default": (dict(init="trunc02", cls="trunc02", init_values=1e-4), {}),
+    "ours-default": (dict(init="trunc02", init_values=1e-4), {}),
     "matched": (MATCHED, {}),
     "matched+trunc-init": ({**MATCHED, "init": "trunc02"}, {}),
     "matched+ls1e-4": ({**MATCHED, "init_values": 1e-4}, {}),
@@ -130,7 +132,8 @@ def train_and_test(variant: str, task: str, seed: int, epochs: int = 12, n_train
     total = epochs * steps_per_epoch
     if recipe["schedule"] == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, pct_start=0.1)
-    else:  # lookhere train's: linear warmup from lr/1000 over a tenth of an epoch, cosine to 1e-5, per step
+    else:  # lookhere train's old one: linear warmup from lr/1000 over a tenth of an epoch, cosine to 1e-5, per
+        # step (here the cosine starts after the warmup's 8 steps, in lookhere train with it: 8 of 948 steps)
         from timm.scheduler import CosineLRScheduler
         warm = max(1, round(0.1 * steps_per_epoch))
         sched = CosineLRScheduler(opt, t_initial=total - warm, lr_min=1e-5, warmup_t=warm, warmup_lr_init=1e-6,
@@ -176,7 +179,7 @@ def train_defaults(task: str, seed: int, out: Path) -> dict:
     on as many scenes (drawn with the run's seed), at the same size and length, then ``lookhere eval``
     on the same test scenes."""
     run = out / "runs" / f"{task}-seed{seed}"
-    data = {"what": "synthetic", "where": "synthetic-where", "far": "synthetic-far"}[task]
+    data = next(name for name, t in SYNTHETIC_TASKS.items() if t == task)
     base = [sys.executable, "-m", "lookhere.cli"]
     t0 = time.perf_counter()
     args = ["train", "--data", data, "--pos-encoding", "lh-90", "--embed-dim", str(DIM), "--depth", str(DEPTH),
