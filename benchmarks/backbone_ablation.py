@@ -105,6 +105,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "matched+wd-groups": (MATCHED, dict(wd="groups")),
     "matched+cosine": (MATCHED, dict(schedule="cosine")),
     "new-default": ({}, {}),
+    # The same question for 2D-RoPE (mixed): the old and the new defaults of create_vit.
+    "rope-new-default": (dict(pos="rope-2d-mixed"), {}),
+    "rope-ours-default": (dict(pos="rope-2d-mixed", init="trunc02", init_values=1e-4), {}),
 }
 
 
@@ -206,8 +209,10 @@ def runs(out: Path) -> dict[tuple[str, str], list[dict]]:
     return rows
 
 
-def plot(out: Path, path: Path, variants=("minimal", "ours-default", "new-default", "train-defaults")) -> None:
-    """Top-1 against test size per task: the reference, the old and new defaults (mean, seeds as dots)."""
+def plot(out: Path, path: Path, variants=("minimal", "ours-default", "new-default", "train-defaults",
+                                          "rope-ours-default", "rope-new-default")) -> None:
+    """Top-1 against test size per task: the reference, the old and new defaults (mean, seeds as dots;
+    2D-RoPE dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +227,8 @@ def plot(out: Path, path: Path, variants=("minimal", "ours-default", "new-defaul
                 continue
             acc = np.array([[r["top1"][str(s)] for s in SIZES] for r in rows[(task, v)]])
             ratio = np.array(SIZES) / TRAIN_PX
-            line, = ax.plot(ratio, acc.mean(0), marker="o", label=f"{v} ({len(acc)} seeds)", zorder=3)
+            line, = ax.plot(ratio, acc.mean(0), marker="o", label=f"{v} ({len(acc)} seeds)", zorder=3,
+                            linestyle="--" if v.startswith("rope-") else "-")
             for a in acc:
                 ax.scatter(ratio, a, s=9, color=line.get_color(), alpha=0.5, zorder=2)
         ax.set_title(f"{task} task, trained at {TRAIN_PX} px (8x8 grid)", fontsize=9)
@@ -244,15 +250,16 @@ def report(out: Path) -> str:
         present = [v for v in order if (task, v) in rows]
         if not present:
             continue
-        ref = rows.get((task, "minimal"))
         lines += [f"\n### {task} task\n", "| variant | seeds | " + " | ".join(f"{s} px" for s in SIZES) +
-                  " | 1x, 1.5x vs minimal |", "|---|---:|" + "---:|" * len(SIZES) + "---|"]
+                  " | 1x, 1.5x vs reference |", "|---|---:|" + "---:|" * len(SIZES) + "---|"]
         for v in present:
             rs = rows[(task, v)]
             acc = np.array([[r["top1"][str(s)] for s in SIZES] for r in rs])
             cells = [f"{m:.1f} ± {sd:.1f}" for m, sd in zip(acc.mean(0), acc.std(0, ddof=1) if len(rs) > 1 else 0 * acc[0])]
-            delta = ""
-            if ref and v != "minimal":
+            # LookHere rows against the minimal model; 2D-RoPE rows against 2D-RoPE on the new defaults.
+            reference = "rope-new-default" if v.startswith("rope-") else "minimal"
+            ref, delta = rows.get((task, reference)), ""
+            if ref and v != reference:
                 r0 = np.array([[r["top1"][str(s)] for s in SIZES[:2]] for r in ref]).mean(0)
                 d = acc[:, :2].mean(0) - r0
                 delta = f"{d[0]:+.1f}, {d[1]:+.1f}"

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lookhere.attention.dense import CHUNK_ELEMENTS, sdpa_in_chunks
+from lookhere.attention.chunked import CHUNK_ELEMENTS, sdpa_in_chunks
 
 
 def rows_across_pairs(q, k, v, scale):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lookhere.attention.chunked as chunked_module
 import lookhere.attention.dense as dense_module
 from lookhere import PRESETS, dense_bias, lookhere_attention
 from lookhere.attention import AttentionPlan, attend
@@ -47,7 +48,7 @@ def test_query_chunking_gives_the_same_result(monkeypatch):
     grid, T = (6, 5), 31
     q, k, v = torch.randn(3, 1, 12, T, 8).unbind(0)
     whole = lookhere_attention(q, k, v, config="lh-45", grid_size=grid, layer=0, depth=2)
-    monkeypatch.setattr(dense_module, "CHUNK_ELEMENTS", 12 * T * 4)  # 4 query rows per chunk
+    monkeypatch.setattr(chunked_module, "CHUNK_ELEMENTS", 12 * T * 4)  # 4 query rows per chunk
     plan = AttentionPlan("lh-45", 2, 12)
     chunked = attend(q, k, v, plan, layer=0, grid_size=grid, backend="dense")
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
@@ -86,7 +87,7 @@ def test_shifted_pattern_gives_shifted_output(preset):
 def test_memory_per_call_is_bounded(monkeypatch):
     # Only chunk-sized bias rows exist: no tensor of the dense path is larger than H x rows x T.
     grid = (8, 8)
-    monkeypatch.setattr(dense_module, "CHUNK_ELEMENTS", 12 * 65 * 8)
+    monkeypatch.setattr(chunked_module, "CHUNK_ELEMENTS", 12 * 65 * 8)
     plan = AttentionPlan("lh-90", 1, 12)
     q = torch.randn(1, 12, 65, 4)
     out = attend(q, q, q, plan, layer=0, grid_size=grid, backend="dense")

@@ -134,6 +134,13 @@ def test_eval_settings_refuse_before_any_work(setting, message):
         EvalSettings(data="synthetic", sizes=[32, 64], train_size=32, tune_knobs=True, **setting).check(4)
 
 
+def test_a_validation_length_without_tune_knobs_is_refused_not_ignored():
+    from lookhere.evaluate import EvalSettings
+
+    with pytest.raises(ValueError, match="--val-length 20 is read only by --tune-knobs"):
+        EvalSettings(data="synthetic", sizes=[32], val_length=20).check(4)
+
+
 def _ece_reference(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     """The definition in float64: bins [0, 1/15), ..., [14/15, 1], the last holding 1.0."""
     index = np.minimum(np.floor(confidence * bins).astype(int), bins - 1)

@@ -247,7 +247,7 @@ def test_rope_interpolation_squeezes_into_training_range():
     """With interpolate, a 10x7 grid's patches turn by their row and column squeezed into the 4x4
     training grid's range (times 3/9 and 3/6); at the training grid nothing changes."""
     pe = encoding("rope-2d-axial", interpolate=True)
-    y, x = lookhere.position.patch_coords((10, 7), TRAIN_GRID, interpolate=True)
+    y, x = lookhere.position.patch_positions((10, 7), TRAIN_GRID, interpolate=True)
     assert float(y.max()) == pytest.approx(3.0) and float(x.max()) == pytest.approx(3.0)
     torch.testing.assert_close(pe.rotary(TRAIN_GRID, 0), encoding("rope-2d-axial").rotary(TRAIN_GRID, 0))
     q = torch.randn(1, 12, 70, 4)
@@ -283,7 +283,7 @@ def test_unfused_attention_weights_equal_the_fused_path(name):
 def test_offset_biases_in_query_chunks_equal_one_call(name, p, monkeypatch):
     """At large grids an offset bias runs on chunks of query rows (bounded memory): same output and
     gradients as the whole bias at once, for a non-square grid and any prefix."""
-    from lookhere import position
+    from lookhere.position import offset as position
 
     pe = encoding(name)
     grid = (5, 7)

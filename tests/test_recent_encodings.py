@@ -149,14 +149,14 @@ def test_pape_takes_chunks_on_cpu_and_stays_exact(monkeypatch, budget, shapes):
     """CPU SDPA materialises every score for PaPE's wide query heads: 51 GB for a batch of 64 on a
     64x64 grid. Chunks of (image, head) pairs, or of one pair's query rows, keep that to the dense
     path's budget, with the same result, and the backward pass goes through them."""
-    import lookhere.attention.dense as dense
+    import lookhere.attention.chunked as chunked
 
     torch.manual_seed(0)
     pe = build_position_encoding("pape", embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID, parabolas=3)
     grid, p = (3, 4), 1
     q, k, v = torch.randn(3, 2, 12, p + 12, 4).unbind(0)
     _, out = pape_reference(pe, q, k, v, grid, 1, p)
-    monkeypatch.setattr(dense, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", budget)
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(tuple(q.shape[:-1])) or sdpa(q, *a, **kw))
@@ -244,14 +244,14 @@ def test_dinov3_augments_coordinates_once_per_training_forward():
     model = small("rope-2d-dinov3", pos_options={"shift_coords": 0.5, "jitter_coords": 2.0, "rescale_coords": 2.0})
     pe = model.pos_encoding
     x = torch.randn(1, 3, 32, 40)
-    seen = []
-    original = pe.rotary
-    pe.rotary = lambda grid: seen.append(original(grid)) or seen[-1]
+    seen = []  # the rotation each layer's attention receives
+    original = pe.attend
+    pe.attend = lambda *a, state=None, **kw: seen.append(state) or original(*a, state=state, **kw)
     model.train()
     model(x)
     model(x)
     assert len(seen) == 4  # two layers, two forwards
-    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])  # one draw per forward...
+    assert seen[0] is seen[1] and seen[2] is seen[3]  # one draw per forward, handed to every layer...
     assert not torch.allclose(seen[0], seen[2])  # ... and a new one the next forward
     model.eval()
     with torch.no_grad():

@@ -169,7 +169,7 @@ def test_study_config_errors(tmp_path):
                           ({"eps": "1/0"}, "--eps '1/0': expected numbers"),
                           ({"pgd_steps": 0}, "eval: --pgd-steps must be >= 1, got 0"),
                           ({"batch_size": 0}, "eval: --batch-size must be >= 1, got 0"),
-                          ({"val_length": 0}, "eval: --val-length must be >= 1, got 0"),
+                          ({"tune_knobs": True, "val_length": 0}, "eval: --val-length must be >= 1, got 0"),
                           ({"lh_slope_scales": [-1]}, "eval: --lh-slope-scales -1: scales must be finite")):
         with pytest.raises(ValueError, match=re.escape(message)):
             StudyConfig.from_dict({**good, "eval": plan})
@@ -182,11 +182,38 @@ def test_study_config_errors(tmp_path):
                          ({"train": {"seed": 3, "lr": 0.1}}, "train sets seed, which each cell sets itself")):
         with pytest.raises(ValueError, match=re.escape(message)):
             StudyConfig.from_dict({**good, **bad})
-    assert StudyConfig.from_dict({**good, "eval": {"eps": 0.004}}).eval.eps == "0.004"  # a YAML number
+    assert StudyConfig.from_dict({**good, "eval": {"eps": 0.004}}).eval["eps"] == "0.004"  # a YAML number
     with pytest.raises(ValueError, match="reference 'lh90', the encoding the others are compared against, is not"):
         StudyConfig.from_dict({**good, "reference": "lh90"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StudyConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_a_study_evaluates_as_lookhere_eval_does():
+    """One definition of the evaluation settings: a key a study leaves out is lookhere eval's default,
+    and each cell's eval command, read back by the eval command's own parser, gives the study's settings."""
+    from lookhere.evaluate import EvalSettings
+
+    cfg = StudyConfig.from_dict({"name": "s", "datasets": {"synthetic": {}, "fashion-mnist": {"sizes": [28, 56]}},
+                                 "encodings": ["lh-90"], "seeds": [3], "train": {"img_size": 28, "patch_size": 4},
+                                 "eval": {"test_length": 24, "tune_knobs": True, "val_length": 8,
+                                          "adversarial": "fgsm,pgd", "eps": 0.004}})
+    default = EvalSettings(data="synthetic", sizes=[1])
+    for dataset, sizes in (("synthetic", [28, 56, 112]), ("fashion-mnist", [28, 56])):
+        settings = cfg.eval_settings(dataset)
+        assert settings.sizes == sizes and settings.train_size == 28 and settings.length == 24
+        assert settings.adversarial == ("fgsm", "pgd") and settings.eps == (0.004,)
+        assert settings.by_object_size == (dataset == "synthetic")
+        for name in ("adversarial_samples", "pgd_steps", "batch_size", "lh_slope_scales", "split"):
+            assert getattr(settings, name) == getattr(default, name)
+        argv = cfg.cells("root")[0 if dataset == "synthetic" else 1].commands()["eval"]
+        assert argv[:2] == ["lookhere", "eval"]
+        parsed, rest = EvalSettings.parse_argv(argv[2:], data=dataset)
+        assert parsed == settings
+        assert rest[:2] == ["--checkpoint", str(Path("root") / dataset / "lh-90" / "seed3" / "run")]
+    # a setting the eval command would not read is refused, not dropped
+    with pytest.raises(ValueError, match="--val-length 8 is read only by --tune-knobs"):
+        StudyConfig.from_dict({**cfg.to_dict(), "eval": {"val_length": 8}})
 
 
 def test_a_study_in_which_no_cell_finished_names_every_failure(tmp_path, monkeypatch, capsys):
@@ -222,7 +249,8 @@ TINY = {
     "seeds": [0],
     "train": {"model": "micro", "embed_dim": 48, "depth": 1, "img_size": 16, "patch_size": 4, "data_length": 512,
               "epochs": 2, "batch_size": 16, "checkpoint_every": 2, "log_every": 4},
-    "eval": {"sizes": [16, 32], "test_length": 24, "val_length": 16, "adversarial_samples": 8, "pgd_steps": 2},
+    "eval": {"sizes": [16, 32], "test_length": 24, "tune_knobs": True, "val_length": 16, "adversarial": ["fgsm", "pgd"],
+             "eps": "1/255", "adversarial_samples": 8, "pgd_steps": 2},
 }
 
 

@@ -24,11 +24,11 @@ def capture_attention(model: VisionTransformer) -> Iterator[list[torch.Tensor]]:
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):
-        x, pos, grid, p = args
+        x, pos, grid, p, state = args
         B, T, C = x.shape
         qkv = module.qkv(x).reshape(B, T, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
         captured.append(pos.attention_weights(qkv[0], qkv[1], grid=grid, layer=module.layer,
-                                              num_prefix_tokens=p).detach())
+                                              num_prefix_tokens=p, state=state).detach())
 
     handles = [blk.attn.register_forward_hook(hook) for blk in model.blocks]
     try:

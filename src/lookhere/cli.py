@@ -4,44 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import traceback
 from pathlib import Path
 
-_SPLIT = re.compile(r"^[\w.-]+(\[[^\[\]]*\])?(\+[\w.-]+(\[[^\[\]]*\])?)*$")
-
-
-def _split(text: str) -> str:
-    """A split name, optionally sliced and joined as Hugging Face datasets write them."""
-    if not _SPLIT.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a split name, optionally sliced: test, val, "
-                                         f"'train[99%:]', 'test[:500]'")
-    return text
-
-
-def _attacks(text: str) -> tuple[str, ...]:
-    from .evaluate import ATTACKS
-
-    names = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown attack {', '.join(unknown) or '(none given)'}; "
-                                         f"allowed: {', '.join(ATTACKS)} (comma-separated)")
-    return names
-
-
-def _count(text: str) -> int:
-    """argparse type of a flag that counts something (>= 1): argparse names the flag in the message."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
+from . import flags
 
 def _example(args: argparse.Namespace) -> int:
     """Build a LookHere ViT at one size and classify random images at three sizes, no set-up calls."""
@@ -166,8 +134,9 @@ def _data_preview(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, load_pretrained, markdown_table, parse_eps,
-                           run_eval, training_size, write_results)
+    from .position import registered_knobs
+    from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, load_pretrained, markdown_table, run_eval,
+                           training_size, write_results)
     from .train import _device
 
     if args.model:
@@ -176,21 +145,13 @@ def _eval(args: argparse.Namespace) -> int:
         if args.pretrained_file:
             raise ValueError("--pretrained-file goes with --model NAME; --checkpoint takes the file itself")
         (model, cfg), name = load_checkpoint(args.checkpoint, num_heads=args.num_heads), Path(args.checkpoint).name
-    apply_knobs(model, lh_global_slope=args.lh_global_slope, rope_interpolate=args.rope_interpolate,
-                pos_resample=args.pos_resample, fire_normalize=args.fire_normalize)
+    apply_knobs(model, **{knob.key: getattr(args, knob.key) for knob in registered_knobs()})
     data = args.data or (cfg.data if cfg else None)
     if not data:
         raise ValueError("--data is required for a model without a training run "
                          "(e.g. --data hf:antofuller/ImageNet-HR)")
-    settings = EvalSettings(data=data, sizes=args.sizes, train_size=args.train_size or training_size(model, cfg),
-                            split=args.split, length=args.length,
-                            data_root=args.data_root or (cfg.data_root if cfg else None),
-                            seed=cfg.seed if cfg and args.seed is None else (args.seed or 0),
-                            batch_size=args.batch_size, workers=args.workers, adversarial=tuple(args.adversarial),
-                            eps=tuple(parse_eps(args.eps)), pgd_steps=args.pgd_steps,
-                            adversarial_samples=args.adversarial_samples, by_object_size=args.by_object_size,
-                            tune_knobs=args.tune_knobs, val_length=args.val_length,
-                            lh_slope_scales=tuple(args.lh_slope_scales))
+    settings = EvalSettings.from_flags(vars(args), data=data, train_size=training_size(model, cfg),
+                                       data_root=cfg.data_root if cfg else None, seed=cfg.seed if cfg else None)
     results = run_eval(model, settings, device=_device(args.device), progress=not args.no_progress)
     if args.output:
         out = args.output
@@ -292,16 +253,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.factory import DATASETS
+    from .evaluate import EvalSettings
     from .data.synthetic import TASKS
+    from .position import registered_knobs
 
     parser = argparse.ArgumentParser(prog="lookhere", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("example", help="classify random images at three sizes with one LookHere ViT")
     ex.add_argument("--pos-encoding", default="lh-90")
-    ex.add_argument("--img-size", type=_count, default=224)
-    ex.add_argument("--patch-size", type=_count, default=16)
-    ex.add_argument("--batch-size", type=_count, default=2)
+    ex.add_argument("--img-size", type=flags.count, default=224)
+    ex.add_argument("--patch-size", type=flags.count, default=16)
+    ex.add_argument("--batch-size", type=flags.count, default=2)
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
 
@@ -327,40 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", help="run directory, model directory or released .pth")
     ev.add_argument("--pretrained-file", metavar="PATH",
                     help="with --model: read its weights from this file instead of downloading them")
-    ev.add_argument("--data", help=f"dataset: {', '.join(DATASETS)} "
-                                   "(a Hub name or a local folder); default: the run's")
-    ev.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
-    ev.add_argument("--sizes", type=int, nargs="+", required=True, help="test image sizes (px)")
-    ev.add_argument("--train-size", type=_count,
-                    help="the model's training size (default: its run's, its pretrained_cfg's, or its built size)")
-    ev.add_argument("--split", default="test", type=_split,
-                    help="split (default: test); hf: data takes its own names and slices, e.g. 'train[99%%:]'")
-    ev.add_argument("--length", type=int, help="evaluate the first LENGTH samples (synthetic: that many scenes)")
-    ev.add_argument("--seed", type=int, help="seed of synthetic scenes and PGD starts (default: the run's, else 0)")
-    ev.add_argument("--batch-size", type=int, default=64, help="default: 64")
-    ev.add_argument("--workers", type=int, default=0,
-                    help="data-loading processes (default: 0; use more for photographs)")
     ev.add_argument("--device", default="auto",
                     help="auto (a GPU when there is one), cpu, cuda, cuda:1 ... (default: auto)")
-    ev.add_argument("--adversarial", type=_attacks, default=(), help="comma-separated attacks: fgsm,pgd")
-    ev.add_argument("--eps", default="1/255,2/255",
-                    help="L-inf attack sizes in pixel units of [0, 1] (default: 1/255,2/255: one and two grey levels)")
-    ev.add_argument("--pgd-steps", type=int, default=10, help="default: 10")
-    ev.add_argument("--adversarial-samples", type=int, default=256, help="images attacked (default: 256)")
-    ev.add_argument("--by-object-size", action="store_true",
-                    help="accuracy change from the training size per object-size quintile (synthetic data)")
-    ev.add_argument("--lh-global-slope", type=float, help="LookHere: scale of the distance penalty at test time")
-    ev.add_argument("--rope-interpolate", action=argparse.BooleanOptionalAction, default=None,
-                    help="RoPE: squeeze coordinates into the training range")
-    ev.add_argument("--pos-resample", choices=["bicubic", "grid"],
-                    help="learned-1d: resize the table (bicubic) or read it at squeezed coordinates (grid)")
-    ev.add_argument("--fire-normalize", choices=["test", "train"],
-                    help="FIRE: normalise offsets by the test grid's extent (FIRE's own) or the training grid's")
-    ev.add_argument("--tune-knobs", action="store_true",
-                    help="also evaluate each larger size with the encoding's knob setting chosen on the val split")
-    ev.add_argument("--val-length", type=int, help="validation samples for --tune-knobs (default: the split)")
-    ev.add_argument("--lh-slope-scales", type=float, nargs="+", default=[0.5, 2.0],
-                    help="LookHere global-slope multipliers tried by --tune-knobs")
+    EvalSettings.add_flags(ev)
+    for knob in registered_knobs():  # each encoding's test-time knobs, as the encodings define them
+        flag = "--" + knob.key.replace("_", "-")
+        if knob.choices == (False, True):
+            ev.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=knob.help)
+        elif knob.choices:
+            ev.add_argument(flag, choices=list(knob.choices), help=knob.help)
+        else:
+            ev.add_argument(flag, type=float, help=knob.help)
     ev.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
     ev.add_argument("--output", help="folder of eval.json, eval.md and the plot (default: RUN/eval, or eval/NAME)")
     ev.add_argument("--no-progress", action="store_true")
@@ -371,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--data", help="dataset (default: the run's)")
     an.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
     an.add_argument("--sizes", type=int, nargs="+", required=True, help="image sizes (px)")
-    an.add_argument("--split", default="test", type=_split, help="default: test")
-    an.add_argument("--num-images", type=_count, default=16, help="default: 16")
+    an.add_argument("--split", default="test", type=flags.split_name, help="default: test")
+    an.add_argument("--num-images", type=flags.count, default=16, help="default: 16")
     an.add_argument("--layer", type=int, help="layer of the attention-map picture (default: last)")
     an.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
     an.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ... (default: auto)")
@@ -389,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="multi-seed grid of datasets x encodings: resumable, parallel, with error bars")
     st.add_argument("--config", help="study YAML (see studies/)")
     st.add_argument("--output", help="study directory; rerun the same command to resume")
-    st.add_argument("--jobs", type=_count, default=1, help="cells run at once, one thread each")
+    st.add_argument("--jobs", type=flags.count, default=1, help="cells run at once, one thread each")
     st.add_argument("--dry-run", action="store_true", help="list the cells and estimate the time; run nothing")
     st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
     st.add_argument("--no-progress", action="store_true")

@@ -7,6 +7,7 @@ image a list of valid classes (ImageNet-HR, as ImageNet-ReaL): see :data:`LABEL_
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -20,12 +21,25 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
+from . import flags
 from .data import DataSpec, build_dataset, collate
+from .data.factory import DATASETS
 from .environment import environment
 from .official import load_error
-from .position import Fire, LearnedAbsolute, LookHere, Rope2d
+from .position import apply_knob
+from .position.lookhere import GLOBAL_SLOPE
 
 ATTACKS = ("fgsm", "pgd")
+
+
+def attack_names(text: str) -> tuple[str, ...]:
+    """argparse type of ``--adversarial``: comma-separated names from :data:`ATTACKS`."""
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown attack {', '.join(unknown) or '(none given)'}; "
+                                         f"allowed: {', '.join(ATTACKS)} (comma-separated)")
+    return names
 LABEL_LIST_METRICS = (
     "Labels are lists of valid classes (as ImageNet-ReaL): top-k counts an image when any of the k "
     "predictions is in its list; NLL is -log of the probability given to the list (the sum over its "
@@ -239,6 +253,16 @@ def fgsm_attack(model, x, y, eps, *, mean=(0.0,), std=(1.0,)) -> torch.Tensor:
     return pgd_attack(model, x, y, eps, steps=1, step_size=eps, mean=mean, std=std)
 
 
+def _same(a: Any, b: Any) -> bool:
+    return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+
+def format_eps(eps: float) -> str:
+    """``1/255`` for a whole number of grey levels, else the number: what :func:`parse_eps` reads back."""
+    levels = eps * 255
+    return f"{round(levels)}/255" if abs(levels - round(levels)) < 1e-9 else repr(eps)
+
+
 def parse_eps(text: str) -> list[float]:
     """``"1/255,2/255"`` -> ``[1/255, 2/255]``."""
     out = []
@@ -257,54 +281,24 @@ def parse_eps(text: str) -> list[float]:
 
 
 # --- test-time knobs ----------------------------------------------------------------------------
-def apply_knobs(model: nn.Module, *, lh_global_slope: Optional[float] = None, rope_interpolate: Optional[bool] = None,
-                pos_resample: Optional[str] = None, fire_normalize: Optional[str] = None) -> None:
-    """Set an encoding's test-time extrapolation knob: LookHere's global slope, RoPE's coordinate
-    interpolation, learned-1d's table resampling, FIRE's normaliser (the test or the training grid's
-    extent). A knob the model's encoding lacks, or a value it does not know, is an error."""
-    pe = model.pos_encoding
-    if lh_global_slope is not None:
-        if not isinstance(pe, LookHere):
-            raise ValueError(f"lh_global_slope applies to LookHere models, not {pe.name}")
-        pe.config = pe.config.replace(global_slope=lh_global_slope)
-    if rope_interpolate is not None:
-        if not isinstance(pe, Rope2d):
-            raise ValueError(f"rope_interpolate applies to RoPE models, not {pe.name}")
-        pe.interpolate = bool(rope_interpolate)
-    if pos_resample is not None:
-        if not isinstance(pe, LearnedAbsolute):
-            raise ValueError(f"pos_resample applies to learned-1d models, not {pe.name}")
-        if pos_resample not in pe.RESAMPLE:
-            raise ValueError(f"pos_resample={pos_resample!r}; allowed: {', '.join(pe.RESAMPLE)}")
-        pe.resample = pos_resample
-    if fire_normalize is not None:
-        if not isinstance(pe, Fire):
-            raise ValueError(f"fire_normalize applies to FIRE models, not {pe.name}")
-        if fire_normalize not in pe.NORMALIZE:
-            raise ValueError(f"fire_normalize={fire_normalize!r}; allowed: {', '.join(pe.NORMALIZE)}")
-        pe.normalize = fire_normalize
+def apply_knobs(model: nn.Module, **settings: Any) -> None:
+    """Set test-time knobs of the model's encoding by key (``lh_global_slope=1.0``,
+    ``rope_interpolate=True``...; None leaves one as it is). A knob the encoding lacks, or a value it
+    does not allow, is an error."""
+    for key, value in settings.items():
+        if value is not None:
+            apply_knob(model.pos_encoding, key, value)
 
 
 def knob_grid(model: nn.Module, lh_slope_scales: Sequence[float] = (0.5, 2.0),
               size_ratio: Optional[float] = None) -> list[dict[str, Any]]:
     """The settings of the model's test-time knob worth trying, its current setting first; empty
-    when its encoding has none. LookHere's slope is tried at ``lh_slope_scales`` times its own and,
-    given ``size_ratio`` (training size / test size), at that ratio times its own: penalties counted
-    in training-grid patches, as RoPE's interpolation counts its coordinates."""
+    when its encoding has none. A numeric knob (LookHere's slope) is tried at ``lh_slope_scales``
+    times its own value and, given ``size_ratio`` (training size / test size), at that ratio times
+    it: penalties counted in training-grid patches, as RoPE's interpolation counts its coordinates."""
     pe = model.pos_encoding
-    if isinstance(pe, LookHere):
-        g = pe.config.global_slope
-        scales = [s for s in lh_slope_scales if s != 1]
-        if size_ratio is not None and size_ratio != 1 and size_ratio not in scales:
-            scales.append(size_ratio)
-        return [{"lh_global_slope": g}] + [{"lh_global_slope": g * s} for s in scales]
-    if isinstance(pe, Rope2d):
-        return [{"rope_interpolate": v} for v in (pe.interpolate, not pe.interpolate)]
-    if isinstance(pe, LearnedAbsolute):
-        return [{"pos_resample": v} for v in (pe.resample, *(r for r in pe.RESAMPLE if r != pe.resample))]
-    if isinstance(pe, Fire):
-        return [{"fire_normalize": v} for v in (pe.normalize, *(n for n in pe.NORMALIZE if n != pe.normalize))]
-    return []
+    return [{knob.key: value} for knob in pe.test_knobs
+            for value in knob.grid(pe.get_knob(knob.key), tuple(lh_slope_scales), size_ratio)]
 
 
 def knob_label(setting: dict[str, Any]) -> str:
@@ -313,12 +307,7 @@ def knob_label(setting: dict[str, Any]) -> str:
 
 def slope_rule(own: float, chosen: float, lh_slope_scales: Sequence[float], size_ratio: float) -> str:
     """Which rule(s) of :func:`knob_grid` a LookHere slope came from: ``own``, ``x0.5``, ``size ratio``..."""
-    if math.isclose(chosen, own):
-        return "own"
-    rules = [f"x{s:g}" for s in lh_slope_scales if math.isclose(chosen, own * s)]
-    if math.isclose(chosen, own * size_ratio):
-        rules.append("size ratio")
-    return " = ".join(rules)
+    return GLOBAL_SLOPE.rule(own, chosen, tuple(lh_slope_scales), size_ratio)
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -348,27 +337,111 @@ def object_size_quintiles(sizes: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, sizes, side="right")
 
 
+def _flag(help: str, default: Any = dataclasses.MISSING, **argparse_kwargs: Any) -> Any:
+    """An :class:`EvalSettings` field that is also a ``lookhere eval`` flag (``--batch-size`` for
+    ``batch_size``): its help, and argparse's keywords (``type`` may name one of the CLI's value types:
+    count, split, attacks, eps)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": argparse_kwargs})
+
+
 @dataclass
 class EvalSettings:
-    data: str
-    sizes: list[int]
-    train_size: Optional[int] = None
-    split: str = "test"
-    length: Optional[int] = None  # number of evaluation samples (synthetic: the split's length)
-    data_root: Optional[str] = None
-    seed: int = 0
-    batch_size: int = 64
-    workers: int = 0
-    adversarial: tuple[str, ...] = ()
-    eps: tuple[float, ...] = (1 / 255, 2 / 255)
-    pgd_steps: int = 10
-    adversarial_samples: int = 256
-    by_object_size: bool = False
+    """What ``lookhere eval`` measures, defined once: each field with a flag gives that flag, its
+    help and default (the CLI builds its parser from them), a study's ``eval:`` key, and the
+    argument list a study writes into each cell's command (:meth:`argv`)."""
+
+    data: str = _flag(f"dataset: {', '.join(DATASETS)} (a Hub name or a local folder); default: the run's")
+    sizes: list[int] = _flag("test image sizes (px)", type=int, nargs="+")
+    train_size: Optional[int] = _flag(
+        "the model's training size (default: its run's, its pretrained_cfg's, or its built size)", None, type="count")
+    split: str = _flag("split; hf: data takes its own names and slices, e.g. 'train[99%:]'", "test", type="split")
+    length: Optional[int] = _flag("evaluate the first LENGTH samples (synthetic: that many scenes)", None, type=int)
+    data_root: Optional[str] = _flag("dataset folder (fashion-mnist) or cache folder (hf:); default: the run's", None)
+    seed: int = _flag("seed of synthetic scenes and PGD starts (default: the run's, else 0)", 0, type=int)
+    batch_size: int = _flag("images per forward", 64, type=int)
+    workers: int = _flag("data-loading processes (use more for photographs)", 0, type=int)
+    adversarial: tuple[str, ...] = _flag("comma-separated attacks: fgsm,pgd", (), type="attacks")
+    eps: tuple[float, ...] = _flag("L-inf attack sizes in pixel units of [0, 1], comma separated (1/255: one grey "
+                                   "level)", (1 / 255, 2 / 255), type="eps")
+    pgd_steps: int = _flag("PGD steps", 10, type=int)
+    adversarial_samples: int = _flag("images attacked", 256, type=int)
+    by_object_size: bool = _flag("accuracy change from the training size per object-size quintile (synthetic data)",
+                                 False, action="store_true")
+    tune_knobs: bool = _flag("also evaluate each larger size with the encoding's knob setting chosen on the val "
+                             "split", False, action="store_true")
+    val_length: Optional[int] = _flag("validation samples for --tune-knobs (default: the split)", None, type=int)
+    lh_slope_scales: tuple[float, ...] = _flag("multiples of a numeric knob's own value (LookHere's global slope) "
+                                               "tried by --tune-knobs", (0.5, 2.0), type=float, nargs="+")
     num_classes: Optional[int] = None
-    tune_knobs: bool = False  # pick each size's best test-time knob setting on the validation split
-    val_length: Optional[int] = None  # validation samples used to pick it
-    lh_slope_scales: tuple[float, ...] = (0.5, 2.0)
     data_config: Optional[dict] = None  # photographs: timm data config (default: model_data_config)
+
+    @classmethod
+    def flags(cls) -> list[dataclasses.Field]:
+        """The fields that are ``lookhere eval`` flags, in the order the CLI lists them."""
+        return [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field that declares one, with its help and argparse keywords; every flag
+        defaults to None (not given), so :meth:`from_flags` can fall back to what the run says."""
+        types = {"count": flags.count, "split": flags.split_name, "attacks": attack_names, "eps": str}
+        for f in cls.flags():
+            kwargs = dict(f.metadata["flag"])
+            if isinstance(kwargs.get("type"), str):
+                kwargs["type"] = types[kwargs["type"]]
+            help = f.metadata["help"]
+            if f.default not in (dataclasses.MISSING, None, (), False) and "default" not in help:
+                shown = (",".join(map(format_eps, f.default)) if f.name == "eps"
+                         else " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
+                help += f" (default: {shown})"
+            parser.add_argument("--" + f.name.replace("_", "-"), default=None, required=f.name == "sizes",
+                                help=help.replace("%", "%%"), **kwargs)
+
+    @classmethod
+    def parse_argv(cls, argv: Sequence[str], **fallback: Any) -> tuple["EvalSettings", list[str]]:
+        """The settings a ``lookhere eval`` argument list asks for, and the arguments that are not settings."""
+        parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+        cls.add_flags(parser)
+        known, rest = parser.parse_known_args(list(argv))
+        return cls.from_flags(vars(known), **fallback), rest
+
+    @classmethod
+    def from_flags(cls, given: dict[str, Any], **fallback: Any) -> "EvalSettings":
+        """Settings from flag values (None: not given), else ``fallback`` (what the run or the model
+        says: its data, training size, seed), else the defaults. ``--eps`` may be text (``1/255,2/255``)."""
+        names = {f.name for f in cls.flags()}
+        kwargs = {k: v for k, v in fallback.items() if k not in names}
+        for name in names:
+            value = given.get(name)
+            value = fallback.get(name) if value is None else value
+            if value is None:
+                continue
+            if name == "eps" and isinstance(value, str):
+                value = parse_eps(value)
+            kwargs[name] = list(value) if name == "sizes" else tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    def argv(self, omit: Sequence[str] = ()) -> list[str]:
+        """The ``lookhere eval`` flags that give these settings: those that differ from the defaults
+        (``--sizes`` always), but the fields in ``omit``."""
+        out: list[str] = []
+        for f in self.flags():
+            value = getattr(self, f.name)
+            if f.name in omit or (f.name != "sizes" and f.default is not dataclasses.MISSING
+                                  and _same(value, f.default)):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(flag)
+            elif f.name == "eps":
+                out += [flag, ",".join(format_eps(e) for e in value)]
+            elif f.name == "adversarial":
+                out += [flag, ",".join(value)]
+            elif isinstance(value, (list, tuple)):
+                out += [flag, *map(str, value)]
+            else:
+                out += [flag, str(value)]
+        return out
 
     def check(self, patch_size: Optional[int] = None) -> None:
         """Refuse, before any work, settings whose results cannot be produced."""
@@ -395,6 +468,9 @@ class EvalSettings:
         for flag in ("length", "val_length"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if self.val_length is not None and not self.tune_knobs:
+            raise ValueError(f"--val-length {self.val_length} is read only by --tune-knobs: add --tune-knobs, or "
+                             f"leave out --val-length")
         if self.tune_knobs and self.split.partition("[")[0] in ("val", "validation"):
             raise ValueError(f"--tune-knobs chooses each knob on the validation split, the split --split "
                              f"{self.split} scores: the choice would be marked on its own images; evaluate "
@@ -484,9 +560,11 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
             if grid:
                 apply_knobs(model, **grid[0])
             results["knobs"][str(size)] = {"setting": choice, "val_top1": scores}
-            if "lh_global_slope" in choice:
-                results["knobs"][str(size)]["rule"] = slope_rule(
-                    grid[0]["lh_global_slope"], choice["lh_global_slope"], settings.lh_slope_scales, train_size / size)
+            for knob in model.pos_encoding.test_knobs:
+                rule = knob.rule(grid[0][knob.key], choice[knob.key], tuple(settings.lh_slope_scales),
+                                 train_size / size) if knob.key in choice else None
+                if rule is not None:  # a numeric knob: which multiple of its own value won
+                    results["knobs"][str(size)]["rule"] = rule
 
     if settings.by_object_size:
         ds = test[train_size]

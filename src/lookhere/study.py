@@ -43,20 +43,17 @@ if TYPE_CHECKING:
 SYNTHETIC = tuple(SYNTHETIC_TASKS)
 
 
-@dataclass
-class EvalPlan:
-    """How each cell is evaluated (the flags of ``lookhere eval``)."""
+# The ``eval:`` keys a study file may set: ``lookhere eval``'s own settings (``EvalSettings``), but
+# those each cell sets itself (its dataset, training size, seed and data folder, and the per-object-size
+# table, on for synthetic scenes). A key left out takes ``lookhere eval``'s default.
+PER_CELL_EVAL = ("data", "train_size", "seed", "data_root", "by_object_size")
+EVAL_ALIASES = {"test_length": "length"}  # the name study files used before the settings were shared
 
-    sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
-    test_length: Optional[int] = 500
-    val_length: Optional[int] = 200
-    tune_knobs: bool = True
-    lh_slope_scales: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    adversarial: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])
-    eps: str = "1/255"
-    pgd_steps: int = 10
-    adversarial_samples: int = 200
-    batch_size: int = 64
+
+def eval_keys() -> list[str]:
+    from .evaluate import EvalSettings
+
+    return [f.name for f in EvalSettings.flags() if f.name not in PER_CELL_EVAL]
 
 
 @dataclass
@@ -72,7 +69,7 @@ class StudyConfig:
     encodings: list[str]
     seeds: list[int]
     train: dict[str, Any] = field(default_factory=dict)
-    eval: EvalPlan = field(default_factory=EvalPlan)
+    eval: dict[str, Any] = field(default_factory=dict)  # lookhere eval's settings (eval_keys()), YAML-typed
     reference: str = "lh-90"  # the encoding every other one is compared against, seed by seed
     # Named encodings of the study's own: name -> {pos_encoding, lookhere_config, pos_options}, e.g. a
     # LookHere ablation. ``encodings`` may list them beside the registered names.
@@ -88,17 +85,18 @@ class StudyConfig:
         missing = {"name", "datasets", "encodings", "seeds"} - set(d)
         if missing:
             raise ValueError(f"{source}: missing key(s) {sorted(missing)}")
-        plan = dict(d.get("eval") or {})
-        bad = set(plan) - {f.name for f in fields(EvalPlan)}
+        plan = {EVAL_ALIASES.get(k, k): v for k, v in (d.get("eval") or {}).items()}
+        bad = set(plan) - set(eval_keys())
         if bad:
-            raise ValueError(f"{source}: unknown eval key(s) {sorted(bad)}; allowed: "
-                             f"{sorted(f.name for f in fields(EvalPlan))}")
+            raise ValueError(f"{source}: unknown eval key(s) {sorted(bad)}; allowed: {sorted(eval_keys())}")
         datasets = d["datasets"]
         if isinstance(datasets, list):
             datasets = {name: {} for name in datasets}
         if not isinstance(datasets, dict):
             raise ValueError(f"{source}: datasets must be a list of names or a mapping of name to settings, "
                              f"got {datasets!r}")
+        if isinstance(plan.get("adversarial"), str):
+            plan["adversarial"] = plan["adversarial"].split(",")  # as the --adversarial flag takes it
         for key in ("encodings", "seeds", *(k for k in ("sizes", "lh_slope_scales", "adversarial") if k in plan)):
             value = plan[key] if key in plan else d[key]
             if not isinstance(value, list):
@@ -113,7 +111,7 @@ class StudyConfig:
                              f"datasets, encodings and seeds, and its folder); leave them out")
         cfg = cls(name=str(d["name"]), datasets={k: dict(v or {}) for k, v in datasets.items()},
                   encodings=list(d["encodings"]), seeds=list(d["seeds"]),
-                  train=dict(d.get("train") or {}), eval=EvalPlan(**plan), reference=d.get("reference", "lh-90"),
+                  train=dict(d.get("train") or {}), eval=plan, reference=d.get("reference", "lh-90"),
                   variants={k: dict(v or {}) for k, v in (d.get("variants") or {}).items()},
                   cpu_capability=d.get("cpu_capability", "avx2"))
         cfg.validate(source)
@@ -161,6 +159,8 @@ class StudyConfig:
         for name in self.datasets:
             cfg = self.train_config(name, self.encodings[0], self.seeds[0], "x")
             sizes = self.sizes(name)
+            if not sizes:
+                raise ValueError(f"{source}: {name} sizes []: give at least one test size")
             if sizes != sorted(set(sizes)):
                 raise ValueError(f"{source}: {name} sizes {sizes}: list each size once, smallest first")
             if cfg.img_size not in sizes:
@@ -175,20 +175,22 @@ class StudyConfig:
                 raise ValueError(f"{source}: eval: {e}") from None
 
     def eval_settings(self, dataset: str) -> "EvalSettings":
-        """What each cell's ``lookhere eval`` command asks for (without the checkpoint)."""
-        from .evaluate import EvalSettings, parse_eps
+        """What each cell's ``lookhere eval`` command asks for (without the checkpoint): the study's
+        ``eval:`` keys, else ``lookhere eval``'s defaults."""
+        from .evaluate import EvalSettings
 
-        plan = self.eval
         train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").img_size
-        return EvalSettings(data=dataset, sizes=self.sizes(dataset), train_size=train_size, length=plan.test_length,
-                            val_length=plan.val_length if plan.tune_knobs else None, tune_knobs=plan.tune_knobs,
-                            lh_slope_scales=tuple(plan.lh_slope_scales), adversarial=tuple(plan.adversarial),
-                            eps=tuple(parse_eps(plan.eps)) if plan.adversarial else (), pgd_steps=plan.pgd_steps,
-                            adversarial_samples=plan.adversarial_samples, batch_size=plan.batch_size,
-                            by_object_size=dataset in SYNTHETIC)
+        given = {k: v for k, v in self.eval.items() if k != "sizes"}
+        return EvalSettings.from_flags(given, data=dataset, sizes=self.sizes(dataset), train_size=train_size,
+                                       by_object_size=dataset in SYNTHETIC)
 
     def sizes(self, dataset: str) -> list[int]:
-        return list(self.datasets[dataset].get("sizes", self.eval.sizes))
+        """The dataset's own test sizes, else the study's, else 1x, 2x and 4x the training size."""
+        sizes = self.datasets[dataset].get("sizes", self.eval.get("sizes"))
+        if sizes is None:
+            train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").img_size
+            return [train_size, 2 * train_size, 4 * train_size]
+        return list(sizes)
 
     def train_config(self, dataset: str, encoding: str, seed: int, output: str) -> TrainConfig:
         own = {k: v for k, v in self.datasets[dataset].items() if k != "sizes"}
@@ -269,22 +271,10 @@ class Cell:
     def commands(self) -> dict[str, list[str]]:
         """The two commands that make this cell, as argument lists (``lookhere`` = this package's CLI)."""
         cfg = self.train_config()
-        plan = self.study.eval
         train_cmd = ["lookhere", "train", *_flags(cfg)]
-        eval_cmd = ["lookhere", "eval", "--checkpoint", str(self.run_dir), "--sizes", *map(str, self.study.sizes(self.dataset)),
-                    "--train-size", str(cfg.img_size), "--batch-size", str(plan.batch_size), "--no-progress",
-                    "--output", str(self.dir / "eval")]
-        if plan.test_length:
-            eval_cmd += ["--length", str(plan.test_length)]
-        if plan.tune_knobs:
-            eval_cmd += ["--tune-knobs", "--lh-slope-scales", *map(str, plan.lh_slope_scales)]
-            if plan.val_length:
-                eval_cmd += ["--val-length", str(plan.val_length)]
-        if plan.adversarial:
-            eval_cmd += ["--adversarial", ",".join(plan.adversarial), "--eps", plan.eps, "--pgd-steps",
-                         str(plan.pgd_steps), "--adversarial-samples", str(plan.adversarial_samples)]
-        if self.dataset in SYNTHETIC:
-            eval_cmd += ["--by-object-size"]
+        settings = self.study.eval_settings(self.dataset)
+        eval_cmd = ["lookhere", "eval", "--checkpoint", str(self.run_dir), *settings.argv(omit=("data",)),
+                    "--no-progress", "--output", str(self.dir / "eval")]
         return {"train": train_cmd, "eval": eval_cmd}
 
     def command_line(self) -> str:
@@ -597,7 +587,7 @@ def _measure(cell: Cell) -> dict[str, Any]:
                 model(xb)
                 per_image[size] = (time.perf_counter() - t) / 8
         return {"step_s": min(times[1:]), "per_image_s": per_image, "train_len": len(ds), "cfg": cfg,
-                "settings": max(1, len(knob_grid(model, cell.study.eval.lh_slope_scales,
+                "settings": max(1, len(knob_grid(model, cell.study.eval_settings(cell.dataset).lh_slope_scales,
                                                  size_ratio=cfg.img_size / max(cell.study.sizes(cell.dataset)))))}
     finally:
         torch.set_num_threads(threads)
@@ -607,7 +597,6 @@ def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str
     """Cells with their status and an estimate of the seconds each needs (measured: a few training
     steps and forward passes of each model on one thread; cells already run use their own times)."""
     cells, _, redo = prepare(cfg, output)  # a dry run refuses what the run would refuse
-    plan = cfg.eval
     measured: dict[tuple[str, str], dict[str, Any]] = {}
     rows = []
     for cell in cells:
@@ -623,7 +612,8 @@ def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str
         m = measured.setdefault((cell.dataset, cell.encoding), _measure(cell))
         tc = m["cfg"]
         steps = tc.epochs * (m["train_len"] // tc.batch_size)
-        n_test = plan.test_length or 10000
+        plan = cfg.eval_settings(cell.dataset)
+        n_test = plan.length or 10000
         n_val = plan.val_length or 2000
         settings = m["settings"]
         larger = [s for s in cfg.sizes(cell.dataset) if s != tc.img_size]

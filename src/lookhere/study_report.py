@@ -170,17 +170,16 @@ def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1, signed: bool =
     return f"{mean} ± {half * scale:.{digits}f}"
 
 
-SHORT = {"lh_global_slope": "slope", "rope_interpolate": "interpolate", "pos_resample": "resample",
-         "fire_normalize": "normalise"}
-
-
 def _setting_text(settings: dict[str, int]) -> str:
     """``{'{"lh_global_slope": 0.5, "rule": "size ratio"}': 3}`` -> ``slope=0.5 [size ratio] (3)``."""
+    from .position import registered_knobs
+
+    short = {knob.key: knob.label for knob in registered_knobs()}
     parts = []
     for key, count in settings.items():
         setting = json.loads(key)
         rule = setting.pop("rule", None)
-        label = ", ".join(f"{SHORT.get(k, k)}={v:g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}"
+        label = ", ".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
                           for k, v in setting.items()) or "-"
         label += f" [{rule}]" if rule else ""
         parts.append(f"{label} ({count})")

@@ -22,7 +22,7 @@ from timm.models._features import feature_take_indices
 
 from .config import LookHereConfig
 from .official import checkpoint_filter_fn
-from .position import PositionEncoding, build_position_encoding
+from .position import BASELINES, PositionEncoding, build_position_encoding
 
 # Drop-path rate per block: the same in every block (the released LookHere models, DeiT-III), or
 # rising linearly from 0 in the first block (DeiT, timm's ViT).
@@ -116,9 +116,15 @@ def embed_positions(pos: PositionEncoding, x: torch.Tensor, grid: tuple[int, int
 
 
 @register_notrace_function
+def position_state(pos: PositionEncoding, grid: tuple[int, int], device: torch.device) -> Any:
+    return pos.forward_state(grid, device)
+
+
+@register_notrace_function
 def attend_positions(pos: PositionEncoding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
-                     layer: int, num_prefix_tokens: int, dropout_p: float) -> torch.Tensor:
-    return pos.attend(q, k, v, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens, dropout_p=dropout_p)
+                     layer: int, num_prefix_tokens: int, dropout_p: float, state: Any) -> torch.Tensor:
+    return pos.attend(q, k, v, grid=grid, layer=layer, num_prefix_tokens=num_prefix_tokens, dropout_p=dropout_p,
+                      state=state)
 
 
 class Attention(nn.Module):
@@ -135,11 +141,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
+    def forward(self, x: torch.Tensor, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int,
+                state: Any = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = attend_positions(pos, q, k, v, grid, self.layer, num_prefix_tokens,
-                             self.attn_drop if self.training else 0.0)
+                             self.attn_drop if self.training else 0.0, state)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
@@ -158,8 +165,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos, grid, num_prefix_tokens)))
+    def forward(self, x, pos: PositionEncoding, grid: tuple[int, int], num_prefix_tokens: int, state: Any = None):
+        """``state``: the encoding's per-forward values (``PositionEncoding.forward_state``), shared by every block."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos, grid, num_prefix_tokens, state)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -319,21 +327,23 @@ class VisionTransformer(nn.Module):
         """Check an image batch and return its patch grid, with a message that says what is wrong."""
         return image_grid(x, self.patch_size, self._built_config.in_chans)
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], Any]:
+        """Tokens (CLS first), the patch grid, and the encoding's state for this forward."""
         grid = self.grid_for(x)
         x = self.patch_embed(x).flatten(1, 2)
         x = embed_positions(self.pos_encoding, x, grid)
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1), grid
+        state = position_state(self.pos_encoding, grid, x.device)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1), grid, state
 
-    def _block(self, blk: Block, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def _block(self, blk: Block, x: torch.Tensor, grid: tuple[int, int], state: Any) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            return checkpoint(blk, x, self.pos_encoding, grid, self.num_prefix_tokens)
-        return blk(x, self.pos_encoding, grid, self.num_prefix_tokens)
+            return checkpoint(blk, x, self.pos_encoding, grid, self.num_prefix_tokens, state)
+        return blk(x, self.pos_encoding, grid, self.num_prefix_tokens, state)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, grid = self._embed(x)
+        x, grid, state = self._embed(x)
         for blk in self.blocks:
-            x = self._block(blk, x, grid)
+            x = self._block(blk, x, grid, state)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -363,11 +373,11 @@ class VisionTransformer(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}; allowed: NCHW, NLC")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        x, (gy, gx) = self._embed(x)
+        x, (gy, gx), state = self._embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         inter = []
         for i, blk in enumerate(blocks):
-            x = self._block(blk, x, (gy, gx))
+            x = self._block(blk, x, (gy, gx), state)
             if i in take:
                 inter.append(self.norm(x) if norm else x)
         p = self.num_prefix_tokens
@@ -418,9 +428,8 @@ SIZES = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 _VARIANTS = {"180": "lh-180", "90": "lh-90", "45": "lh-45"}
-# The paper's baselines and newer encodings on the same backbone: vit_{size}_patch16_pe_{encoding with underscores}.
-BASELINES = ("none", "learned-1d", "sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d",
-             "rope-2d-axial", "rope-2d-mixed", "fire", "pape", "rope-2d-dinov3")
+# The paper's baselines and newer encodings on the same backbone (``lookhere.position.BASELINES``):
+# vit_{size}_patch16_pe_{encoding with underscores}.
 
 
 def _name(size: str, pos_encoding: str) -> str:
