@@ -108,6 +108,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # The same question for 2D-RoPE (mixed): the old and the new defaults of create_vit.
     "rope-new-default": (dict(pos="rope-2d-mixed"), {}),
     "rope-ours-default": (dict(pos="rope-2d-mixed", init="trunc02", init_values=1e-4), {}),
+    "rope-new+ls0.1": (dict(pos="rope-2d-mixed", init_values=0.1), {}),
 }
 
 

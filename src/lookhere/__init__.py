@@ -7,8 +7,7 @@ any image size and aspect ratio, registered in timm.
 
 from .attention import dense_bias, lookhere_attention
 from .config import PRESETS, LookHereConfig
-from .io import load_model, save_model
-from .official import load_official
+from .io import load_model, load_official, save_model
 from .position import POSITION_ENCODINGS
 from .vit import ViTConfig, VisionTransformer, checkpoint_filter_fn, create_vit
 

@@ -137,7 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .position import registered_knobs
     from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, load_pretrained, markdown_table, run_eval,
                            training_size, write_results)
-    from .train import _device
+    from .train import resolve_device
 
     if args.model:
         model, cfg, name = load_pretrained(args.model, args.pretrained_file), None, args.model
@@ -152,7 +152,7 @@ def _eval(args: argparse.Namespace) -> int:
                          "(e.g. --data hf:antofuller/ImageNet-HR)")
     settings = EvalSettings.from_flags(vars(args), data=data, train_size=training_size(model, cfg),
                                        data_root=cfg.data_root if cfg else None, seed=cfg.seed if cfg else None)
-    results = run_eval(model, settings, device=_device(args.device), progress=not args.no_progress)
+    results = run_eval(model, settings, device=resolve_device(args.device), progress=not args.no_progress)
     if args.output:
         out = args.output
     elif args.checkpoint and Path(args.checkpoint).is_dir():
@@ -169,7 +169,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from .analyze import run_analysis, table
     from .data import DataSpec, build_dataset, collate
     from .evaluate import load_checkpoint, model_data_config, training_size
-    from .train import _device
+    from .train import resolve_device
 
     model, cfg = load_checkpoint(args.checkpoint, num_heads=args.num_heads)
     data = args.data or (cfg.data if cfg else None)
@@ -186,7 +186,7 @@ def _analyze(args: argparse.Namespace) -> int:
             raise ValueError(f"--data {data}: none of the first {args.num_images} images of "
                              f"--split {args.split} could be read")
     out = args.output or (str(Path(args.checkpoint) / "analysis") if Path(args.checkpoint).is_dir() else "analysis")
-    res = run_analysis(model, images, out, layer=args.layer, device=_device(args.device))
+    res = run_analysis(model, images, out, layer=args.layer, device=resolve_device(args.device))
     print(table(res["summary"]))
     print("wrote " + ", ".join(res["files"].values()))
     return 0
@@ -252,7 +252,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.factory import DATASETS
     from .evaluate import EvalSettings
     from .data.synthetic import TASKS
     from .position import registered_knobs

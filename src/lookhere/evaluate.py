@@ -51,8 +51,7 @@ LABEL_LIST_METRICS = (
 def load_checkpoint(path: str | Path, *, num_heads: int = 12, weights: str = "best"):
     """A model from a run directory (its ``best/`` or ``last/``), a model directory, or a released
     LookHere ``.pth`` file. Returns ``(model, train_config_or_None)``."""
-    from .io import load_model
-    from .official import load_official
+    from .io import load_model, load_official
     from .train import TrainConfig
 
     p = Path(path)

@@ -1,16 +1,19 @@
-"""Our own model files: ``model.safetensors`` (weights) next to ``config.json`` (a ViTConfig)."""
+"""Model files: our own (``model.safetensors`` next to ``config.json``, a ViTConfig) and the released
+LookHere checkpoints, read and checked by ``official.py``, built into our ViT here."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .vit import ViTConfig, VisionTransformer
+from .official import not_released, read_official
+from .vit import LOOKHERE_ARCH, ViTConfig, VisionTransformer, create_vit
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -58,4 +61,36 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{d / WEIGHTS}: weights do not match {d / CONFIG}: {str(e).splitlines()[0]}") from e
+    return model.eval()
+
+
+def load_official(path: str | os.PathLike, *, num_heads: int = 12) -> "VisionTransformer":
+    """A released LookHere checkpoint as our ViT, in eval mode, at any image size.
+
+    Width, depth, patch size, MLP ratio, head and classes come from the weights; the LookHere config
+    from the file; drop-path is the paper's (for finetuning), as in the timm ``.in1k`` variants.
+    """
+    config, w = read_official(path)
+    embed_dim = w["cls_token"].shape[-1]
+    patch = w["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in w if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if "head.fc2.weight" in w:
+        num_classes, head_hidden = w["head.fc2.weight"].shape[0], w["head.fc1.weight"].shape[0]
+    elif "head.weight" in w:
+        num_classes, head_hidden = w["head.weight"].shape[0], None
+    else:
+        num_classes, head_hidden = 0, None
+    if embed_dim % num_heads:
+        raise ValueError(f"{path}: width {embed_dim} is not divisible by num_heads={num_heads}")
+    model = create_vit(
+        pos_encoding="lookhere", lookhere_config=config.to_dict(), img_size=224 // patch[-1] * patch[-1],
+        patch_size=patch[-1], in_chans=patch[1], embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        num_classes=num_classes, mlp_ratio=w["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in w, head_hidden_dim=head_hidden,
+        **dict(LOOKHERE_ARCH, init_values=1.0 if "blocks.0.ls1.gamma" in w else None),
+    )
+    result = model.load_state_dict(w, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise not_released(path, f"weights do not fit a ViT: missing {result.missing_keys[:5]}, "
+                          f"unexpected {result.unexpected_keys[:5]}")
     return model.eval()

@@ -17,6 +17,7 @@ and the report say why. A cell made by another command is refused: that is anoth
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import yaml
 
 from .data.factory import SYNTHETIC_TASKS
 from .environment import CPU_CAPABILITIES, KERNEL_PINS, kernel_pin
-from .io import write_atomic
+from .study_files import CellFiles, cell_key, write_json
 from .train import TrainConfig
 
 if TYPE_CHECKING:
@@ -213,11 +214,6 @@ class StudyConfig:
 VARIANT_KEYS = ("pos_encoding", "lookhere_config", "pos_options")
 
 
-def cell_key(dataset: str, encoding: str, seed: int) -> str:
-    """A cell's folder in its study (``folder:PATH`` and ``hf:NAME`` datasets as one name)."""
-    return f"{dataset.replace(':', '-').replace('/', '-')}/{encoding}/seed{seed}"
-
-
 ALWAYS = ("data", "pos_encoding", "seed", "output")  # written out even when they equal the default
 
 
@@ -254,16 +250,20 @@ class Cell:
         return cell_key(self.dataset, self.encoding, self.seed)
 
     @property
+    def files(self) -> CellFiles:
+        return CellFiles.of(self.root, self.dataset, self.encoding, self.seed)
+
+    @property
     def dir(self) -> Path:
-        return self.root / self.key
+        return self.files.dir
 
     @property
     def run_dir(self) -> Path:
-        return self.dir / "run"
+        return self.files.run_dir
 
     @property
     def eval_json(self) -> Path:
-        return self.dir / "eval" / "eval.json"
+        return self.files.eval_json
 
     def train_config(self) -> TrainConfig:
         return self.study.train_config(self.dataset, self.encoding, self.seed, str(self.run_dir))
@@ -286,25 +286,10 @@ class Cell:
 
     def recorded(self) -> Optional[dict[str, Any]]:
         """``cell.json`` as written when the cell was made (None: not yet); ValueError when unreadable."""
-        f = self.dir / "cell.json"
-        if not f.is_file():
-            return None
-        try:
-            d = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            d = None
-        if not isinstance(d, dict):
-            raise ValueError(f"{self.dir} (cell.json unreadable)")
-        return d
+        return self.files.record()
 
     def status(self) -> str:
-        if self.eval_json.is_file():
-            return "done"
-        if (self.dir / "train.json").is_file():
-            return "trained"
-        if (self.run_dir / "last" / "state.pt").is_file():
-            return "started"
-        return "todo"
+        return self.files.status()
 
 
 # --- identity -----------------------------------------------------------------------------------
@@ -382,6 +367,39 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return out
 
 
+def _same_eval(recorded: Any, argv: list[str], dataset: str) -> bool:
+    """Two ``lookhere eval`` argument lists that ask for the same settings and the same rest
+    (checkpoint, output), whatever the order of the flags and whether defaults are spelled out:
+    cells written before the study and ``lookhere eval`` shared one definition of the settings."""
+    from .evaluate import EvalSettings
+
+    if not isinstance(recorded, list) or recorded[:2] != argv[:2]:
+        return False
+    try:
+        return EvalSettings.parse_argv(recorded[2:], data=dataset) == EvalSettings.parse_argv(argv[2:], data=dataset)
+    except (argparse.ArgumentError, ValueError):
+        return False
+
+
+def _same_command_line(recorded: Any, cell: Cell) -> bool:
+    """``cell.json``'s command line against the cell's: the same environment, training command and
+    evaluation settings (:func:`_same_eval`)."""
+    if not isinstance(recorded, str):
+        return False
+    mine = cell.command_line().split(" && ")
+    theirs = recorded.split(" && ")
+    if len(theirs) != len(mine):
+        return False
+    for a, b, kind in zip(theirs, mine, ("train", "eval")):
+        a, b = shlex.split(a), shlex.split(b)  # VAR=value ... lookhere train|eval ...
+        if "lookhere" not in a:
+            return False
+        i, j = a.index("lookhere"), b.index("lookhere")
+        if a[:i] != b[:j] or (a[i:] != b[j:] if kind == "train" else not _same_eval(a[i:], b[j:], cell.dataset)):
+            return False
+    return True
+
+
 def check_cells_match(cells: list[Cell]) -> None:
     """A cell made by another command is another study: refuse rather than keep or resume it."""
     stale = []
@@ -393,11 +411,12 @@ def check_cells_match(cells: list[Cell]) -> None:
             continue
         if made is None:
             continue
+        c = cell.commands()
         if "identity" in made:
-            same = made.get("command") == cell.command_line()
+            same = made.get("command") == cell.command_line() or _same_command_line(made.get("command"), cell)
         else:  # made before identities and the pinned kernels were recorded: the commands themselves
-            c = cell.commands()
-            same = made.get("train_command") == c["train"] and made.get("eval_command") == c["eval"]
+            same = made.get("train_command") == c["train"] and _same_eval(made.get("eval_command"), c["eval"],
+                                                                         cell.dataset)
         if not same:
             stale.append(str(cell.dir))
     if stale:
@@ -425,11 +444,12 @@ def cells_to_redo(cells: list[Cell], identities: dict[str, dict[str, Any]]) -> d
 
 
 def _clear(cell: Cell, why: list[str]) -> None:
-    for name in ("run", "eval"):
-        shutil.rmtree(cell.dir / name, ignore_errors=True)
-    for name in ("train.json", "timing.json"):
-        (cell.dir / name).unlink(missing_ok=True)
-    with open(cell.dir / "log.txt", "a") as log:
+    files = cell.files
+    for folder in (files.run_dir, files.eval_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    for made in (files.train_json, files.timing_json):
+        made.unlink(missing_ok=True)
+    with open(files.log, "a") as log:
         log.write(f"# made again: {'; '.join(why)}\n")
 
 
@@ -449,10 +469,6 @@ def run_command(argv: list[str], log, env: dict[str, str]) -> None:
         raise RuntimeError(f"`{shlex.join(argv)}` failed with exit status {rc}")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
 def _environments(cell: Cell) -> dict[str, Any]:
     """The environments the cell's training (each start and resume, distinct ones) and evaluation ran in."""
     train = []
@@ -462,7 +478,7 @@ def _environments(cell: Cell) -> dict[str, Any]:
             env = {k: v for k, v in r.items() if k not in ("kind", "step")}
             if env not in train:
                 train.append(env)
-    return {"train": train, "eval": json.loads(cell.eval_json.read_text()).get("environment")}
+    return {"train": train, "eval": cell.files.evaluation().get("environment")}
 
 
 def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optional[list[str]] = None) -> dict[str, float]:
@@ -481,14 +497,12 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
         record["identity"] = identity
     if why:
         record["made_again"] = why
-    _write_json(cell.dir / "cell.json", record)
+    files = cell.files
+    write_json(files.record_json, record)
     env = {**os.environ, **cell.study.cell_env()}
-    timing: dict[str, float] = {}
-    timing_file = cell.dir / "timing.json"
-    if timing_file.is_file():
-        timing = json.loads(timing_file.read_text())
-    with open(cell.dir / "log.txt", "a") as log:
-        if not (cell.dir / "train.json").is_file():
+    timing = files.timing()
+    with open(files.log, "a") as log:
+        if not files.train_json.is_file():
             t = time.perf_counter()
             argv = commands["train"]
             if (cell.run_dir / "config.yaml").is_file():
@@ -498,14 +512,14 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
             epochs = [r for r in records if r.get("kind") == "epoch"]
             # the run's own count covers the stretches before a kill too; this process saw only the last
             timing["train_s"] = (epochs[-1].get("train_s") if epochs else None) or time.perf_counter() - t
-            _write_json(timing_file, timing)  # first: train.json marks the training done
-            _write_json(cell.dir / "train.json", {"epochs": epochs})
-        if not cell.eval_json.is_file():
+            write_json(files.timing_json, timing)  # first: train.json marks the training done
+            write_json(files.train_json, {"epochs": epochs})
+        if not files.eval_json.is_file():
             t = time.perf_counter()
             run_command(commands["eval"], log, env)
             timing["eval_s"] = time.perf_counter() - t
-            _write_json(timing_file, timing)
-    _write_json(cell.dir / "cell.json", {**record, "environment": _environments(cell)})
+            write_json(files.timing_json, timing)
+    write_json(files.record_json, {**record, "environment": _environments(cell)})
     return timing
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
-from .study import cell_key
+from .study_files import CellFiles
 
 METRICS = ("top1", "nll", "ece")
 
@@ -64,13 +64,10 @@ def _cells(root: Path) -> list[dict[str, Any]]:
     for dataset in cfg["datasets"]:
         for encoding in cfg["encodings"]:
             for seed in cfg["seeds"]:
-                d = root / cell_key(dataset, encoding, seed)
-                if not (d / "eval" / "eval.json").is_file():
+                files = CellFiles.of(root, dataset, encoding, seed)
+                if files.status() != "done":
                     continue
-                cell = json.loads((d / "cell.json").read_text())
-                ev = json.loads((d / "eval" / "eval.json").read_text())
-                train = json.loads((d / "train.json").read_text()) if (d / "train.json").is_file() else {}
-                epochs = train.get("epochs", [])
+                cell, ev, epochs = files.record(), files.evaluation(), files.epochs()
                 curve = {e["epoch"]: e["val_acc"] for e in epochs}  # a resumed run may log an epoch twice
                 sizes = {}
                 for size, m in ev["sizes"].items():
@@ -607,8 +604,8 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(root / "results.json")
     planned = len(cfg["datasets"]) * len(cfg["encodings"]) * len(cfg["seeds"])
-    timings = [root / cell_key(r["dataset"], r["encoding"], r["seed"]) / "timing.json" for r in records]
-    seconds = sum(sum(json.loads(t.read_text()).values()) for t in timings if t.is_file())  # finished cells only
+    seconds = sum(sum(CellFiles.of(root, r["dataset"], r["encoding"], r["seed"]).timing().values())
+                  for r in records)  # finished cells only
     progress = f"Cells finished: {len(records)} of {planned} ({seconds / 3600:.1f} CPU-hours of one-thread cells)."
     if len(records) < planned:
         progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."

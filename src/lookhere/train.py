@@ -358,8 +358,9 @@ def find_checkpoint(run_dir: Path) -> Optional[Path]:
     return None
 
 
-# --- the loop --------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
+# --- checks ----------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA where there is one; a device this machine lacks is one message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -417,18 +418,111 @@ def initial_model(cfg: TrainConfig, num_classes: int) -> VisionTransformer:
     return create_vit(**cfg.model_kwargs(num_classes))
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns the final metrics. Rank 0 logs and checkpoints."""
+# --- a run's parts and state -----------------------------------------------------------------
+@dataclass
+class Progress:
+    """How far a run has got: what a checkpoint saves besides weights and optimizer, and what a
+    resume restores (:func:`save_checkpoint` and :func:`restore_checkpoint` keep the same keys)."""
+
+    step: int = 0
+    best: float = -1.0  # the best validation top-1 so far (the ``best/`` checkpoint's)
+    # unreadable samples skipped; samples left out to keep a mixup batch even; batches with no sample left
+    counts: dict[str, int] = field(default_factory=lambda: {"skipped": 0, "mixup_dropped": 0, "empty_batches": 0})
+    earlier_s: float = 0.0  # seconds trained by the stretches before this one, up to their last checkpoint
+    started: float = field(default_factory=time.perf_counter)
+
+    def train_seconds(self) -> float:
+        """Wall seconds of training so far, over every stretch (a resume adds to its checkpoint's)."""
+        return self.earlier_s + time.perf_counter() - self.started
+
+
+class RunLog:
+    """``metrics.jsonl`` and TensorBoard on rank 0; nothing on the other ranks."""
+
+    def __init__(self, run_dir: Path, step: int, resumed: bool, main: bool):
+        self.file = self.writer = None
+        if not main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Points past the checkpoint are logged again; the checkpoint step's own points stay.
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if resumed else None)
+        if resumed:
+            forget_after(run_dir / "metrics.jsonl", step)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        # at every start and resume: what decides this stretch's last digits
+        self.file.write(json.dumps({"kind": "environment", "step": step, **environment()}) + "\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        prefix = "train" if record["kind"] == "step" else "epoch"
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch", "kind"):
+                self.writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.writer.close()
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by :func:`set_up`."""
+
+    cfg: TrainConfig
+    dir: Path
+    device: torch.device
+    d: Dist
+    model: nn.Module  # DDP-wrapped when there are several processes
+    raw: VisionTransformer
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    mix: Any
+    criterion: nn.Module
+    train_ds: SeededSamples
+    sampler: ResumableSampler
+    val_loader: DataLoader
+    per_rank: int
+    steps_per_epoch: int
+    limit: int  # the step the run stops at
+    progress: Progress = field(default_factory=Progress)
+    log: Optional[RunLog] = None
+    last_val: dict[str, float] = field(default_factory=dict)  # the last validation's top-1 and loss
+
+    def summed(self, values: list[float]) -> list[float]:
+        """Summed over the ranks (every rank calls it at the same step)."""
+        if self.d.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_counts(self) -> dict[str, int]:
+        counts = self.progress.counts
+        return dict(zip(counts, map(int, self.summed([float(v) for v in counts.values()]))))
+
+
+# --- set-up ----------------------------------------------------------------------------------
+def set_up(cfg: TrainConfig) -> Run:
+    """Devices and processes, data, model, optimizer, schedule and loss, from the config alone."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import param_groups_weight_decay
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
-    from tqdm import tqdm
 
-    started = time.perf_counter()
+    progress = Progress()  # the clock starts before the set-up, as the run's seconds always have
     cfg.validate()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     d = init_distributed(device)
     if d.world > 1 and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
@@ -446,10 +540,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--num-classes {cfg.num_classes}: {cfg.data} has {train_ds.num_classes} classes")
     train_ds = SeededSamples(train_ds, cfg.seed)
 
-    model: nn.Module = initial_model(cfg, num_classes).to(device)
-    raw = model
+    raw = initial_model(cfg, num_classes).to(device)
+    model: nn.Module = raw
     if d.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     ema = ModelEmaV3(raw, decay=cfg.ema_decay) if cfg.ema_decay else None
 
     per_rank = cfg.batch_size // d.world
@@ -471,178 +565,184 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         criterion: nn.Module = SoftTargetCrossEntropy()
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # Loaders get generators of their own: creating one must not draw from the global RNG, or a run
+    # resumed mid-epoch would see different dropout and mixup draws than an uninterrupted one.
+    val_loader = DataLoader(val_ds, batch_size=per_rank, sampler=shard(len(val_ds), d.rank, d.world) if d.world > 1
+                            else None, num_workers=cfg.workers, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    return Run(cfg, run_dir, device, d, model, raw, ema, optimizer, scheduler, mix, criterion, train_ds, sampler,
+               val_loader, per_rank, steps_per_epoch, limit, progress)
 
-    # unreadable samples skipped; samples left out to keep a mixup batch even; batches with no sample left
-    step, best, counts = 0, -1.0, {"skipped": 0, "mixup_dropped": 0, "empty_batches": 0}
-    earlier_s = 0.0  # seconds spent by the stretches before this one, up to their last checkpoint
-    ckpt = find_checkpoint(run_dir) if cfg.resume else None
+
+# --- checkpoints: save and restore, side by side -----------------------------------------------
+def save_checkpoint(run: Run, name: str) -> None:
+    """``name/`` in the run directory: weights (and EMA), optimizer, progress and every rank's RNGs."""
+    p = run.progress
+    per_rank = [(_rng_state(), dict(p.counts))]
+    if run.d.world > 1:
+        gathered: list[Any] = [None] * run.d.world
+        dist.all_gather_object(gathered, per_rank[0])
+        per_rank = gathered
+    if run.d.main:
+        state = {"optimizer": run.optimizer.state_dict(), "step": p.step, "best": p.best,
+                 "rng": [r for r, _ in per_rank], "counts_by_rank": [c for _, c in per_rank],
+                 "train_s": p.train_seconds()}
+        write_checkpoint(run.dir / name, run.raw, run.ema, state)
+        run.log.flush()  # what a resume does not log again must be on disk
+
+
+def restore_checkpoint(run: Run, ckpt: Path) -> None:
+    """What :func:`save_checkpoint` wrote, back into the run (this rank's RNGs and counts)."""
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    run.raw.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(run.device)))
+    if run.ema is not None and (ckpt / "ema.safetensors").is_file():
+        run.ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(run.device)))
+    run.optimizer.load_state_dict(state["optimizer"])
+    p = run.progress
+    p.step, p.best, p.earlier_s = state["step"], state["best"], state.get("train_s", 0.0)
+    mine = min(run.d.rank, len(state["rng"]) - 1)
+    # checkpoints written before the counts were kept per rank hold rank 0's at the top level
+    p.counts.update(state["counts_by_rank"][mine] if "counts_by_rank" in state else
+                    {k: state.get(k, 0) for k in p.counts})
+    _set_rng_state(state["rng"][mine])
+
+
+def start(run: Run) -> None:
+    """Restore the last checkpoint of a resumed run (or refuse a folder that holds another run), put
+    the schedule at the step, write the settings the run goes on with and open its log."""
+    cfg, d = run.cfg, run.d
+    ckpt = find_checkpoint(run.dir) if cfg.resume else None
     if cfg.resume and ckpt is None and d.main:
-        print(f"--resume {run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr)
+        print(f"--resume {run.dir}: no checkpoint yet, starting from the beginning", file=sys.stderr)
     if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        raw.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-        if ema is not None and (ckpt / "ema.safetensors").is_file():
-            ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)))
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, earlier_s = state["step"], state["best"], state.get("train_s", 0.0)
-        mine = min(d.rank, len(state["rng"]) - 1)
-        # checkpoints written before the counts were kept per rank hold rank 0's at the top level
-        counts.update(state["counts_by_rank"][mine] if "counts_by_rank" in state else
-                      {k: state.get(k, 0) for k in counts})
-        _set_rng_state(state["rng"][mine])
-    taken = torch.tensor(int(ckpt is None and not cfg.resume and d.main and (run_dir / "config.yaml").is_file()),
-                         device=device)
+        restore_checkpoint(run, ckpt)
+    taken = torch.tensor(int(ckpt is None and not cfg.resume and d.main and (run.dir / "config.yaml").is_file()),
+                         device=run.device)
     if d.world > 1:  # decided by rank 0, before it writes, and by every rank alike, so that none waits alone
         dist.all_reduce(taken, op=dist.ReduceOp.MAX)
     if taken:
-        raise FileExistsError(f"--output {run_dir} already holds a run; use --resume {run_dir} or another --output")
+        raise FileExistsError(f"--output {run.dir} already holds a run; use --resume {run.dir} or another --output")
     # The schedule is a function of the step and this config: a resume with more --epochs continues as a
     # run of the new length would, rather than at the old schedule's end.
-    scheduler.step_update(num_updates=step)
+    run.scheduler.step_update(num_updates=run.progress.step)
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.dir.mkdir(parents=True, exist_ok=True)
         # the settings the run goes on with, so that a later --resume continues with them
-        saved = replace(cfg, resume=None)
-        _write_atomically(run_dir / "config.yaml", yaml.safe_dump(saved.to_dict(), sort_keys=False))
+        _write_atomically(run.dir / "config.yaml", yaml.safe_dump(replace(cfg, resume=None).to_dict(), sort_keys=False))
     if d.world > 1:
         dist.barrier()
+    run.log = RunLog(run.dir, run.progress.step, bool(cfg.resume), d.main)
+    if cfg.resume and run.progress.step >= run.limit and d.main:
+        print(f"--resume {run.dir}: the run is at step {run.progress.step}, where it ends (--epochs {cfg.epochs}"
+              f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}: {run.limit} steps); nothing to train. "
+              f"Raise --epochs or --max-steps to go on", file=sys.stderr)
 
-    writer = None
-    if d.main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        # Points past the checkpoint are logged again; the checkpoint step's own points stay.
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if cfg.resume else None)
-        if cfg.resume:
-            forget_after(run_dir / "metrics.jsonl", step)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if d.main else None
-    if metrics_file is not None:  # at every start and resume: what decides this stretch's last digits
-        metrics_file.write(json.dumps({"kind": "environment", "step": step, **environment()}) + "\n")
+# --- the step, the epoch, validation ---------------------------------------------------------
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[Optional[torch.Tensor], Any, bool]:
+    """One update on a batch: (loss, gradient norm, whether there was a sample to learn from)."""
+    p = run.progress
+    if run.mix is not None and len(labels) % 2:  # timm's Mixup pairs samples: the batch must be even
+        images, labels = images[:-1], labels[:-1]
+        p.counts["mixup_dropped"] += 1
+    usable = len(labels)
+    if run.d.world > 1:  # every rank skips together, or DDP's gradient reduction would wait forever
+        least = torch.tensor(usable, device=run.device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        usable = int(least)
+    if not usable:  # no readable sample: no update, but the step counts, keeping schedule and data position aligned
+        p.counts["empty_batches"] += 1
+        return None, None, False
+    images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+    images, targets = run.mix(images, labels) if run.mix is not None else (images, labels)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+        logits = run.model(images)
+    loss = run.criterion(logits.float(), targets)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = run.cfg.clip_grad
+    grad_norm = nn.utils.clip_grad_norm_(run.raw.parameters(), clip) if clip else None
+    run.optimizer.step()
+    return loss, grad_norm, True
 
-    def log(record: dict[str, Any]) -> None:
-        if metrics_file is None:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        prefix = "train" if record["kind"] == "step" else "epoch"
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k not in ("step", "epoch", "kind"):
-                writer.add_scalar(f"{prefix}/{k}", v, record["step"])
 
-    def train_seconds() -> float:
-        """Wall seconds of training so far, over every stretch (a resume adds to its checkpoint's)."""
-        return earlier_s + time.perf_counter() - started
+def train_one_epoch(run: Run, bar) -> None:
+    """From the run's step to the end of its epoch (or the run's last step): steps, logging and
+    checkpoints, and validation at the epoch's end."""
+    cfg, p, d = run.cfg, run.progress, run.d
+    epoch, in_epoch = divmod(p.step, run.steps_per_epoch)
+    run.sampler.set_epoch(epoch)
+    run.train_ds.epoch = epoch
+    run.sampler.start = in_epoch * run.per_rank
+    loader = DataLoader(run.train_ds, batch_size=run.per_rank, sampler=run.sampler, num_workers=cfg.workers,
+                        collate_fn=collate, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    run.model.train()
+    t0, seen = time.perf_counter(), 0
+    for images, labels, skipped in loader:
+        p.counts["skipped"] += skipped
+        loss, grad_norm, updated = train_step(run, images, labels)
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update used
+        p.step += 1
+        run.scheduler.step_update(num_updates=p.step)
+        if run.ema is not None and updated:
+            run.ema.update(run.raw, step=p.step)
+        seen += len(labels) * d.world
+        ips = seen / max(time.perf_counter() - t0, 1e-9)
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}" if loss is not None else "-", img_s=f"{ips:.0f}")
+        if p.step % cfg.log_every == 0 or p.step == run.limit:
+            # the loss of the whole batch, over every rank (grad_norm is already of the reduced gradients)
+            mean_loss = run.summed([loss.item()])[0] / d.world if loss is not None else None
+            run.log.write({"kind": "step", "step": p.step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                           "images_per_s": ips, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                           **run.all_counts()})
+        end_of_epoch = p.step % run.steps_per_epoch == 0
+        if end_of_epoch:
+            validate(run, epoch, bar)
+        if end_of_epoch or p.step % cfg.checkpoint_every == 0 or p.step == run.limit:
+            save_checkpoint(run, "last")
+        if p.step >= run.limit:
+            break
 
-    def summed(values: list[float]) -> list[float]:
-        """Summed over the ranks (every rank calls it at the same step)."""
-        if d.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
 
-    def all_counts() -> dict[str, int]:
-        return dict(zip(counts, map(int, summed([float(v) for v in counts.values()]))))
+def validate(run: Run, epoch: int, bar) -> dict[str, float]:
+    """Validation top-1 and loss (and the EMA's), logged; a new best is saved as ``best/``."""
+    p = run.progress
+    val = evaluate(run.raw, run.val_loader, run.device, run.d)
+    record = {"kind": "epoch", "step": p.step, "epoch": epoch, "val_acc": val["acc"], "val_loss": val["loss"],
+              "train_s": p.train_seconds(), **run.all_counts()}
+    if run.ema is not None:
+        ev = evaluate(run.ema.module, run.val_loader, run.device, run.d)
+        record.update(val_acc_ema=ev["acc"], val_loss_ema=ev["loss"])
+    run.log.write(record)
+    if run.d.main:
+        bar.write(f"epoch {epoch}: val acc {val['acc']:.4f}, val loss {val['loss']:.4f}")
+    if val["acc"] > p.best:
+        p.best = val["acc"]
+        save_checkpoint(run, "best")
+    run.last_val = val
+    return val
 
-    def checkpoint(name: str) -> None:
-        per_rank = [(_rng_state(), dict(counts))]
-        if d.world > 1:
-            gathered: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered, per_rank[0])
-            per_rank = gathered
-        if d.main:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "best": best,
-                     "rng": [r for r, _ in per_rank], "counts_by_rank": [c for _, c in per_rank],
-                     "train_s": train_seconds()}
-            write_checkpoint(run_dir / name, raw, ema, state)
-            writer.flush()  # what a resume does not log again must be on disk
 
-    val_sampler = shard(len(val_ds), d.rank, d.world) if d.world > 1 else None
-    # Loaders get generators of their own: creating one must not draw from the global RNG, or a run
-    # resumed mid-epoch would see different dropout and mixup draws than an uninterrupted one.
-    val_loader = DataLoader(val_ds, batch_size=per_rank, sampler=val_sampler, num_workers=cfg.workers,
-                            collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
-    last_val: dict[str, float] = {}
-    limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    if cfg.resume and step >= limit and d.main:
-        print(f"--resume {run_dir}: the run is at step {step}, where it ends (--epochs {cfg.epochs}"
-              f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}: {limit} steps); nothing to train. Raise "
-              f"--epochs or --max-steps to go on", file=sys.stderr)
-    bar = tqdm(total=limit, initial=min(step, limit), disable=not (d.main and cfg.progress), unit="step",
-               dynamic_ncols=True)
-    while step < limit:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        train_ds.epoch = epoch
-        sampler.start = in_epoch * per_rank
-        loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-                            collate_fn=collate, drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        for images, labels, skipped in loader:
-            counts["skipped"] += skipped
-            if mix is not None and len(labels) % 2:  # timm's Mixup pairs samples: the batch must be even
-                images, labels = images[:-1], labels[:-1]
-                counts["mixup_dropped"] += 1
-            usable = len(labels)
-            if d.world > 1:  # every rank skips together, or DDP's gradient reduction would wait forever
-                least = torch.tensor(usable, device=device)
-                dist.all_reduce(least, op=dist.ReduceOp.MIN)
-                usable = int(least)
-            loss = grad_norm = None
-            if usable:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                images, targets = mix(images, labels) if mix is not None else (images, labels)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(images)
-                loss = criterion(logits.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad) if cfg.clip_grad else None
-                optimizer.step()
-            else:  # no readable sample: no update, but the step counts, keeping schedule and data position aligned
-                counts["empty_batches"] += 1
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update used
-            step += 1
-            scheduler.step_update(num_updates=step)
-            if ema is not None and usable:
-                ema.update(raw, step=step)
-            seen += len(labels) * d.world
-            ips = seen / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}" if loss is not None else "-", img_s=f"{ips:.0f}")
-            if step % cfg.log_every == 0 or step == limit:
-                # the loss of the whole batch, over every rank (grad_norm is already of the reduced gradients)
-                mean_loss = summed([loss.item()])[0] / d.world if loss is not None else None
-                log({"kind": "step", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "images_per_s": ips,
-                     "grad_norm": float(grad_norm) if grad_norm is not None else None, **all_counts()})
-            end_of_epoch = step % steps_per_epoch == 0
-            if end_of_epoch:
-                last_val = evaluate(raw, val_loader, device, d)
-                record = {"kind": "epoch", "step": step, "epoch": epoch, "val_acc": last_val["acc"],
-                          "val_loss": last_val["loss"], "train_s": train_seconds(), **all_counts()}
-                if ema is not None:
-                    ev = evaluate(ema.module, val_loader, device, d)
-                    record.update(val_acc_ema=ev["acc"], val_loss_ema=ev["loss"])
-                log(record)
-                if d.main:
-                    bar.write(f"epoch {epoch}: val acc {last_val['acc']:.4f}, val loss {last_val['loss']:.4f}")
-                if last_val["acc"] > best:
-                    best = last_val["acc"]
-                    checkpoint("best")
-            if end_of_epoch or step % cfg.checkpoint_every == 0 or step == limit:
-                checkpoint("last")
-            if step >= limit:
-                break
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics. Rank 0 logs and checkpoints."""
+    from tqdm import tqdm
+
+    run = set_up(cfg)
+    start(run)
+    p = run.progress
+    bar = tqdm(total=run.limit, initial=min(p.step, run.limit), disable=not (run.d.main and cfg.progress),
+               unit="step", dynamic_ncols=True)
+    while p.step < run.limit:
+        train_one_epoch(run, bar)
     bar.close()
-    total = all_counts()
-    if d.main and any(total.values()):
+    total = run.all_counts()
+    if run.d.main and any(total.values()):
         print(f"warning: {total['skipped']} unreadable samples were skipped, {total['mixup_dropped']} more left "
               f"out to keep mixup batches even, and {total['empty_batches']} batches had no sample left (no "
               f"update)", file=sys.stderr)
-    if metrics_file is not None:
-        metrics_file.close()
-        writer.close()
-    return {"step": step, "best_val_acc": best, "val": last_val, "run_dir": str(run_dir), "model": raw,
-            "train_s": train_seconds()}
+    run.log.close()
+    return {"step": p.step, "best_val_acc": p.best, "val": run.last_val, "run_dir": str(run.dir), "model": run.raw,
+            "train_s": p.train_seconds()}

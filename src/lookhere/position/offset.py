@@ -11,7 +11,7 @@ from timm.layers import trunc_normal_
 from ..attention.chunked import chunk_rows
 from .base import Knob, PositionEncoding, patch_positions
 
-NORMALIZE = Knob("fire_normalize", "normalize", "FIRE", "normalize",
+NORMALIZE = Knob("fire_normalize", "normalize", "FIRE", "normalise",
                  "FIRE: normalise offsets by the test grid's extent (FIRE's own) or the training grid's",
                  choices=("test", "train"))
 

@@ -1,0 +1,95 @@
+"""A study cell on disk: its folder and files, defined once for the runner that writes them
+(``study.py``) and the report that reads them (``study_report.py``).
+
+``DATASET/ENCODING/seedN/`` holds ``cell.json`` (the commands that make the cell, its identity, the
+environments it ran in), ``run/`` (the ``lookhere train`` run), ``train.json`` (the run's epoch
+records; it marks the training done), ``timing.json`` (seconds of training and evaluation),
+``eval/eval.json`` (``lookhere eval``'s results; it marks the cell done) and ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .io import write_atomic
+
+
+def cell_key(dataset: str, encoding: str, seed: int) -> str:
+    """A cell's folder in its study (``folder:PATH`` and ``hf:NAME`` datasets as one name)."""
+    return f"{dataset.replace(':', '-').replace('/', '-')}/{encoding}/seed{seed}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+@dataclass(frozen=True)
+class CellFiles:
+    dir: Path
+
+    @classmethod
+    def of(cls, root: str | Path, dataset: str, encoding: str, seed: int) -> "CellFiles":
+        return cls(Path(root) / cell_key(dataset, encoding, seed))
+
+    @property
+    def record_json(self) -> Path:
+        return self.dir / "cell.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def train_json(self) -> Path:
+        return self.dir / "train.json"
+
+    @property
+    def timing_json(self) -> Path:
+        return self.dir / "timing.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.dir / "eval"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.eval_dir / "eval.json"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.txt"
+
+    def record(self) -> Optional[dict[str, Any]]:
+        """``cell.json`` (None: not written yet); ValueError when unreadable."""
+        if not self.record_json.is_file():
+            return None
+        try:
+            d = json.loads(self.record_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            d = None
+        if not isinstance(d, dict):
+            raise ValueError(f"{self.dir} (cell.json unreadable)")
+        return d
+
+    def epochs(self) -> list[dict[str, Any]]:
+        """The training run's epoch records (none before the training is done)."""
+        return json.loads(self.train_json.read_text()).get("epochs", []) if self.train_json.is_file() else []
+
+    def timing(self) -> dict[str, float]:
+        return json.loads(self.timing_json.read_text()) if self.timing_json.is_file() else {}
+
+    def evaluation(self) -> dict[str, Any]:
+        return json.loads(self.eval_json.read_text())
+
+    def status(self) -> str:
+        """``done`` (evaluated), ``trained``, ``started`` (a checkpoint to resume) or ``todo``."""
+        if self.eval_json.is_file():
+            return "done"
+        if self.train_json.is_file():
+            return "trained"
+        if (self.run_dir / "last" / "state.pt").is_file():
+            return "started"
+        return "todo"
