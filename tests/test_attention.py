@@ -1,33 +1,12 @@
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lookhere.attention.chunked as chunked_module
 import lookhere.attention.dense as dense_module
-from lookhere import PRESETS, dense_bias, lookhere_attention
+from lookhere import PRESETS, lookhere_attention
 from lookhere.attention import AttentionPlan, attend
-
-CONFIGS = {
-    **PRESETS,
-    "corners-diagonals-center": {"global_slope": 1.0, "layer_slopes": [1.5, 0.5],
-                                 "head_directions": "corners-diagonals-center"},
-    "eighths-halves": {"global_slope": 1.2, "layer_slopes": [0.5, 1.5], "head_directions": "eighths1-eighths2-halves"},
-    "sqrt-zero": {"global_slope": 0.8, "layer_slopes": [1.0, 2.0], "head_directions": "halves-zerotriangles",
-                  "distance": "sqrt", "fill_with": "zero"},
-    "square-max": {"global_slope": 0.3, "layer_slopes": [1.0, 1.0], "head_directions": "triangles-none3zero1",
-                   "distance": "square", "fill_with": "max"},
-}
-
-
-def dense_reference(q, k, v, config, grid, layer, depth, prefix):
-    """softmax(q k^T / sqrt(D) + bias) v in float64, with the full bias padded for prefix tokens."""
-    H, D = q.shape[1], q.shape[-1]
-    bias = dense_bias(config, grid, depth, H)[layer].double()
-    bias = F.pad(bias, (prefix, 0, prefix, 0))
-    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D) + bias
-    return scores.softmax(-1) @ v.double()
+from conftest import CONFIGS, dense_reference
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -7,6 +7,7 @@ import torch
 
 from lookhere.data import DataSpec, FashionMNIST, SyntheticScenes, build_dataset, collate, read_idx, render
 from lookhere.data.preview import preview
+from conftest import direct_eval_tensor, hr_folder, image_folder
 
 
 def test_synthetic_is_deterministic_and_resolution_native():
@@ -172,22 +173,8 @@ def test_fashion_mnist_errors(tmp_path):
         read_idx(bad)
 
 
-def _image_folder(root, n=4, size=40, corrupt=False):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("cat", "dog"):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    if corrupt:
-        (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
-
-
 def test_image_folder_through_timm(tmp_path):
-    _image_folder(tmp_path)
+    image_folder(tmp_path)
     spec = DataSpec(f"folder:{tmp_path}", 32)
     train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
     assert len(train) == len(val) == 8 and train.num_classes == 2
@@ -199,7 +186,7 @@ def test_image_folder_through_timm(tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
-    _image_folder(tmp_path, corrupt=True)
+    image_folder(tmp_path, corrupt=True)
     train = build_dataset(DataSpec(f"folder:{tmp_path}", 32), "train")
     with pytest.warns(RuntimeWarning, match="skipped unreadable sample"):
         items = [train[i] for i in range(len(train))]
@@ -233,56 +220,24 @@ def test_unknown_dataset():
         build_dataset(DataSpec("folder:/nonexistent/x", 32), "train")
 
 
-def _hr_folder(root, sizes, labels, seed=0):
-    """A folder in ImageNet-HR's layout: test/*.png and test/metadata.jsonl (file_name, img_idx, labels)."""
-    import json
-
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (root / "test").mkdir(parents=True)
-    with open(root / "test" / "metadata.jsonl", "w") as f:
-        for i, ((h, w), lab) in enumerate(zip(sizes, labels)):
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "test" / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "img_idx": i, "labels": lab}) + "\n")
-    return root
-
-
-def _direct_eval_tensor(path, size, train_size, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """The paper's evaluation transform, computed with PIL alone: shorter side to size / crop_pct at
-    the training size (else to size), bicubic; centre crop; normalise."""
-    import math
-
-    from PIL import Image
-
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    short = math.floor(size / crop_pct) if size == train_size else size
-    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    img = img.resize(new, Image.BICUBIC)
-    left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float64) / 255
-    return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float()
-
-
 @pytest.mark.parametrize("shape", [(48, 48), (40, 56), (60, 44)])
 def test_evaluation_transform_is_the_papers(tmp_path, shape):
     """Training size 32 at crop 0.875: shorter side to 36, centre 32; 48 and 24: shorter side to the size."""
     pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
-    root = _hr_folder(tmp_path / "hr", [shape], [[3]])
+    root = hr_folder(tmp_path / "hr", [shape], [[3]])
     config = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic", "crop_mode": "center",
               "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     for size in (32, 48, 24):
         spec = DataSpec(f"hf:{root}", size, root=str(tmp_path / "cache"), data_config=config)
         x, _ = build_dataset(spec, "test")[0]
-        expected = _direct_eval_tensor(root / "test" / "0.png", size, 32)
+        expected = direct_eval_tensor(root / "test" / "0.png", size, 32)
         assert x.shape == (3, size, size)
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
 
 
 def test_label_lists_of_a_local_imagenet_hr_folder(tmp_path):
     pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
-    root = _hr_folder(tmp_path / "hr", [(24, 24)] * 3, [[5], [1, 7, 9], [2, 3]])
+    root = hr_folder(tmp_path / "hr", [(24, 24)] * 3, [[5], [1, 7, 9], [2, 3]])
     cache = str(tmp_path / "cache")
     test = build_dataset(DataSpec(f"hf:{root}", 16, root=cache), "test")
     assert [test[i][1].tolist() for i in range(3)] == [[5, -1, -1], [1, 7, 9], [2, 3, -1]]
@@ -298,7 +253,7 @@ def test_label_lists_of_a_local_imagenet_hr_folder(tmp_path):
 
 def test_an_empty_label_list_is_refused(tmp_path):
     pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
-    root = _hr_folder(tmp_path / "hr", [(24, 24)] * 2, [[5], []])
+    root = hr_folder(tmp_path / "hr", [(24, 24)] * 2, [[5], []])
     with pytest.raises(ValueError, match="1 image.* empty 'labels' list .first: row 1"):
         build_dataset(DataSpec(f"hf:{root}", 16, root=str(tmp_path / "cache")), "test")
 
@@ -306,14 +261,14 @@ def test_an_empty_label_list_is_refused(tmp_path):
 def test_split_and_folder_messages_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"--split 'train\[99%:\]': synthetic has the splits train, val, test"):
         build_dataset(DataSpec("synthetic", 16), "train[99%:]")
-    _image_folder(tmp_path)
+    image_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no test/ folder .found: train, val.; pass --split"):
         build_dataset(DataSpec(f"folder:{tmp_path}", 32), "test")
 
 
 def test_data_length_keeps_the_first_training_images_of_a_folder(tmp_path):
     """--data-length is the number of training samples for every kind of dataset; validation keeps all."""
-    _image_folder(tmp_path)
+    image_folder(tmp_path)
     spec = DataSpec(f"folder:{tmp_path}", 32, length=3)
     train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
     assert len(train) == 3 and len(val) == 8 and train.num_classes == 2

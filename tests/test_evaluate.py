@@ -371,13 +371,13 @@ def test_eval_scores_label_lists_of_an_imagenet_hr_folder(tmp_path):
     """`lookhere eval --checkpoint` on a local ImageNet-HR-layout folder: an image counts when its list
     holds the prediction (top-5: any of the five), at the training size (crop 0.875) and another."""
     pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
-    from test_data import _direct_eval_tensor, _hr_folder
+    from conftest import direct_eval_tensor, hr_folder
 
     from lookhere.cli import main
 
     model = _tiny_model_dir(tmp_path / "model")
-    images = _hr_folder(tmp_path / "hr", [(48, 48)] * 4, [[0]] * 4)  # labels rewritten below
-    direct = {s: torch.stack([_direct_eval_tensor(images / "test" / f"{i}.png", s, 32) for i in range(4)])
+    images = hr_folder(tmp_path / "hr", [(48, 48)] * 4, [[0]] * 4)  # labels rewritten below
+    direct = {s: torch.stack([direct_eval_tensor(images / "test" / f"{i}.png", s, 32) for i in range(4)])
               for s in (32, 48)}
     with torch.no_grad():
         logits = {s: model(x) for s, x in direct.items()}
@@ -404,7 +404,7 @@ def test_eval_of_a_timm_model_with_a_pretrained_file(tmp_path, capsys):
     machinery and scores list labels from the model's own predictions."""
     pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
     import timm
-    from test_data import _direct_eval_tensor, _hr_folder
+    from conftest import direct_eval_tensor, hr_folder
 
     from lookhere.cli import main
 
@@ -413,9 +413,9 @@ def test_eval_of_a_timm_model_with_a_pretrained_file(tmp_path, capsys):
     model = timm.create_model(name, num_classes=1000).eval()
     torch.save(model.state_dict(), tmp_path / "weights.pth")
     crop = model.pretrained_cfg["crop_pct"]
-    images = _hr_folder(tmp_path / "hr", [(64, 64)] * 4, [[0]] * 4)
+    images = hr_folder(tmp_path / "hr", [(64, 64)] * 4, [[0]] * 4)
     with torch.no_grad():
-        logits = {s: model(torch.stack([_direct_eval_tensor(images / "test" / f"{i}.png", s, 224, crop_pct=crop)
+        logits = {s: model(torch.stack([direct_eval_tensor(images / "test" / f"{i}.png", s, 224, crop_pct=crop)
                                         for i in range(4)])) for s in (224, 256)}
     lists = _hr_labels(logits[224], 1000)
     (images / "test" / "metadata.jsonl").write_text("".join(

@@ -15,7 +15,7 @@ import lookhere.attention.flex as flex_module
 from lookhere import PRESETS
 from lookhere.attention import AttentionPlan, attend
 
-from test_attention import CONFIGS, dense_reference
+from conftest import CONFIGS, dense_reference
 
 
 @pytest.fixture

@@ -7,21 +7,12 @@ import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import RotaryEmbeddingMixed, apply_rot_embed_cat
 
 import lookhere
-from lookhere import POSITION_ENCODINGS, create_vit
+from lookhere import POSITION_ENCODINGS
 from lookhere.position import build_position_encoding
+from conftest import TRAIN_GRID, encoding, pattern_output, small
 
-TRAIN_GRID = (4, 4)
 RELATIVE = ["rpe-learned", "alibi-2d", "rope-2d-axial", "rope-2d-mixed", "lh-180", "lh-90", "lh-45"]
 ABSOLUTE = ["learned-1d", "sincos-2d", "factorized", "fourier"]
-
-
-def small(name, **kw):
-    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=12, num_classes=5, init_values=0.5)
-    return create_vit(name, **dict(args, **kw))
-
-
-def encoding(name, **kw):
-    return build_position_encoding(name, embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID, **kw)
 
 
 def test_every_paper_encoding_is_listed():
@@ -49,43 +40,19 @@ def test_builds_runs_extrapolates_and_is_used(name):
                 assert diff > 1e-4, f"{name} is not used at {size}"
 
 
-def _pattern_output(pe, grid, offset, torch_seed=0):
-    """Attention outputs at a 3x3 pattern of tokens placed at `offset` in `grid` (background ignored)."""
-    g = torch.Generator().manual_seed(torch_seed)
-    C, H, D, ph, pw = 48, 12, 4, 3, 3
-    pattern = torch.randn(ph * pw, C, generator=g)
-    wq, wk, wv = (torch.randn(C, C, generator=g) / math.sqrt(C) for _ in range(3))
-    n = grid[0] * grid[1]
-    idx = torch.tensor([(y + offset[0]) * grid[1] + x + offset[1] for y in range(ph) for x in range(pw)])
-    x = torch.zeros(1, n, C)
-    x[0, idx] = pattern
-    x = pe.embed(x, grid)
-    split = lambda t: t.reshape(1, n, H, D).transpose(1, 2)  # noqa: E731
-    q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
-    background = torch.ones(n, dtype=torch.bool)
-    background[idx] = False
-    q[..., 0] = 1.0 + q[..., 0].abs()  # every q has a positive first component ...
-    k[..., 0] = k[..., 0].clamp(-1, 1)
-    k[:, :, background, 0] = -1e3  # ... so background keys get no attention
-    v[:, :, background] = 0
-    with torch.no_grad():
-        out = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=0)
-    return out[:, :, idx]
-
-
 @pytest.mark.parametrize("name", RELATIVE)
 def test_relative_encodings_are_translation_equivariant(name):
     pe = encoding(name)
-    a = _pattern_output(pe, (6, 6), (1, 1))
-    b = _pattern_output(pe, (8, 11), (4, 6))
+    a = pattern_output(pe, (6, 6), (1, 1))
+    b = pattern_output(pe, (8, 11), (4, 6))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ABSOLUTE)
 def test_absolute_encodings_are_not(name):
     pe = encoding(name)
-    a = _pattern_output(pe, (6, 6), (1, 1))
-    b = _pattern_output(pe, (8, 11), (4, 6))
+    a = pattern_output(pe, (6, 6), (1, 1))
+    b = pattern_output(pe, (8, 11), (4, 6))
     assert (a - b).abs().max() > 1e-3
 
 

@@ -13,7 +13,7 @@ from lookhere import create_vit
 from lookhere.evaluate import apply_knobs, knob_grid
 from lookhere.position import build_position_encoding
 
-from test_position import TRAIN_GRID, _pattern_output, encoding, small
+from conftest import TRAIN_GRID, pattern_output, encoding, small
 
 NEW = ["fire", "pape", "rope-2d-dinov3"]
 
@@ -192,16 +192,16 @@ def test_pape_stays_exact_under_autocast_on_a_large_grid():
 @pytest.mark.parametrize("name,options", [("pape", {}), ("fire", {"normalize": "train"})])
 def test_equivariant_across_grids(name, options):
     pe = encoding(name, **options).eval()
-    torch.testing.assert_close(_pattern_output(pe, (6, 6), (1, 1)), _pattern_output(pe, (8, 11), (4, 6)),
+    torch.testing.assert_close(pattern_output(pe, (6, 6), (1, 1)), pattern_output(pe, (8, 11), (4, 6)),
                                rtol=1e-4, atol=1e-5)
 
 
 def test_fire_is_equivariant_within_a_grid_and_depends_on_its_size():
     """Normalised by the test grid, FIRE's bias depends on the grid's extent, and within one grid only on offsets."""
     pe = encoding("fire").eval()
-    a = _pattern_output(pe, (8, 11), (1, 1))
-    torch.testing.assert_close(a, _pattern_output(pe, (8, 11), (4, 6)), rtol=1e-4, atol=1e-5)
-    assert (a - _pattern_output(pe, (6, 6), (1, 1))).abs().max() > 1e-3
+    a = pattern_output(pe, (8, 11), (1, 1))
+    torch.testing.assert_close(a, pattern_output(pe, (8, 11), (4, 6)), rtol=1e-4, atol=1e-5)
+    assert (a - pattern_output(pe, (6, 6), (1, 1))).abs().max() > 1e-3
 
 
 def test_dinov3_scores_depend_on_the_offset_within_a_grid_and_on_the_grid_size():

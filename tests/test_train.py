@@ -196,9 +196,9 @@ def test_cuda_random_state_is_kept_once_cuda_is_in_use_and_restored_to_the_devic
 def test_resume_with_workers_is_bit_exact_and_independent_of_the_worker_count(tmp_path):
     """Random augmentation (photographs) is seeded per sample: two worker processes give the weights of
     none, and a run killed mid-epoch resumes to them bit for bit."""
-    from test_data import _image_folder
+    from conftest import image_folder
 
-    _image_folder(tmp_path / "imgs", n=24)
+    image_folder(tmp_path / "imgs", n=24)
     common = ["--data", f"folder:{tmp_path / 'imgs'}", "--img-size", "32", "--patch-size", "8", "--embed-dim", "48",
               "--depth", "1", "--num-heads", "12", "--batch-size", "4", "--epochs", "2", "--log-every", "1",
               "--checkpoint-every", "1", "--no-progress"]
@@ -267,9 +267,9 @@ def test_bad_input_gives_clear_messages(tmp_path):
 
 
 def test_corrupt_images_are_skipped_during_training(tmp_path):
-    from test_data import _image_folder
+    from conftest import image_folder
 
-    _image_folder(tmp_path / "imgs", n=8, corrupt=True)
+    image_folder(tmp_path / "imgs", n=8, corrupt=True)
     cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", img_size=32, patch_size=8, embed_dim=48, depth=1,
                       num_heads=12, batch_size=17, epochs=1, output=str(tmp_path / "r"), progress=False, log_every=1)
     with pytest.warns(RuntimeWarning, match="skipped unreadable sample"):
@@ -285,9 +285,9 @@ def test_seeded_samples_draw_each_augmentation_from_seed_epoch_and_index(tmp_pat
 
     from lookhere.data import DataSpec, build_dataset
     from lookhere.train import SeededSamples
-    from test_data import _image_folder
+    from conftest import image_folder
 
-    _image_folder(tmp_path / "imgs")
+    image_folder(tmp_path / "imgs")
     samples = SeededSamples(build_dataset(DataSpec(f"folder:{tmp_path / 'imgs'}", 32), "train"), seed=3)
     first = samples[2][0]
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
@@ -305,9 +305,9 @@ def test_odd_batch_left_by_an_unreadable_sample_still_gets_mixup(tmp_path):
     out (counted) and the step trains on four mixed images."""
     import shutil
 
-    from test_data import _image_folder
+    from conftest import image_folder
 
-    _image_folder(tmp_path / "imgs", n=2, corrupt=True)
+    image_folder(tmp_path / "imgs", n=2, corrupt=True)
     shutil.copy(tmp_path / "imgs" / "train" / "dog" / "0.png", tmp_path / "imgs" / "train" / "dog" / "extra.png")
     cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", img_size=32, patch_size=8, embed_dim=48, depth=1,
                       num_heads=12, batch_size=6, epochs=2, mixup=0.8, cutmix=1.0, output=str(tmp_path / "r"),
@@ -323,9 +323,9 @@ def test_odd_batch_left_by_an_unreadable_sample_still_gets_mixup(tmp_path):
 def test_batch_of_unreadable_samples_makes_no_update(tmp_path):
     """A batch with no readable sample never reaches the model: the step counts (schedule and data position
     stay aligned), the weights stay as they were, and the batch is counted."""
-    from test_data import _image_folder
+    from conftest import image_folder
 
-    _image_folder(tmp_path / "imgs", n=2, corrupt=True)  # 4 readable images and a broken one
+    image_folder(tmp_path / "imgs", n=2, corrupt=True)  # 4 readable images and a broken one
     cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", img_size=32, patch_size=8, embed_dim=48, depth=1,
                       num_heads=12, batch_size=1, epochs=1, output=str(tmp_path / "r"), progress=False, log_every=1,
                       checkpoint_every=1)
