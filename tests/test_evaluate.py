@@ -296,11 +296,17 @@ def test_resumed_demo_counts_the_training_before_the_kill(tmp_path, monkeypatch)
     import torch
 
     from lookhere import demo
+    from lookhere.evaluate import load_checkpoint
 
     tiny = demo.DemoPlan(train_length=64, epochs=1, eval_length=8, sizes=(32,), batch_size=32)
     monkeypatch.setattr(demo, "QUICK", tiny)
     out = tmp_path / "demo"
     first = demo.run_demo(out, quick=True, seed=1, progress=False)
+    # both models train with the demo's LayerScale (a setting that reaches the model, not only the config)
+    for name in ("lh-90", "rope-2d-mixed"):
+        model, cfg = load_checkpoint(out / name)
+        assert cfg.init_values == demo.DEMO_LAYERSCALE == 0.1
+        assert all(block.ls1.gamma.shape == (model.embed_dim,) for block in model.blocks)
     # as a demo killed while lh-90 had not yet saved a checkpoint leaves it (its config.yaml written),
     # and rope-2d-mixed trained, with an hour of training on record
     for name in ("last", "best"):
