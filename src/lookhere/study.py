@@ -377,7 +377,7 @@ def _same_eval(recorded: Any, argv: list[str], dataset: str) -> bool:
         return False
     try:
         return EvalSettings.parse_argv(recorded[2:], data=dataset) == EvalSettings.parse_argv(argv[2:], data=dataset)
-    except (argparse.ArgumentError, ValueError):
+    except (argparse.ArgumentError, ValueError, SystemExit):  # argparse exits on a missing required flag
         return False
 
 
