@@ -8,6 +8,7 @@ On a GPU (``--device cuda``, bfloat16 by default, where plain SDPA runs FlashAtt
 counts FlexAttention compilations: after the first call per grid there must be none.
 
     python benchmarks/attention.py [--grids 14 32 48 64] [--repeats 5] [--threads 1] [--markdown out.md]
+    python benchmarks/attention.py --flex-work-only   # the flex kernel's block work, no timing (any machine)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lookhere.attention import AttentionPlan, attend
+from lookhere.attention import AttentionPlan, attend, flex_work
 from lookhere.attention.geometry import layer_bias
 from lookhere.config import resolve_config
 from lookhere.position import Rope2d
@@ -207,6 +208,19 @@ def group_times(grid: int, device: str, repeats: int, dtype=torch.float32) -> di
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def flex_work_table(grids: list[int], presets: list[str]) -> list[str]:
+    """What FlexAttention computes (``flex_work``), row-major against the backend's fitted layout."""
+    lines = ["| grid | preset | ideal | row-major | fitted | fitted, per group |", "|---:|---|---:|---:|---:|---|"]
+    for grid in grids:
+        for preset in presets:
+            row, fit = (flex_work(preset, grid, num_heads=H, depth=DEPTH, layout=lay) for lay in ("row-major", "fitted"))
+            groups = ", ".join(f"{g} {w['computed']:.2f} ({w['ideal']:.2f})" for g, w in fit["groups"].items())
+            lines.append(f"| {grid} | {preset} | {fit['ideal']:.3f} | {row['computed']:.3f} | {fit['computed']:.3f} "
+                         f"| {groups} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -227,7 +241,16 @@ def main() -> None:
     ap.add_argument("--markdown", help="write the tables as Markdown to this file")
     ap.add_argument("--groups", action="store_true",
                     help="also time each head group alone (4 heads) against plain SDPA at the largest grid")
+    ap.add_argument("--flex-work-only", action="store_true",
+                    help="only print the FlexAttention block work per layout (lookhere.attention.flex_work)")
     args = ap.parse_args()
+    if args.flex_work_only:
+        lines = [f"# FlexAttention work, blocks of {flex_work('lh-90', 2)['block']}, {H} heads, CLS token", ""]
+        print("\n".join(lines), flush=True)
+        lines += flex_work_table(args.grids, args.presets)
+        if args.markdown:
+            write_atomic(args.markdown, "\n".join(lines) + "\n")
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
     if args.threads:
@@ -270,6 +293,9 @@ def main() -> None:
                   "| group | ours ms | plain ms | ours/plain |", "|---|---:|---:|---:|"]
         lines += [f"| {g} | {t[g] * 1e3:.1f} | {t['plain'] * 1e3:.1f} | {t[g] / t['plain']:.2f} |" for g in GROUPS]
         print("\n".join(lines[-len(GROUPS) - 5:]), flush=True)
+    lines += ["", "FlexAttention's work (fraction of unmasked attention's (query, key) pairs):", ""]
+    print("\n".join(lines[-3:]), flush=True)
+    lines += flex_work_table(args.grids, args.presets)
     if args.device == "cuda":
         first, again = compile_counts(args.grids, args.device, dtype)
         lines += ["", f"FlexAttention graphs compiled over grids {args.grids} x batch 1, 2, 4: {first}; "

@@ -16,7 +16,7 @@ import torch
 
 from ..config import LookHereConfig, resolve_config
 from .dense import dense_attention
-from .flex import flex_attention_lookhere
+from .flex import flex_attention_lookhere, flex_work
 from .geometry import check_grid, dense_bias
 from .plan import AttentionPlan
 from .slab import slab_attention
@@ -107,4 +107,4 @@ def lookhere_attention(
                   backend=backend, dropout_p=dropout_p)
 
 
-__all__ = ["AttentionPlan", "BACKENDS", "attend", "choose_backend", "dense_bias", "lookhere_attention"]
+__all__ = ["AttentionPlan", "BACKENDS", "attend", "choose_backend", "dense_bias", "flex_work", "lookhere_attention"]

@@ -104,6 +104,12 @@ def head_specs(directions: str, num_heads: int) -> tuple[HeadSpec, ...]:
     return tuple(HeadSpec(prims, s) for (_, prims), s in zip(assigned, slopes, strict=True))
 
 
+@lru_cache(maxsize=256)
+def head_groups(directions: str, num_heads: int) -> tuple[str, ...]:
+    """The group name (``corners``, ``none``, ...) of each head of one layer, in order."""
+    return tuple(name for name, _ in _assign(directions.split("-"), num_heads))
+
+
 def layer_slope(config: LookHereConfig, layer: int, depth: int) -> float:
     """``linspace(first, last, depth)[layer]``, as numpy computes it."""
     if not 0 <= layer < depth:

@@ -1,0 +1,116 @@
+"""Token layouts for the flex kernel: the order in which each head's patches reach FlexAttention.
+
+FlexAttention skips a (query block, key block) pair only when no query of the block sees any key of
+the other. In row-major order a block is a strip of image rows: a head that looks up and left still
+sees part of every strip above it, and a left or right cone sees part of every strip. So each head
+gets its own order of the patches, fitted to the edges of its field of view (FOV), which are
+half-planes ``a*dy + b*dx >= 0`` through the query (``geometry``):
+
+- no edge (unmasked heads): row-major;
+- one edge: bands along it (patches sorted by ``a*y + b*x``), so a block lies on one side of the
+  edge for all but the band that holds the query;
+- two or more edges (quadrants, cones, wedges): square tiles of one block each (8 x 8 patches for
+  blocks of 64) in bands of 8 rows, tiles left to right; where the grid is not a multiple of the
+  tile, the ragged tiles are smaller and the blocks after them straddle two tiles (padding each
+  ragged tile to a whole block was measured to cost more than it saves).
+
+A head's slots are its patches in that order, padded at the end to whole blocks; padding slots see
+only themselves. Prefix tokens are not laid out: prefix queries see every token without penalty,
+and every patch sees the prefix keys without penalty, so both are attended outside the kernel and
+merged with its output by their log-sum-exp (a block of keys for a few prefix tokens would cost
+every query block one more block). A layout is a pure function of (head FOVs, grid), built once per
+grid and kept in the model's plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import field_of_view
+
+Tensor = torch.Tensor
+
+# The block of FlexAttention's block mask, in tokens, for queries and keys alike, chosen by measuring
+# the blocks computed (docs/performance.md); the GPU kernel's own tiles shrink to it.
+BLOCK = 64
+TILE = 8  # a two-edge head's tiles are TILE x TILE patches: one block
+LAYOUTS = ("fitted", "row-major")
+
+
+def fov_edges(coef: Tensor) -> tuple[tuple[int, int], ...]:
+    """The half-planes ``(a, b)`` of one head's ``coef (C, 2)`` that shape its FOV: the smallest
+    subset with the same FOV (a 45-degree wedge, three half-planes, has two edges)."""
+    planes = [tuple(c) for c in coef.tolist() if tuple(c) != (0, 0)]
+    r = torch.arange(-4, 5)
+    dy, dx = r[:, None], r[None, :]
+
+    def fov(sub):
+        return field_of_view(torch.tensor([list(sub) or [[0, 0]]], dtype=torch.int32), dy, dx)[0]
+
+    full = fov(planes)
+    for k in range(len(planes) + 1):
+        for sub in itertools.combinations(planes, k):
+            if torch.equal(fov(sub), full):
+                return sub
+    return tuple(planes)
+
+
+def head_order(edges: tuple[tuple[int, int], ...], grid: tuple[int, int]) -> Tensor:
+    """One head's patches in the order its blocks are cut from (see the module's docstring)."""
+    gy, gx = grid
+    idx = torch.arange(gy * gx)
+    y, x = idx // gx, idx % gx
+    if not edges:
+        return idx
+    if len(edges) == 1:
+        (a, b), = edges
+        across, along = a * y + b * x, a * x - b * y
+        key = (across - across.min()) * (gy + gx) * max(gy, gx) + (along - along.min())
+    else:
+        key = (((y // TILE) * gx + x // TILE) * TILE + y % TILE) * TILE + x % TILE
+    return idx[torch.argsort(key, stable=True)]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Every head's patch order on one grid: ``patch (H, S)`` the patch in each slot (``-1``:
+    padding), ``slot (H, N)`` its inverse; ``S`` is a whole number of blocks."""
+
+    patch: Tensor
+    slot: Tensor
+    grid: tuple[int, int]
+
+    @property
+    def slots(self) -> int:
+        return self.patch.shape[1]
+
+    def to(self, device) -> "TokenLayout":
+        return TokenLayout(self.patch.to(device), self.slot.to(device), self.grid)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """``(B, H, N, D)`` patches in grid order -> ``(B, H, S, D)`` in each head's slots (padding
+        slots hold a copy of patch 0; nothing sees them but themselves)."""
+        B, H, _, D = x.shape
+        return x.gather(2, self.patch.clamp(min=0)[None, :, :, None].expand(B, H, self.slots, D))
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """``(B, H, S, D)`` slots -> ``(B, H, N, D)`` patches in grid order (padding dropped)."""
+        B, H, _, D = x.shape
+        return x.gather(2, self.slot[None, :, :, None].expand(B, H, self.slot.shape[1], D))
+
+
+def build_layout(coef: Tensor, grid: tuple[int, int], layout: str = "fitted", block: int = BLOCK) -> TokenLayout:
+    """The layout of heads ``coef (H, C, 2)`` on ``grid``: ``"fitted"`` (each head's own order, above)
+    or ``"row-major"`` (every head row-major: the reference the fitted order is measured against)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
+    gy, gx = grid
+    n = gy * gx
+    orders = torch.stack([head_order(fov_edges(c) if layout == "fitted" else (), grid) for c in coef])
+    slots = -(-n // block) * block
+    patch = torch.cat([orders, orders.new_full((len(orders), slots - n), -1)], dim=1)
+    slot = torch.empty_like(orders).scatter_(1, orders, torch.arange(n).expand_as(orders).contiguous())
+    return TokenLayout(patch, slot, (gy, gx))
