@@ -39,7 +39,7 @@ def child(steps: int, encoding: str) -> None:
     cfg = TrainConfig(data="synthetic-where", data_length=4000, pos_encoding=encoding, model="micro", depth=4,
                       img_size=24, patch_size=4, batch_size=32, lr=0.002, seed=0)
     ds = SeededSamples(build_dataset(DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, None), "train"), 0)
-    model = initial_model(cfg, 4)
+    model, _ = initial_model(cfg, 4)
     opt = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                             lr=cfg.lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -131,3 +131,26 @@ def direct_eval_tensor(path, size, train_size, crop_pct=0.875, mean=(0.485, 0.45
     left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
     arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float64) / 255
     return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float()
+
+
+# A released-format LookHere checkpoint, small, with random weights (tests/test_official.py, test_finetune.py).
+LH = {"global_slope": 0.75, "layer_slopes": [1.5, 0.5], "head_directions": "eighths1-eighths2-triangles"}
+DIM, DEPTH, HEADS, PATCH, MLP, CLASSES = 48, 2, 12, 8, 96, 10
+
+
+def released_weights(seed=0):
+    """A state dict with the released DeiT-III-style key names and random values."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    w = {"cls_token": r(1, 1, DIM), "patch_embed.proj.weight": r(DIM, 3, PATCH, PATCH),
+         "patch_embed.proj.bias": r(DIM), "norm.weight": 1 + r(DIM), "norm.bias": r(DIM),
+         "head.fc1.weight": r(64, DIM), "head.fc1.bias": r(64), "head.fc2.weight": r(CLASSES, 64),
+         "head.fc2.bias": r(CLASSES)}
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        w.update({b + "norm1.weight": 1 + r(DIM), b + "norm1.bias": r(DIM), b + "attn.qkv.weight": r(3 * DIM, DIM),
+                  b + "attn.qkv.bias": r(3 * DIM), b + "attn.proj.weight": r(DIM, DIM), b + "attn.proj.bias": r(DIM),
+                  b + "ls1.gamma": r(DIM), b + "norm2.weight": 1 + r(DIM), b + "norm2.bias": r(DIM),
+                  b + "mlp.fc1.weight": r(MLP, DIM), b + "mlp.fc1.bias": r(MLP), b + "mlp.fc2.weight": r(DIM, MLP),
+                  b + "mlp.fc2.bias": r(DIM), b + "ls2.gamma": r(DIM)})
+    return w

@@ -3,10 +3,12 @@ LookHere checkpoints, read and checked by ``official.py``, built into our ViT he
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -16,6 +18,16 @@ from .official import not_released, read_official
 from .vit import LOOKHERE_ARCH, ViTConfig, VisionTransformer, create_vit
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def tensor_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes, in order): a fingerprint of weights or data."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def write_atomic(path: Path, write) -> None:

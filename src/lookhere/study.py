@@ -18,7 +18,6 @@ and the report say why. A cell made by another command is refused: that is anoth
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -294,14 +293,9 @@ class Cell:
 
 # --- identity -----------------------------------------------------------------------------------
 def _digest(tensors: list[tuple[str, Any]]) -> str:
-    import torch
+    from .io import tensor_digest
 
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_digest(tensors)[:16]
 
 
 def resolved_identity(cell: Cell, datasets: Optional[dict] = None) -> dict[str, Any]:
@@ -320,7 +314,7 @@ def resolved_identity(cell: Cell, datasets: Optional[dict] = None) -> dict[str, 
         samples = SeededSamples(ds, cfg.seed)
         datasets[key] = (num_classes_of(ds), _digest([(str(i), samples[i][0]) for i in range(min(4, len(ds)))]))
     num_classes, data = datasets[key]
-    model = initial_model(cfg, cfg.num_classes or num_classes)
+    model, _ = initial_model(cfg, cfg.num_classes or num_classes)
     return json.loads(json.dumps({"model": model.config.to_dict(), "encoding": model.pos_encoding.resolved(),
                                   "initial_weights": _digest(list(model.state_dict().items())), "data": data}))
 

@@ -43,6 +43,9 @@ from .vit import SIZES, WEIGHT_INITS, VisionTransformer, create_vit
 MODEL_SIZES = {"micro": dict(embed_dim=96, depth=6, num_heads=12), **SIZES}
 
 
+# What a run started with --init-from takes for the settings it leaves unset.
+FINETUNE_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-6, "layer_decay": 0.75}
+
 # settings that may change on resume; everything else must match the run being resumed
 RESUMABLE_CHANGES = ("resume", "output", "epochs", "max_steps", "workers", "device", "log_every", "checkpoint_every",
                      "progress", "data_root")
@@ -98,6 +101,18 @@ class TrainConfig:
     init_values: Optional[float] = _setting(None, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
     weight_init: str = _setting("torch", "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
                                          "(N(0, 0.02), as timm's ViT and the released models)")
+    init_from: Optional[str] = _setting(None, "fine-tune: start from this model, its architecture and weights (a "
+                                        "timm name with weights, a released .pth, a save_model folder or a run "
+                                        "directory); the classifier is made new for the data's classes; unset "
+                                        "settings take fine-tuning defaults (" + ", ".join(
+                                            f"{flag(k)} {v}" for k, v in FINETUNE_DEFAULTS.items()) + ")",
+                                        "train from scratch")
+    pretrained_file: Optional[str] = _setting(None, "with --init-from NAME: the weights file of that timm model "
+                                              "(instead of downloading it)", "timm's download")
+    layer_decay: Optional[float] = _setting(None, "layer-wise learning-rate decay: block i of L learns at lr x "
+                                            "decay^(L - i), the stem least (timm's parameter groups)", "none")
+    freeze_backbone: bool = _setting(False, "train the classifier head alone (with --init-from: a linear probe of "
+                                            "the source's features)")
     seed: int = _setting(0, "seed of the weights, the data order and each sample's augmentation")
     output: str = _setting("runs/run", "run directory: config.yaml, metrics.jsonl, tb/, checkpoints last/ and best/")
     resume: Optional[str] = _setting(None, "continue the run in this directory from its last checkpoint, with its "
@@ -117,12 +132,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The settings of ``d``; the others their defaults, fine-tuning's where ``d`` has ``init_from``."""
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; allowed (as --flags, or as keys "
                              f"with - or _): {', '.join(flag(n) for n in names)}")
         hints = typing.get_type_hints(cls)
+        if d.get("init_from"):
+            d = {**FINETUNE_DEFAULTS, **d}
         return cls(**{k: _checked(k, v, hints[k]) for k, v in d.items()})
 
     @classmethod
@@ -188,6 +206,10 @@ class TrainConfig:
             raise ValueError(f"--weight-init {self.weight_init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would rise")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.pretrained_file and not self.init_from:
+            raise ValueError("--pretrained-file names the weights of an --init-from model; give --init-from too")
 
 
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
@@ -409,13 +431,18 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, d: Dist
     return {"loss": totals[0].item() / n, "acc": totals[1].item() / n, "n": int(totals[2].item())}
 
 
-def initial_model(cfg: TrainConfig, num_classes: int) -> VisionTransformer:
+def initial_model(cfg: TrainConfig, num_classes: int) -> tuple[VisionTransformer, Optional[dict[str, Any]]]:
     """The weights a run starts from, drawn after seeding every RNG with ``cfg.seed`` (a study
-    fingerprints them to notice an initialisation change)."""
+    fingerprints them to notice an initialisation change), and with ``--init-from`` the record of the
+    source (:func:`lookhere.finetune.start_from`)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    return create_vit(**cfg.model_kwargs(num_classes))
+    if cfg.init_from:
+        from .finetune import start_from
+
+        return start_from(cfg, num_classes)
+    return create_vit(**cfg.model_kwargs(num_classes)), None
 
 
 # --- a run's parts and state -----------------------------------------------------------------
@@ -497,6 +524,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     log: Optional[RunLog] = None
     last_val: dict[str, float] = field(default_factory=dict)  # the last validation's top-1 and loss
+    source: Optional[dict[str, Any]] = None  # with --init-from: where the run started (init.json)
 
     def summed(self, values: list[float]) -> list[float]:
         """Summed over the ranks (every rank calls it at the same step)."""
@@ -516,7 +544,7 @@ def set_up(cfg: TrainConfig) -> Run:
     """Devices and processes, data, model, optimizer, schedule and loss, from the config alone."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import param_groups_weight_decay
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
@@ -540,7 +568,11 @@ def set_up(cfg: TrainConfig) -> Run:
         raise ValueError(f"--num-classes {cfg.num_classes}: {cfg.data} has {train_ds.num_classes} classes")
     train_ds = SeededSamples(train_ds, cfg.seed)
 
-    raw = initial_model(cfg, num_classes).to(device)
+    raw, source = initial_model(cfg, num_classes)
+    raw = raw.to(device)
+    if cfg.freeze_backbone:
+        for name, param in raw.named_parameters():
+            param.requires_grad_(name.startswith("head."))
     model: nn.Module = raw
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -553,8 +585,12 @@ def set_up(cfg: TrainConfig) -> Run:
     if steps_per_epoch < 1:
         raise ValueError(f"the training split has {len(train_ds)} samples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(raw, cfg.weight_decay, no_weight_decay_list=raw.no_weight_decay()),
-                                  lr=cfg.lr)
+    if cfg.layer_decay is not None:  # each group's lr_scale, applied by timm's scheduler
+        groups = param_groups_layer_decay(raw, cfg.weight_decay, no_weight_decay_list=raw.no_weight_decay(),
+                                          layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(raw, cfg.weight_decay, no_weight_decay_list=raw.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
                                   warmup_t=int(cfg.warmup() * steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3,
                                   t_in_epochs=False)
@@ -572,7 +608,7 @@ def set_up(cfg: TrainConfig) -> Run:
                             generator=torch.Generator().manual_seed(cfg.seed))
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     return Run(cfg, run_dir, device, d, model, raw, ema, optimizer, scheduler, mix, criterion, train_ds, sampler,
-               val_loader, per_rank, steps_per_epoch, limit, progress)
+               val_loader, per_rank, steps_per_epoch, limit, progress, source=source)
 
 
 # --- checkpoints: save and restore, side by side -----------------------------------------------
@@ -623,6 +659,8 @@ def start(run: Run) -> None:
         dist.all_reduce(taken, op=dist.ReduceOp.MAX)
     if taken:
         raise FileExistsError(f"--output {run.dir} already holds a run; use --resume {run.dir} or another --output")
+    if run.source is not None:
+        _check_source(run)
     # The schedule is a function of the step and this config: a resume with more --epochs continues as a
     # run of the new length would, rather than at the old schedule's end.
     run.scheduler.step_update(num_updates=run.progress.step)
@@ -637,6 +675,20 @@ def start(run: Run) -> None:
         print(f"--resume {run.dir}: the run is at step {run.progress.step}, where it ends (--epochs {cfg.epochs}"
               f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}: {run.limit} steps); nothing to train. "
               f"Raise --epochs or --max-steps to go on", file=sys.stderr)
+
+
+def _check_source(run: Run) -> None:
+    """A fine-tuning run keeps ``init.json``, where it started; resumed, its source must be the same weights."""
+    path = run.dir / "init.json"
+    if run.cfg.resume and path.is_file():
+        made = json.loads(path.read_text())
+        if made.get("sha256") != run.source["sha256"]:
+            raise ValueError(f"--resume {run.dir}: the run started from other weights than --init-from "
+                             f"{run.cfg.init_from} holds now (SHA-256 {made.get('sha256', '?')[:12]}..., now "
+                             f"{run.source['sha256'][:12]}...)")
+    elif run.d.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, json.dumps(run.source, indent=2) + "\n")
 
 
 # --- the step, the epoch, validation ---------------------------------------------------------

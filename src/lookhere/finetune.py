@@ -1,0 +1,104 @@
+"""Where a fine-tuning run starts: a trained model, its architecture and weights, with a new classifier.
+
+``lookhere train --init-from SOURCE`` takes the model from SOURCE: a timm name with weights
+(``vit_base_patch16_lookhere_90.in1k``; any of our registered names with ``--pretrained-file``), a
+released LookHere ``.pth``, a model folder of ``save_model``, or a run directory (its best
+checkpoint). Its architecture and position encoding are SOURCE's: a flag that asks for another is
+refused by name. Its classifier is replaced for the data's classes (the released MLP head keeps
+fc1 -> tanh and starts a new fc2); every other tensor is SOURCE's. The model runs at any image
+size, so fine-tuning at another size needs nothing here: each encoding adapts its own way (LookHere:
+nothing to adapt; learned-1d: its table resampled to the grid; RoPE: as it is).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .io import tensor_digest
+from .vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+# TrainConfig fields that describe the architecture: with --init-from they come from the source.
+ARCHITECTURE = ("pos_encoding", "lookhere_config", "pos_options", "model", "embed_dim", "depth", "num_heads",
+                "patch_size", "init_values", "weight_init", "drop_path")
+
+
+def load_source(source: str, pretrained_file: Optional[str] = None, num_heads: int = 12,
+                num_classes: Optional[int] = None) -> tuple[VisionTransformer, str]:
+    """The model SOURCE names, with its weights, and what kind of source it was. A timm model is made
+    with ``num_classes`` outputs (timm then leaves the file's classifier out where the counts differ)."""
+    import timm
+
+    from .evaluate import load_checkpoint
+
+    path = Path(source)
+    if path.exists():
+        if pretrained_file:
+            raise ValueError(f"--pretrained-file goes with a timm model name in --init-from, not with the path {source}")
+        model, _ = load_checkpoint(path, num_heads=num_heads, weights="best")
+        kind = "released file" if path.is_file() else "run directory" if (path / "config.yaml").is_file() else "model folder"
+        return model, kind
+    if not timm.is_model(source):
+        raise FileNotFoundError(f"--init-from {source}: no such file or folder, and not a registered model name "
+                                f"(ours: {', '.join(timm.list_models('vit_*_lookhere*', pretrained=True))})")
+    overlay = {"file": str(pretrained_file)} if pretrained_file else None
+    if pretrained_file and not Path(pretrained_file).is_file():
+        raise FileNotFoundError(f"--pretrained-file {pretrained_file} does not exist")
+    model = timm.create_model(source, pretrained=True, pretrained_cfg_overlay=overlay,
+                              **({"num_classes": num_classes} if num_classes else {}))
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"--init-from {source}: a timm model, but not one of lookhere's ViTs")
+    return model, "timm"
+
+
+def _given(cfg: "TrainConfig", name: str) -> Any:
+    """The value of a TrainConfig field if the run sets it away from its default, else None."""
+    from dataclasses import fields
+
+    default = next(f.default for f in fields(cfg) if f.name == name)
+    value = getattr(cfg, name)
+    return None if value == default else value
+
+
+def check_architecture(cfg: "TrainConfig", model: VisionTransformer) -> None:
+    """Refuse, in one message naming every flag, settings that ask for another architecture than the source's."""
+    from .train import MODEL_SIZES, flag
+
+    own = model.config
+    sizes = dict(embed_dim=own.embed_dim, depth=own.depth, num_heads=own.num_heads)
+    theirs = {"pos_encoding": own.pos_encoding, "lookhere_config": own.lookhere_config, "pos_options": own.pos_options,
+              "patch_size": own.patch_size, "init_values": own.init_values, "weight_init": own.weight_init,
+              "drop_path": own.drop_path_rate, **sizes}
+    conflicts = []
+    for name in ARCHITECTURE:
+        value = _given(cfg, name)
+        if value is None:
+            continue
+        if name == "model":
+            if {k: v for k, v in MODEL_SIZES.get(value, {}).items() if k in sizes} != sizes:
+                conflicts.append(f"{flag(name)} {value} (the source is {own.embed_dim} wide, {own.depth} blocks, "
+                                 f"{own.num_heads} heads)")
+        elif value != theirs[name] and not (name == "init_values" and not value and not theirs[name]):
+            conflicts.append(f"{flag(name)} {value} (the source's: {theirs[name]})")
+    if conflicts:
+        raise ValueError(f"--init-from {cfg.init_from} sets the architecture and the position encoding; leave out "
+                         f"or match: {'; '.join(conflicts)}")
+
+
+def start_from(cfg: "TrainConfig", num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
+    """The run's first model: the source's, its classifier new for ``num_classes``; and the record of
+    where it started (kept in the run directory as ``init.json``, checked on resume)."""
+    model, kind = load_source(cfg.init_from, cfg.pretrained_file, cfg.num_heads or 12, num_classes)
+    check_architecture(cfg, model)
+    record = {"init_from": cfg.init_from, "pretrained_file": cfg.pretrained_file, "kind": kind,
+              "sha256": tensor_digest(model.state_dict().items())}
+    before = set(model.state_dict())
+    classifier = {n for n, _ in model.get_classifier().named_parameters(prefix="head.fc2" if model.config.head_hidden_dim
+                                                                          else "head")}
+    model.reset_classifier(num_classes)
+    record["new"] = sorted(classifier)
+    record["kept"] = len(before - classifier)
+    return model.train(), record
