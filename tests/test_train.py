@@ -519,3 +519,75 @@ def test_a_checkpoint_swap_keeps_the_only_checkpoint_until_the_new_one_is_in_pla
     assert found == tmp_path / "last.old" and torch.load(found / "state.pt", weights_only=True)["step"] == 1
     write_checkpoint(tmp_path / "last", model, None, {"step": 3})
     assert find_checkpoint(tmp_path) == tmp_path / "last" and not (tmp_path / "last.old").exists()
+
+
+# --- training at several sizes -------------------------------------------------------------------
+def test_one_size_batches_are_those_of_distributed_sampler_and_a_dataloader():
+    """With one size the step batches are what torch's DistributedSampler (shuffle, drop_last) and a
+    DataLoader of that batch size give, on every rank and epoch, from any start step."""
+    from torch.utils.data import DistributedSampler
+
+    from lookhere.train import StepBatches
+
+    for n, world, b in [(50, 1, 4), (50, 2, 4), (53, 3, 5)]:
+        for rank in range(world):
+            ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=7, drop_last=True)
+            mine = StepBatches(n, [b], rank, world, 7)
+            for epoch in (0, 3):
+                ref.set_epoch(epoch)
+                mine.set_epoch(epoch)
+                idx = list(ref)
+                expected = [idx[i:i + b] for i in range(0, len(idx) - b + 1, b)]
+                mine.start = 0
+                assert list(mine) == expected and len(mine) == len(expected)
+                mine.start = 2
+                assert list(mine) == expected[2:]
+
+
+def test_several_sizes_take_turns_with_batches_that_keep_patches_per_step():
+    from lookhere.train import StepBatches
+
+    cfg = TrainConfig(img_size=[16, 24, 32], batch_size=36, patch_size=8)
+    assert cfg.size == 16 and cfg.sizes == [16, 24, 32]
+    assert cfg.batch_sizes() == [36, 16, 9]  # 36 x 4, 16 x 9, 9 x 16 patches: 144 a step at each size
+    n, per_rank = 200, [18, 8, 4]
+    ranks = [list(StepBatches(n, per_rank, r, 2, 0)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 9  # 100 samples a rank: three turns of 18 + 8 + 4; 18 more do not fit
+    for steps in ranks:
+        for k, batch in enumerate(steps):
+            assert len(batch) == per_rank[k % 3] and {i // n for i in batch} == {k % 3}
+    drawn = [i % n for steps in ranks for batch in steps for i in batch]
+    assert len(drawn) == len(set(drawn))  # no sample twice in an epoch, over both ranks
+    assert TrainConfig(img_size=[24]).img_size == 24  # one size is a size
+
+
+def test_training_at_several_sizes_validates_each_and_resumes_bit_exact(tmp_path):
+    at = SMALL.index("--img-size")
+    args = SMALL[:at] + SMALL[at + 2:]
+    common = args + ["--img-size", "16", "24", "32", "--epochs", "2", "--checkpoint-every", "1", "--log-every", "1",
+                     "--mixup", "0.4"]
+    full = cli(*common, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = tmp_path / "killed"
+    killed_at = kill_after(common, run, 5)
+    assert cli("--resume", str(run)).returncode == 0
+    same_weights(tmp_path / "full", run)
+    cfg = TrainConfig.from_yaml(run / "config.yaml")
+    assert cfg.img_size == [16, 24, 32] and cfg.batch_sizes() == [32, 14, 8]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps_per_epoch = 9  # 192 scenes: three turns of 32 + 14 + 8, then one more 32
+    assert [r["step"] for r in epochs] == [steps_per_epoch, 2 * steps_per_epoch] and killed_at < steps_per_epoch * 2
+    for r in epochs:
+        assert set(r["val_acc_by_size"]) == {"16", "24", "32"}
+        assert r["val_acc"] == pytest.approx(sum(r["val_acc_by_size"].values()) / 3)
+    assert load_model(run / "last").config.img_size == 16
+
+
+def test_bad_training_sizes_are_refused_by_name():
+    with pytest.raises(ValueError, match="--img-size: expected integers, got"):
+        TrainConfig.from_dict({"img_size": [16, "24"]})
+    with pytest.raises(ValueError, match="--img-size 16 24 16 repeats a size"):
+        TrainConfig(img_size=[16, 24, 16], patch_size=8).validate()
+    with pytest.raises(ValueError, match="--img-size 20 is not a multiple of --patch-size 8"):
+        TrainConfig(img_size=[16, 20], patch_size=8).validate()

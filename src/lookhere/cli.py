@@ -66,8 +66,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         name = flag(f.name)
         default = f.metadata["unset"] if f.default is None else f.default
         help = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
-        kind = ([a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]])[0]
-        if kind is bool:
+        kinds = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        kind = kinds[0]
+        if any(typing.get_origin(k) is list for k in kinds):  # one value, or several
+            parser.add_argument(name, type=kind, nargs="+", default=None, help=help)
+        elif kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif kind is dict:
             parser.add_argument(name, type=_json_object, default=None, metavar="JSON", help=help)

@@ -105,7 +105,7 @@ def training_size(model: nn.Module, run_config: Any = None) -> int:
     """The size a model was trained at: its run's ``img_size``, else its timm ``pretrained_cfg``'s
     input size, else the size it was built for."""
     if run_config is not None:
-        return int(run_config.img_size)
+        return run_config.size
     pretrained = getattr(model, "pretrained_cfg", None)
     if pretrained and pretrained.get("input_size"):
         return int(pretrained["input_size"][-1])

@@ -163,8 +163,8 @@ class StudyConfig:
                 raise ValueError(f"{source}: {name} sizes []: give at least one test size")
             if sizes != sorted(set(sizes)):
                 raise ValueError(f"{source}: {name} sizes {sizes}: list each size once, smallest first")
-            if cfg.img_size not in sizes:
-                raise ValueError(f"{source}: {name} sizes {sizes} leave out the training size {cfg.img_size}, "
+            if cfg.size not in sizes:
+                raise ValueError(f"{source}: {name} sizes {sizes} leave out the training size {cfg.size}, "
                                  f"which the report compares every other size with")
             for size in sizes:
                 if size % cfg.patch_size:
@@ -179,7 +179,7 @@ class StudyConfig:
         ``eval:`` keys, else ``lookhere eval``'s defaults."""
         from .evaluate import EvalSettings
 
-        train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").img_size
+        train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").size
         given = {k: v for k, v in self.eval.items() if k != "sizes"}
         return EvalSettings.from_flags(given, data=dataset, sizes=self.sizes(dataset), train_size=train_size,
                                        by_object_size=dataset in SYNTHETIC)
@@ -188,7 +188,7 @@ class StudyConfig:
         """The dataset's own test sizes, else the study's, else 1x, 2x and 4x the training size."""
         sizes = self.datasets[dataset].get("sizes", self.eval.get("sizes"))
         if sizes is None:
-            train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").img_size
+            train_size = self.train_config(dataset, self.encodings[0], self.seeds[0], "x").size
             return [train_size, 2 * train_size, 4 * train_size]
         return list(sizes)
 
@@ -229,6 +229,8 @@ def _flags(cfg: TrainConfig) -> list[str]:
             out.append(flag if value else "--no-" + f.name.replace("_", "-"))
         elif isinstance(value, dict):
             out += [flag, json.dumps(value, separators=(",", ":"))]
+        elif isinstance(value, list):  # several training sizes
+            out += [flag, *map(str, value)]
         elif value is None:  # clip_grad, init_values: their flags spell "off" as 0
             out += [flag, "0"]
         else:
@@ -306,7 +308,7 @@ def resolved_identity(cell: Cell, datasets: Optional[dict] = None) -> dict[str, 
     from .train import SeededSamples, initial_model
 
     cfg = cell.train_config()
-    spec = DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, cfg.data_root)
+    spec = DataSpec(cfg.data, cfg.size, cfg.data_length, cfg.seed, cfg.data_root)
     datasets = {} if datasets is None else datasets
     key = repr(spec)
     if key not in datasets:
@@ -573,10 +575,10 @@ def _measure(cell: Cell) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ds = build_dataset(DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, cfg.data_root), "train")
+        ds = build_dataset(DataSpec(cfg.data, cfg.size, cfg.data_length, cfg.seed, cfg.data_root), "train")
         model = create_vit(**cfg.model_kwargs(cfg.num_classes or num_classes_of(ds)))
         opt = torch.optim.AdamW(model.parameters())
-        x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
+        x = torch.randn(cfg.batch_size, 3, cfg.size, cfg.size)
         y = torch.zeros(cfg.batch_size, dtype=torch.long)
         times = []
         for _ in range(3):
@@ -596,7 +598,7 @@ def _measure(cell: Cell) -> dict[str, Any]:
                 per_image[size] = (time.perf_counter() - t) / 8
         return {"step_s": min(times[1:]), "per_image_s": per_image, "train_len": len(ds), "cfg": cfg,
                 "settings": max(1, len(knob_grid(model, cell.study.eval_settings(cell.dataset).lh_slope_scales,
-                                                 size_ratio=cfg.img_size / max(cell.study.sizes(cell.dataset)))))}
+                                                 size_ratio=cfg.size / max(cell.study.sizes(cell.dataset)))))}
     finally:
         torch.set_num_threads(threads)
 
@@ -624,13 +626,13 @@ def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str
         n_test = plan.length or 10000
         n_val = plan.val_length or 2000
         settings = m["settings"]
-        larger = [s for s in cfg.sizes(cell.dataset) if s != tc.img_size]
+        larger = [s for s in cfg.sizes(cell.dataset) if s != tc.size]
         eval_s = sum(m["per_image_s"].values()) * n_test
         if plan.tune_knobs and settings > 1:
             eval_s += sum(m["per_image_s"][s] for s in larger) * (n_val * settings + n_test * 0.5)
         if plan.adversarial:
             passes = 3 * (1 + 1 + 1 + plan.pgd_steps + 1)  # forward+backward ~ 3 forwards, per attack
-            eval_s += m["per_image_s"][tc.img_size] * plan.adversarial_samples * passes
+            eval_s += m["per_image_s"][tc.size] * plan.adversarial_samples * passes
         train_s = steps * m["step_s"] * (0.0 if status == "trained" else 1.0)
         rows.append((cell, status, train_s + eval_s, 0.0))
     remaining = sum(r[2] for r in rows)

@@ -23,7 +23,7 @@ import time
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import num_classes_of
@@ -81,7 +81,10 @@ class TrainConfig:
     embed_dim: Optional[int] = _setting(None, "token width", "--model's")
     depth: Optional[int] = _setting(None, "number of blocks", "--model's")
     num_heads: Optional[int] = _setting(None, "attention heads per block", "--model's")
-    img_size: int = _setting(32, "training image side in pixels")
+    img_size: Union[int, list[int]] = _setting(32, "training image side in pixels; several sizes (--img-size 32 48 64) "
+                                                   "train each step at one of them in turn, the batch scaled by "
+                                                   "(first size / size)^2 so that patches per step stay about the "
+                                                   "same; the model is built for the first")
     patch_size: int = _setting(4, "patch side in pixels")
     epochs: int = _setting(10, "passes over the training split; raised on --resume, the learning-rate schedule is "
                                "rebuilt for the new length")
@@ -127,6 +130,26 @@ class TrainConfig:
     max_steps: Optional[int] = _setting(None, "stop after this many steps, with a checkpoint", "all of --epochs")
     progress: bool = _setting(True, "show a progress bar")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, (list, tuple)) and len(self.img_size) == 1:
+            self.img_size = self.img_size[0]  # one size is a size
+        elif isinstance(self.img_size, tuple):
+            self.img_size = list(self.img_size)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The training image sizes, the model's first."""
+        return list(self.img_size) if isinstance(self.img_size, list) else [self.img_size]
+
+    @property
+    def size(self) -> int:
+        """The size the model is built for (and the training size evaluation measures from)."""
+        return self.sizes[0]
+
+    def batch_sizes(self) -> list[int]:
+        """The batch of each training size: ``--batch-size`` at the first, scaled by (first / size)^2."""
+        return [max(1, round(self.batch_size * (self.size / s) ** 2)) for s in self.sizes]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -171,7 +194,7 @@ class TrainConfig:
             if getattr(self, k) is not None:
                 size[k] = getattr(self, k)
         return dict(pos_encoding=self.pos_encoding, lookhere_config=self.lookhere_config,
-                    pos_options=self.pos_options, img_size=self.img_size, patch_size=self.patch_size,
+                    pos_options=self.pos_options, img_size=self.size, patch_size=self.patch_size,
                     num_classes=num_classes, drop_path_rate=self.drop_path, init_values=self.init_values,
                     weight_init=self.weight_init, **size)
 
@@ -185,7 +208,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{flag(f.name)} must be a finite number, got {value}")
-        for k in ("epochs", "batch_size", "img_size", "patch_size", "log_every", "checkpoint_every", "max_steps",
+        for k in ("epochs", "batch_size", "patch_size", "log_every", "checkpoint_every", "max_steps",
                   "embed_dim", "depth", "num_heads", "num_classes", "data_length"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"{flag(k)} must be >= 1, got {getattr(self, k)}")
@@ -195,8 +218,14 @@ class TrainConfig:
                 raise ValueError(f"{flag(k)} must be >= 0, got {getattr(self, k)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"--img-size {self.img_size} is not a multiple of --patch-size {self.patch_size}")
+        sizes = " ".join(map(str, self.sizes))
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"--img-size must be one or more sizes >= 1, got {sizes or 'none'}")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"--img-size {sizes} repeats a size")
+        for size in self.sizes:
+            if size % self.patch_size:
+                raise ValueError(f"--img-size {size} is not a multiple of --patch-size {self.patch_size}")
         for k in ("label_smoothing", "drop_path"):
             if getattr(self, k) is not None and not 0 <= getattr(self, k) < 1:
                 raise ValueError(f"{flag(k)} must be in [0, 1), got {getattr(self, k)}")
@@ -221,6 +250,10 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     if value is None and type(None) in typing.get_args(hint):
         return None
     kind = kinds[0]
+    if isinstance(value, (list, tuple)) and any(typing.get_origin(k) is list for k in kinds):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ValueError(f"{flag(name)}: expected integers, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -250,16 +283,39 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler that can start part-way through an epoch (for exact resume)."""
+class StepBatches(Sampler):
+    """This rank's batch of each step of an epoch, from step ``start`` (exact resume).
 
-    start = 0
+    The order is DistributedSampler's (a permutation seeded by seed + epoch, cut to a whole number of
+    samples per rank, rank r taking every world-th): with one size, the batches are the ones its
+    sampler and a DataLoader of that batch size give. With several sizes, step k of an epoch is at
+    size k mod S, with that size's batch, and its samples come from that size's copy of the data
+    (index ``size * n + i`` of the concatenated datasets).
+    """
+
+    def __init__(self, n: int, batches: list[int], rank: int, world: int, seed: int):
+        self.n, self.batches, self.rank, self.world, self.seed = n, batches, rank, world, seed
+        self.num_samples = math.ceil((n - world) / world) if n % world else n // world  # drop_last's
+        self.epoch, self.start = 0, 0
+        self.steps: list[tuple[int, int]] = []  # (size index, first sample of the step, per rank)
+        j = 0
+        while j + batches[len(self.steps) % len(batches)] <= self.num_samples:
+            k = len(self.steps) % len(batches)
+            self.steps.append((k, j))
+            j += batches[k]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for k, j in self.steps[self.start:]:
+            yield [k * self.n + perm[self.rank + self.world * (j + t)] for t in range(self.batches[k])]
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return len(self.steps) - self.start
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
@@ -516,9 +572,8 @@ class Run:
     mix: Any
     criterion: nn.Module
     train_ds: SeededSamples
-    sampler: ResumableSampler
-    val_loader: DataLoader
-    per_rank: int
+    sampler: StepBatches
+    val_loaders: dict[int, DataLoader]  # one per training size
     steps_per_epoch: int
     limit: int  # the step the run stops at
     progress: Progress = field(default_factory=Progress)
@@ -561,12 +616,14 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.resume:
         _check_resume(cfg, run_dir)
 
-    spec = DataSpec(cfg.data, cfg.img_size, cfg.data_length, cfg.seed, cfg.data_root)
-    train_ds, val_ds = build_dataset(spec, "train"), build_dataset(spec, "val")
-    num_classes = cfg.num_classes or num_classes_of(train_ds)
-    if cfg.num_classes and getattr(train_ds, "num_classes", None) and cfg.num_classes < train_ds.num_classes:
-        raise ValueError(f"--num-classes {cfg.num_classes}: {cfg.data} has {train_ds.num_classes} classes")
-    train_ds = SeededSamples(train_ds, cfg.seed)
+    specs = [DataSpec(cfg.data, size, cfg.data_length, cfg.seed, cfg.data_root) for size in cfg.sizes]
+    train_sets = [build_dataset(spec, "train") for spec in specs]  # the same samples at each size
+    val_sets = {size: build_dataset(spec, "val") for size, spec in zip(cfg.sizes, specs)}
+    num_classes = cfg.num_classes or num_classes_of(train_sets[0])
+    known = getattr(train_sets[0], "num_classes", None)
+    if cfg.num_classes and known and cfg.num_classes < known:
+        raise ValueError(f"--num-classes {cfg.num_classes}: {cfg.data} has {known} classes")
+    train_ds = SeededSamples(ConcatDataset(train_sets), cfg.seed)
 
     raw, source = initial_model(cfg, num_classes)
     raw = raw.to(device)
@@ -578,12 +635,12 @@ def set_up(cfg: TrainConfig) -> Run:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     ema = ModelEmaV3(raw, decay=cfg.ema_decay) if cfg.ema_decay else None
 
-    per_rank = cfg.batch_size // d.world
-    sampler = ResumableSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed,
-                               drop_last=True)
-    steps_per_epoch = sampler.num_samples // per_rank
+    per_rank = [max(1, round(b / d.world)) for b in cfg.batch_sizes()]
+    sampler = StepBatches(len(train_sets[0]), per_rank, d.rank, d.world, cfg.seed)
+    steps_per_epoch = len(sampler.steps)
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split has {len(train_ds)} samples, fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"the training split has {len(train_sets[0])} samples, fewer than one batch of "
+                         f"{cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.layer_decay is not None:  # each group's lr_scale, applied by timm's scheduler
         groups = param_groups_layer_decay(raw, cfg.weight_decay, no_weight_decay_list=raw.no_weight_decay(),
@@ -603,12 +660,13 @@ def set_up(cfg: TrainConfig) -> Run:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # Loaders get generators of their own: creating one must not draw from the global RNG, or a run
     # resumed mid-epoch would see different dropout and mixup draws than an uninterrupted one.
-    val_loader = DataLoader(val_ds, batch_size=per_rank, sampler=shard(len(val_ds), d.rank, d.world) if d.world > 1
-                            else None, num_workers=cfg.workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.seed))
+    val_loaders = {size: DataLoader(ds, batch_size=b, sampler=shard(len(ds), d.rank, d.world) if d.world > 1 else None,
+                                    num_workers=cfg.workers, collate_fn=collate,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+                   for (size, ds), b in zip(val_sets.items(), per_rank)}
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     return Run(cfg, run_dir, device, d, model, raw, ema, optimizer, scheduler, mix, criterion, train_ds, sampler,
-               val_loader, per_rank, steps_per_epoch, limit, progress, source=source)
+               val_loaders, steps_per_epoch, limit, progress, source=source)
 
 
 # --- checkpoints: save and restore, side by side -----------------------------------------------
@@ -726,9 +784,8 @@ def train_one_epoch(run: Run, bar) -> None:
     epoch, in_epoch = divmod(p.step, run.steps_per_epoch)
     run.sampler.set_epoch(epoch)
     run.train_ds.epoch = epoch
-    run.sampler.start = in_epoch * run.per_rank
-    loader = DataLoader(run.train_ds, batch_size=run.per_rank, sampler=run.sampler, num_workers=cfg.workers,
-                        collate_fn=collate, drop_last=True,
+    run.sampler.start = in_epoch
+    loader = DataLoader(run.train_ds, batch_sampler=run.sampler, num_workers=cfg.workers, collate_fn=collate,
                         generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
     run.model.train()
     t0, seen = time.perf_counter(), 0
@@ -759,14 +816,24 @@ def train_one_epoch(run: Run, bar) -> None:
             break
 
 
+def _validate(model: nn.Module, run: Run) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Top-1 and loss at each training size, and their means (with one size: that size's)."""
+    by_size = {str(size): evaluate(model, loader, run.device, run.d) for size, loader in run.val_loaders.items()}
+    mean = {k: sum(v[k] for v in by_size.values()) / len(by_size) for k in ("acc", "loss")}
+    return {**mean, "n": sum(v["n"] for v in by_size.values())}, by_size
+
+
 def validate(run: Run, epoch: int, bar) -> dict[str, float]:
-    """Validation top-1 and loss (and the EMA's), logged; a new best is saved as ``best/``."""
+    """Validation top-1 and loss (and the EMA's), logged; a new best is saved as ``best/``. With
+    several training sizes: the means over the sizes, each size's beside them."""
     p = run.progress
-    val = evaluate(run.raw, run.val_loader, run.device, run.d)
+    val, by_size = _validate(run.raw, run)
     record = {"kind": "epoch", "step": p.step, "epoch": epoch, "val_acc": val["acc"], "val_loss": val["loss"],
               "train_s": p.train_seconds(), **run.all_counts()}
+    if len(by_size) > 1:
+        record["val_acc_by_size"] = {s: v["acc"] for s, v in by_size.items()}
     if run.ema is not None:
-        ev = evaluate(run.ema.module, run.val_loader, run.device, run.d)
+        ev, _ = _validate(run.ema.module, run)
         record.update(val_acc_ema=ev["acc"], val_loss_ema=ev["loss"])
     run.log.write(record)
     if run.d.main:
