@@ -236,10 +236,19 @@ def test_a_study_in_which_no_cell_finished_names_every_failure(tmp_path, monkeyp
 
 def test_shipped_studies_are_valid():
     root = Path(__file__).resolve().parents[1] / "studies"
-    for name in ("synthetic.yaml", "fashion-mnist.yaml", "paper-grid.yaml"):
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert names == ["fashion-mnist.yaml", "paper-grid-multisize.yaml", "paper-grid.yaml", "synthetic.yaml"]
+    for name in names:
         cfg = StudyConfig.from_yaml(root / name)
         assert len(cfg.seeds) >= 3 and cfg.reference in cfg.encodings
     assert set(StudyConfig.from_yaml(root / "synthetic.yaml").datasets) == {"synthetic", "synthetic-where"}
+    # The several-size variant: the paper grid's scenes, model and test sizes, trained at three sizes.
+    multi, single = (StudyConfig.from_yaml(root / f"{n}.yaml") for n in ("paper-grid-multisize", "paper-grid"))
+    one = multi.train_config("synthetic-where", "lh-90", 0, "x")
+    assert one.sizes == [56, 40, 72] and one.batch_sizes() == [32, 63, 19]
+    assert {k: v for k, v in one.to_dict().items() if k != "img_size"} == \
+        {k: v for k, v in single.train_config("synthetic-where", "lh-90", 0, "x").to_dict().items() if k != "img_size"}
+    assert set(single.sizes("synthetic")) <= set(multi.sizes("synthetic"))
 
 
 def test_stored_cells_still_match_their_study_files(tmp_path, monkeypatch):
