@@ -591,3 +591,30 @@ def test_bad_training_sizes_are_refused_by_name():
         TrainConfig(img_size=[16, 24, 16], patch_size=8).validate()
     with pytest.raises(ValueError, match="--img-size 20 is not a multiple of --patch-size 8"):
         TrainConfig(img_size=[16, 20], patch_size=8).validate()
+
+
+def test_compile_wraps_the_model_that_trains_and_checkpoints_keep_the_module(tmp_path, monkeypatch):
+    """--compile hands the model to torch.compile (here a stand-in that records it); the compiled
+    module is the one that trains, the plain one the one saved and evaluated."""
+    from lookhere.train import set_up
+
+    compiled = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            compiled.append(x.shape)
+            return self.module(x)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    base = dict(data="synthetic", data_length=64, img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12,
+                batch_size=16, epochs=1, progress=False)
+    run = set_up(TrainConfig(**base, compile=True, output=str(tmp_path / "c")))
+    assert isinstance(run.model, Compiled) and run.model.module is run.raw
+    assert not isinstance(set_up(TrainConfig(**base, output=str(tmp_path / "p"))).model, Compiled)
+    result = train(TrainConfig(**base, compile=True, output=str(tmp_path / "t")))
+    assert len(compiled) == 64 // 16 and not isinstance(result["model"], Compiled)
+    assert load_model(tmp_path / "t" / "last").config.depth == 1

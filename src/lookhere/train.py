@@ -116,6 +116,8 @@ class TrainConfig:
                                             "decay^(L - i), the stem least (timm's parameter groups)", "none")
     freeze_backbone: bool = _setting(False, "train the classifier head alone (with --init-from: a linear probe of "
                                             "the source's features)")
+    compile: bool = _setting(False, "torch.compile the model for training (GPU runs; checkpoints and evaluation "
+                                    "use the uncompiled module)")
     seed: int = _setting(0, "seed of the weights, the data order and each sample's augmentation")
     output: str = _setting("runs/run", "run directory: config.yaml, metrics.jsonl, tb/, checkpoints last/ and best/")
     resume: Optional[str] = _setting(None, "continue the run in this directory from its last checkpoint, with its "
@@ -630,9 +632,9 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.freeze_backbone:
         for name, param in raw.named_parameters():
             param.requires_grad_(name.startswith("head."))
-    model: nn.Module = raw
+    model: nn.Module = torch.compile(raw) if cfg.compile else raw
     if d.world > 1:
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ema = ModelEmaV3(raw, decay=cfg.ema_decay) if cfg.ema_decay else None
 
     per_rank = [max(1, round(b / d.world)) for b in cfg.batch_sizes()]
