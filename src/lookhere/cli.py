@@ -204,6 +204,24 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_config(args: argparse.Namespace, section: dict):
+    """The study YAML's cluster: section with the flags that were given on top."""
+    from .cluster import ClusterConfig
+
+    d = dict(section)
+    for name in ("executor", "nodes_per_cell", "tasks_per_node", "partition", "time_min", "max_running"):
+        if getattr(args, name) is not None:
+            d[name] = getattr(args, name)
+    if args.slurm_arg:
+        bad = [a for a in args.slurm_arg if "=" not in a or not a.split("=", 1)[0]]
+        if bad:
+            raise ValueError(f"--slurm-arg {bad[0]!r}: expected KEY=VALUE, e.g. account=abc")
+        d["slurm_args"] = {**d.get("slurm_args", {}), **dict(a.split("=", 1) for a in args.slurm_arg)}
+    if args.detach and d.get("executor", "local") == "local":
+        raise ValueError("--detach submits jobs: it needs --executor submitit-local or slurm")
+    return ClusterConfig.from_dict(d, "cluster")
+
+
 def _study(args: argparse.Namespace) -> int:
     from .study import StudyConfig, estimate, format_estimate, run_study, write_report
 
@@ -218,10 +236,14 @@ def _study(args: argparse.Namespace) -> int:
         print(format_estimate(estimate(cfg, args.output, jobs=args.jobs)))
         return 0
     try:
-        result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+        result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress,
+                           cluster=_cluster_config(args, cfg.cluster), detach=args.detach)
     except RuntimeError as e:  # no cell finished: each failure names its log
         print(f"lookhere study: {e}", file=sys.stderr)
         return 1
+    if result.get("detached"):
+        print(f"{result['cells']} cells: {result['ran']} job(s) submitted; run the same command again to attach")
+        return 0
     for key, why in result["made_again"].items():
         print(f"cell {key} was made again: {'; '.join(why)}")
     for key, why in result["failures"].items():
@@ -335,6 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dry-run", action="store_true", help="list the cells and estimate the time; run nothing")
     st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
     st.add_argument("--no-progress", action="store_true")
+    cl = st.add_argument_group("where cells run (also a study YAML's cluster: section; these flags override it)")
+    cl.add_argument("--executor", choices=["local", "submitit-local", "slurm"],
+                    help="local: subprocesses here, --jobs at a time (default); submitit-local: one submitit job per "
+                         "cell on this machine; slurm: one Slurm job per cell (pip install 'lookhere[cluster]')")
+    cl.add_argument("--nodes-per-cell", type=flags.count, help="nodes of each cell's job (default 1)")
+    cl.add_argument("--tasks-per-node", type=flags.count,
+                    help="processes per node, one GPU each on Slurm; a cell of several trains as DDP (default 1)")
+    cl.add_argument("--partition", help="Slurm partition")
+    cl.add_argument("--time-min", type=flags.count, help="each job's time limit in minutes (Slurm requeues a cell "
+                                                         "that reaches it; it resumes from its checkpoint)")
+    cl.add_argument("--max-running", type=flags.count, help="cells running at once (Slurm: the array's limit)")
+    cl.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="an sbatch option for every job, e.g. account=abc or constraint=h100 (repeatable)")
+    cl.add_argument("--detach", action="store_true", help="submit the cells' jobs and return; the same command "
+                                                          "again attaches to them")
     st.set_defaults(func=_study)
 
     rp = sub.add_parser("reproduce", help="make a recorded study cell again and compare its eval.json with the record")

@@ -38,6 +38,7 @@ from .study_files import CellFiles, cell_key, write_json
 from .train import TrainConfig
 
 if TYPE_CHECKING:
+    from .cluster import ClusterConfig
     from .evaluate import EvalSettings
 
 SYNTHETIC = tuple(SYNTHETIC_TASKS)
@@ -75,6 +76,7 @@ class StudyConfig:
     # LookHere ablation. ``encodings`` may list them beside the registered names.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_capability: Optional[str] = "avx2"  # the CPU code paths every cell is pinned to (x86-64); null: the CPU's best
+    cluster: dict[str, Any] = field(default_factory=dict)  # where cells run (lookhere.cluster.ClusterConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "study config") -> "StudyConfig":
@@ -113,7 +115,7 @@ class StudyConfig:
                   encodings=list(d["encodings"]), seeds=list(d["seeds"]),
                   train=dict(d.get("train") or {}), eval=plan, reference=d.get("reference", "lh-90"),
                   variants={k: dict(v or {}) for k, v in (d.get("variants") or {}).items()},
-                  cpu_capability=d.get("cpu_capability", "avx2"))
+                  cpu_capability=d.get("cpu_capability", "avx2"), cluster=dict(d.get("cluster") or {}))
         cfg.validate(source)
         return cfg
 
@@ -133,8 +135,11 @@ class StudyConfig:
     def validate(self, source: str = "study config") -> None:
         from .position import POSITION_ENCODINGS
 
+        from .cluster import ClusterConfig
+
         if not self.datasets or not self.encodings or not self.seeds:
             raise ValueError(f"{source}: datasets, encodings and seeds must each list at least one entry")
+        ClusterConfig.from_dict(self.cluster, f"{source}: cluster")
         for name, variant in self.variants.items():
             if name in POSITION_ENCODINGS:
                 raise ValueError(f"{source}: variant {name!r} has the name of a registered encoding; rename it")
@@ -477,10 +482,30 @@ def _environments(cell: Cell) -> dict[str, Any]:
     return {"train": train, "eval": cell.files.evaluation().get("environment")}
 
 
-def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optional[list[str]] = None) -> dict[str, float]:
+DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _train_argv(cell: Cell, resume: Optional[bool]) -> list[str]:
+    """The cell's training command, resuming its run when it has one (``resume``: decided by the caller,
+    so that every process of a distributed cell decides alike)."""
+    argv = cell.commands()["train"]
+    if resume if resume is not None else (cell.run_dir / "config.yaml").is_file():
+        argv = [*argv, "--resume", str(cell.run_dir)]
+    return argv
+
+
+def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optional[list[str]] = None, *,
+             rank: int = 0, resume: Optional[bool] = None) -> dict[str, float]:
     """Train (or resume) and evaluate one cell; returns the seconds each part took. ``identity`` is
     recorded in ``cell.json`` (``resolve_identities`` makes it); ``why``, if the cell is made again
-    (kept from ``cell.json`` when a stopped run had started making it again)."""
+    (kept from ``cell.json`` when a stopped run had started making it again). In a cell trained by
+    several processes (the distributed environment in ``os.environ``), each calls this with its
+    ``rank``: every process trains, the first one alone records and evaluates."""
+    if rank:
+        if not cell.files.train_json.is_file():
+            with open(cell.dir / f"log.rank{rank}.txt", "a") as log:
+                run_command(_train_argv(cell, resume), log, {**os.environ, **cell.study.cell_env()})
+        return {}
     cell.dir.mkdir(parents=True, exist_ok=True)
     earlier = cell.recorded()
     if why is None and earlier is not None and identity is not None and earlier.get("identity") == identity:
@@ -500,10 +525,7 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
     with open(files.log, "a") as log:
         if not files.train_json.is_file():
             t = time.perf_counter()
-            argv = commands["train"]
-            if (cell.run_dir / "config.yaml").is_file():
-                argv = [*argv, "--resume", str(cell.run_dir)]
-            run_command(argv, log, env)
+            run_command(_train_argv(cell, resume), log, env)
             records = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
             epochs = [r for r in records if r.get("kind") == "epoch"]
             # the run's own count covers the stretches before a kill too; this process saw only the last
@@ -512,7 +534,7 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
             write_json(files.train_json, {"epochs": epochs})
         if not files.eval_json.is_file():
             t = time.perf_counter()
-            run_command(commands["eval"], log, env)
+            run_command(commands["eval"], log, {k: v for k, v in env.items() if k not in DISTRIBUTED_VARS})
             timing["eval_s"] = time.perf_counter() - t
             write_json(files.timing_json, timing)
     write_json(files.record_json, {**record, "environment": _environments(cell)})
@@ -528,11 +550,18 @@ def prepare(cfg: StudyConfig, output: str | Path) -> tuple[list[Cell], dict[str,
     return cells, identities, cells_to_redo(cells, identities)
 
 
-def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
+def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True,
+              cluster: Optional["ClusterConfig"] = None, detach: bool = False) -> dict[str, Any]:
     """Run every cell not yet done or whose identity changed (``jobs`` at a time), then aggregate.
-    Failed cells are reported and left for the next run; the others go on."""
+    Failed cells are reported and left for the next run; the others go on. ``cluster`` (else the
+    study's ``cluster:`` section) may send the cells to submitit jobs (:mod:`lookhere.cluster`);
+    ``detach`` then returns once they are submitted."""
     from tqdm import tqdm
 
+    from .cluster import ClusterConfig, run_on_cluster
+
+    cluster = cluster or ClusterConfig.from_dict(cfg.cluster)
+    cluster.check()
     out = Path(output)
     cells, identities, redo = prepare(cfg, out)
     for cell in cells:
@@ -541,6 +570,14 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     todo = [c for c in cells if c.status() != "done" or c.key in redo]
+    if cluster.executor != "local":
+        ran = run_on_cluster(cfg, out, cells, identities, redo, cluster, detach=detach, progress=progress)
+        base = {"cells": len(cells), "ran": ran["submitted"], "made_again": redo, "jobs": ran["jobs"]}
+        if detach:
+            return {**base, "detached": True, "failures": {}}
+        if ran["failures"] and not any(c.status() == "done" for c in cells):
+            raise RuntimeError("no cell finished: " + "; ".join(f"{k}: {w}" for k, w in ran["failures"].items()))
+        return {**base, "failures": ran["failures"], **write_report(out)}
     failures: dict[str, str] = {}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
 

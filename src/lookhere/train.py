@@ -524,7 +524,7 @@ class Progress:
 class RunLog:
     """``metrics.jsonl`` and TensorBoard on rank 0; nothing on the other ranks."""
 
-    def __init__(self, run_dir: Path, step: int, resumed: bool, main: bool):
+    def __init__(self, run_dir: Path, step: int, resumed: bool, main: bool, world_size: int = 1):
         self.file = self.writer = None
         if not main:
             return
@@ -536,7 +536,8 @@ class RunLog:
             forget_after(run_dir / "metrics.jsonl", step)
         self.file = open(run_dir / "metrics.jsonl", "a")
         # at every start and resume: what decides this stretch's last digits
-        self.file.write(json.dumps({"kind": "environment", "step": step, **environment()}) + "\n")
+        self.file.write(json.dumps({"kind": "environment", "step": step, "world_size": world_size, **environment()})
+                        + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is None:
@@ -730,7 +731,7 @@ def start(run: Run) -> None:
         _write_atomically(run.dir / "config.yaml", yaml.safe_dump(replace(cfg, resume=None).to_dict(), sort_keys=False))
     if d.world > 1:
         dist.barrier()
-    run.log = RunLog(run.dir, run.progress.step, bool(cfg.resume), d.main)
+    run.log = RunLog(run.dir, run.progress.step, bool(cfg.resume), d.main, d.world)
     if cfg.resume and run.progress.step >= run.limit and d.main:
         print(f"--resume {run.dir}: the run is at step {run.progress.step}, where it ends (--epochs {cfg.epochs}"
               f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}: {run.limit} steps); nothing to train. "

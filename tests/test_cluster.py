@@ -1,0 +1,154 @@
+"""Studies through submitit: its LocalExecutor (the same code path as Slurm, on this machine) and a
+stand-in ``sbatch`` that keeps the scripts it is given, as one tests Slurm code without Slurm."""
+
+import json
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from lookhere.cli import main
+from lookhere.cluster import ClusterConfig, recorded_job
+from lookhere.study import StudyConfig, run_study
+
+from test_study import TINY
+
+LOCAL = ClusterConfig(executor="submitit-local")
+
+
+def numbers(root: Path, cfg: StudyConfig) -> dict:
+    """Every cell's evaluation numbers (not its timings or environment)."""
+    out = {}
+    for cell in cfg.cells(root):
+        ev = json.loads(cell.eval_json.read_text())
+        out[cell.key] = {k: v for k, v in ev.items() if k not in ("environment", "seconds", "output")}
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    kids = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                kids += [int(child), *descendants(int(child))]
+    except OSError:  # a process that ended meanwhile
+        pass
+    return kids
+
+
+def test_submitit_local_gives_the_local_numbers_and_records_its_jobs(tmp_path):
+    cfg = StudyConfig.from_dict(TINY)
+    run_study(cfg, tmp_path / "here", progress=False)
+    result = run_study(cfg, tmp_path / "jobs", progress=False, cluster=LOCAL)
+    assert result["failures"] == {} and result["ran"] == 2
+    assert numbers(tmp_path / "jobs", cfg) == numbers(tmp_path / "here", cfg)
+    for cell in cfg.cells(tmp_path / "jobs"):
+        job = recorded_job(cell)
+        assert job["executor"] == "submitit-local" and job["job_id"] == result["jobs"][cell.key]["job_id"]
+        assert Path(job["log"]).is_file()
+    assert (tmp_path / "jobs" / "report.md").is_file()
+
+
+def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_one(tmp_path, capsys):
+    cfg = StudyConfig.from_dict(TINY)
+    run_study(cfg, tmp_path / "whole", progress=False)
+    out = tmp_path / "study"
+    first = run_study(cfg, out, progress=False, cluster=LOCAL, detach=True)
+    assert first["detached"] and first["ran"] == 2
+    ids = {k: j["job_id"] for k, j in first["jobs"].items()}
+    cells = cfg.cells(out)
+    killed = cells[0]
+    metrics = killed.run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed.run_dir / "last" / "state.pt").is_file():
+        time.sleep(0.05)
+    pid = int(ids[killed.key])
+    for p in [pid, *descendants(pid)]:  # the job, its task and the cell's training process
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert metrics.is_file() and not killed.files.train_json.is_file()
+    capsys.readouterr()
+    again = run_study(cfg, out, progress=False, cluster=LOCAL)
+    err = capsys.readouterr().err
+    assert f"{killed.key}: its job {ids[killed.key]} ended before the cell was done" in err
+    assert again["ran"] == 1 and again["failures"] == {}
+    assert recorded_job(cells[1])["job_id"] == ids[cells[1].key]  # attached to, not submitted again
+    assert recorded_job(killed)["job_id"] != ids[killed.key]
+    assert numbers(out, cfg) == numbers(tmp_path / "whole", cfg)  # the resumed cell as if never killed
+
+
+def test_a_cell_of_two_tasks_trains_as_two_gloo_processes(tmp_path):
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
+    result = run_study(cfg, tmp_path, progress=False, cluster=ClusterConfig(executor="submitit-local",
+                                                                            tasks_per_node=2))
+    assert result["failures"] == {}
+    cell = cfg.cells(tmp_path)[0]
+    env = [json.loads(x) for x in (cell.run_dir / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["kind"] == "environment"]
+    assert env and all(e["world_size"] == 2 for e in env)
+    assert cell.eval_json.is_file() and recorded_job(cell)["tasks_per_node"] == 2
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An ``sbatch`` on PATH that keeps each script and answers with a job id."""
+    bindir, kept = tmp_path / "bin", tmp_path / "scripts"
+    bindir.mkdir()
+    kept.mkdir()
+    script = bindir / "sbatch"
+    script.write_text(f"#!/bin/sh\ncp \"$1\" {kept}/$(date +%s%N).sh\necho 'Submitted batch job 4242'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    (bindir / "srun").write_text("#!/bin/sh\nexit 1\n")  # named in the scripts; never run here
+    (bindir / "srun").chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return kept
+
+
+def test_slurm_submits_one_array_with_the_resources_asked_for(tmp_path, fake_sbatch, capsys):
+    cfg = tmp_path / "study.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({**TINY, "cluster": {"partition": "gpu", "slurm_args": {"qos": "high"}}}))
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(cfg), "--output", str(out), "--executor", "slurm", "--nodes-per-cell", "2",
+                 "--tasks-per-node", "4", "--time-min", "90", "--max-running", "1", "--slurm-arg", "account=abc",
+                 "--detach", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    scripts = list(fake_sbatch.iterdir())
+    assert len(scripts) == 1  # one array job for both cells
+    lines = [x for x in scripts[0].read_text().splitlines() if x.startswith("#SBATCH")]
+    for expected in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=90",
+                     "--signal=USR2@120", "--account=abc", "--qos=high", "--array=0-1%1"):
+        assert f"#SBATCH {expected}" in lines, (expected, lines)
+    keys = [c.key for c in StudyConfig.from_dict(TINY).cells(out)]
+    for i, key in enumerate(keys):
+        job = json.loads((out / key / "job.json").read_text())
+        assert job["executor"] == "slurm" and job["job_id"] == f"4242_{i}"
+        assert f"{key}: job 4242_{i}" in printed
+
+
+def test_cluster_settings_that_cannot_run_are_one_clear_message(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "study.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(TINY))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    base = ["study", "--config", str(cfg), "--output", str(tmp_path / "o"), "--no-progress"]
+    for extra, message in [
+        (["--executor", "slurm"], "--executor slurm: no sbatch or srun on PATH"),
+        (["--detach"], "--detach submits jobs: it needs --executor submitit-local or slurm"),
+        (["--tasks-per-node", "2"], "--executor local runs each cell as one process"),
+        (["--executor", "submitit-local", "--nodes-per-cell", "2"], "--nodes-per-cell must be 1"),
+        (["--executor", "slurm", "--slurm-arg", "account"], "--slurm-arg 'account': expected KEY=VALUE"),
+    ]:
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+    with pytest.raises(ValueError, match="cluster: unknown setting"):
+        StudyConfig.from_dict({**TINY, "cluster": {"gpus": 8}})
