@@ -48,7 +48,10 @@ def test_submitit_local_gives_the_local_numbers_and_records_its_jobs(tmp_path):
     for cell in cfg.cells(tmp_path / "jobs"):
         job = recorded_job(cell)
         assert job["executor"] == "submitit-local" and job["job_id"] == result["jobs"][cell.key]["job_id"]
-        assert Path(job["log"]).is_file()
+        assert Path(job["log"]).is_file() and job["jobs"] == [job["job_id"]]
+        made = json.loads((cell.dir / "cell.json").read_text())
+        assert made["executor"] == "submitit-local" and made["jobs"] == [job["job_id"]]
+    assert json.loads((cfg.cells(tmp_path / "here")[0].dir / "cell.json").read_text())["executor"] == "local"
     assert (tmp_path / "jobs" / "report.md").is_file()
 
 
@@ -78,7 +81,8 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
     assert f"{killed.key}: its job {ids[killed.key]} ended before the cell was done" in err
     assert again["ran"] == 1 and again["failures"] == {}
     assert recorded_job(cells[1])["job_id"] == ids[cells[1].key]  # attached to, not submitted again
-    assert recorded_job(killed)["job_id"] != ids[killed.key]
+    assert recorded_job(killed)["jobs"] == [ids[killed.key], recorded_job(killed)["job_id"]]
+    assert json.loads((killed.dir / "cell.json").read_text())["jobs"] == recorded_job(killed)["jobs"]
     assert numbers(out, cfg) == numbers(tmp_path / "whole", cfg)  # the resumed cell as if never killed
 
 
@@ -152,3 +156,33 @@ def test_cluster_settings_that_cannot_run_are_one_clear_message(tmp_path, monkey
         assert len(err) == 1 and message in err[0], (extra, err)
     with pytest.raises(ValueError, match="cluster: unknown setting"):
         StudyConfig.from_dict({**TINY, "cluster": {"gpus": 8}})
+
+
+def test_a_training_run_as_a_job_of_two_processes_and_detached(tmp_path, capsys):
+    args = ["train", "--data", "synthetic", "--data-length", "128", "--img-size", "16", "--patch-size", "4",
+            "--embed-dim", "48", "--depth", "1", "--num-heads", "12", "--batch-size", "16", "--epochs", "1",
+            "--no-progress", "--executor", "submitit-local"]
+    assert main([*args, "--tasks-per-node", "2", "--output", str(tmp_path / "ddp")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("job ") and json.loads(out[-1])["step"] == 128 // 16
+    env = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["kind"] == "environment"]
+    assert [e["world_size"] for e in env] == [2]
+    assert main([*args, "--detach", "--output", str(tmp_path / "later")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("job ") and "log: " in line and "{" not in line  # returned before any result
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "later" / "last" / "model.safetensors").is_file():
+        time.sleep(0.1)
+    assert (tmp_path / "later" / "last" / "model.safetensors").is_file()
+
+
+def test_a_requeued_job_resumes_its_run_or_cell():
+    """What submitit submits again on Slurm's signal: the same cell, or the same run with --resume."""
+    from lookhere.cluster import CellJob, TrainJob
+
+    settings = {"output": "/nonexistent/run", "epochs": 3}
+    assert TrainJob(settings).checkpoint().function.settings == settings  # nothing trained yet: start again
+    cell = CellJob(StudyConfig.from_dict(TINY).to_dict(), "/nonexistent", "synthetic-where/lh-90/seed0", None, None)
+    again = cell.checkpoint().function
+    assert (again.key, again.root, again.resume) == (cell.key, cell.root, False)

@@ -343,7 +343,10 @@ def test_every_train_flag_says_what_it_does_and_its_default():
     from lookhere.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    actions = [a for a in sub.choices["train"]._actions if a.option_strings and a.dest not in ("help", "config")]
+    cluster = {"executor", "nodes_per_cell", "tasks_per_node", "partition", "time_min", "max_running", "slurm_arg",
+               "detach"}  # where the run runs (tests/test_cluster.py)
+    actions = [a for a in sub.choices["train"]._actions
+               if a.option_strings and a.dest not in ("help", "config", *cluster)]
     assert len(actions) == len(dataclasses.fields(TrainConfig))
     for action in actions:
         assert action.help and "(default: " in action.help, action.option_strings

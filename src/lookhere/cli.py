@@ -78,6 +78,28 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(name, type=kind, default=None, help=help)
 
 
+def _add_cluster_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """Where a study's cells (``what="cell"``) or a training run (``"run"``) run: submitit's executors."""
+    cl = parser.add_argument_group(f"where each {what} runs" + (" (also a study YAML's cluster: section; these "
+                                                               "flags override it)" if what == "cell" else ""))
+    cl.add_argument("--executor", choices=["local", "submitit-local", "slurm"],
+                    help=f"local: here{', --jobs cells at a time' if what == 'cell' else ''} (default); "
+                         f"submitit-local: a submitit job per {what} on this machine; slurm: a Slurm job per {what} "
+                         f"(pip install 'lookhere[cluster]')")
+    cl.add_argument("--nodes-per-cell", type=flags.count, help=f"nodes of each {what}'s job (default 1)")
+    cl.add_argument("--tasks-per-node", type=flags.count,
+                    help=f"processes per node, one GPU each on Slurm; a {what} of several trains as DDP (default 1)")
+    cl.add_argument("--partition", help="Slurm partition")
+    cl.add_argument("--time-min", type=flags.count, help=f"each job's time limit in minutes (Slurm requeues a {what} "
+                                                         f"that reaches it; it resumes from its checkpoint)")
+    cl.add_argument("--max-running", type=flags.count, help="cells running at once (Slurm: the array's limit)"
+                    if what == "cell" else argparse.SUPPRESS)
+    cl.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="an sbatch option for every job, e.g. account=abc or constraint=h100 (repeatable)")
+    cl.add_argument("--detach", action="store_true", help=f"submit the {what}'s job(s) and return" +
+                    ("; the same command again attaches to them" if what == "cell" else ", printing the job id"))
+
+
 def _json_object(text: str) -> dict:
     """argparse type of a JSON-object flag: argparse names the flag in the message."""
     try:
@@ -116,8 +138,21 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
+    cfg = _train_config(args)
+    cluster = _cluster_config(args, {})
+    if cluster.executor != "local":
+        from .cluster import submit_run
+
+        cluster.check()
+        cfg.validate()
+        job = submit_run(cfg.to_dict(), cluster)
+        print(f"job {job.job_id} ({cluster.executor}; log: {job.paths.stdout})", flush=True)
+        if args.detach:
+            return 0
+        print(json.dumps(job.results()[0]))  # the first process's: every one trained the same run
+        return 0
     try:
-        result = train(_train_config(args))
+        result = train(cfg)
     finally:  # under torchrun: a process group left to exit-time teardown can abort the process
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -301,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a ViT (any position encoding); resumable, torchrun-ready")
     _add_train_flags(tr)
+    _add_cluster_flags(tr, "run")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="accuracy, NLL and calibration across sizes; attacks; object sizes",
@@ -357,21 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dry-run", action="store_true", help="list the cells and estimate the time; run nothing")
     st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
     st.add_argument("--no-progress", action="store_true")
-    cl = st.add_argument_group("where cells run (also a study YAML's cluster: section; these flags override it)")
-    cl.add_argument("--executor", choices=["local", "submitit-local", "slurm"],
-                    help="local: subprocesses here, --jobs at a time (default); submitit-local: one submitit job per "
-                         "cell on this machine; slurm: one Slurm job per cell (pip install 'lookhere[cluster]')")
-    cl.add_argument("--nodes-per-cell", type=flags.count, help="nodes of each cell's job (default 1)")
-    cl.add_argument("--tasks-per-node", type=flags.count,
-                    help="processes per node, one GPU each on Slurm; a cell of several trains as DDP (default 1)")
-    cl.add_argument("--partition", help="Slurm partition")
-    cl.add_argument("--time-min", type=flags.count, help="each job's time limit in minutes (Slurm requeues a cell "
-                                                         "that reaches it; it resumes from its checkpoint)")
-    cl.add_argument("--max-running", type=flags.count, help="cells running at once (Slurm: the array's limit)")
-    cl.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="an sbatch option for every job, e.g. account=abc or constraint=h100 (repeatable)")
-    cl.add_argument("--detach", action="store_true", help="submit the cells' jobs and return; the same command "
-                                                          "again attaches to them")
+    _add_cluster_flags(st, "cell")
     st.set_defaults(func=_study)
 
     rp = sub.add_parser("reproduce", help="make a recorded study cell again and compare its eval.json with the record")

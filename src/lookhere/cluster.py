@@ -29,7 +29,6 @@ EXECUTORS = ("local", "submitit-local", "slurm")
 # Slurm states of a job that may still make its cell.
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # submitit's local jobs otherwise stop after 2 minutes
-JOB_FILE = "job.json"
 
 
 @dataclass
@@ -138,6 +137,45 @@ class CellJob:
         return submitit.helpers.DelayedSubmission(CellJob(self.study, self.root, self.key, self.identity, self.why))
 
 
+class TrainJob:
+    """One training run as a job: every process of the job trains (DDP when there are several, its
+    environment taken from the job); on a requeue signal, the same run again, resuming."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+        import torch.distributed as dist
+
+        from .train import TrainConfig, train
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        try:
+            result = train(TrainConfig.from_dict(self.settings))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        result.pop("model", None)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        run_dir = Path(self.settings.get("resume") or self.settings["output"])
+        again = {**self.settings, "resume": str(run_dir)} if (run_dir / "config.yaml").is_file() else self.settings
+        return submitit.helpers.DelayedSubmission(TrainJob(again))
+
+
+def submit_run(settings: dict[str, Any], cluster: ClusterConfig):
+    """Submit one training run (``TrainConfig`` settings) as a job; its logs in the run's ``jobs/``."""
+    run_dir = Path(settings.get("resume") or settings["output"])
+    folder = run_dir / "jobs"
+    job = cluster.executor_for(folder).submit(TrainJob(settings))
+    return job
+
+
 def _local_alive(job_id: str) -> bool:
     """Whether a submitit-local job's controller process still runs (a finished child is reaped)."""
     pid = int(job_id)
@@ -163,20 +201,17 @@ def job_state(record: dict[str, Any]) -> str:
 
 
 def recorded_job(cell: "Cell") -> Optional[dict[str, Any]]:
-    path = cell.dir / JOB_FILE
-    if not path.is_file():
-        return None
-    import json
-
-    return json.loads(path.read_text())
+    return cell.files.job()
 
 
 def _record(cell: "Cell", job, cluster: ClusterConfig, folder: Path) -> dict[str, Any]:
+    earlier = recorded_job(cell) or {}
     record = {"executor": cluster.executor, "job_id": str(job.job_id), "folder": str(folder),
               "log": str(job.paths.stdout), "nodes": cluster.nodes_per_cell, "tasks_per_node": cluster.tasks_per_node,
-              "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "jobs": [*earlier.get("jobs", []), str(job.job_id)]}  # every job that worked on the cell
     cell.dir.mkdir(parents=True, exist_ok=True)
-    write_json(cell.dir / JOB_FILE, record)
+    write_json(cell.files.job_json, record)
     return record
 
 

@@ -511,6 +511,7 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
     if why is None and earlier is not None and identity is not None and earlier.get("identity") == identity:
         why = earlier.get("made_again")
     commands = cell.commands()
+    files = cell.files
     record: dict[str, Any] = {"dataset": cell.dataset, "encoding": cell.encoding, "seed": cell.seed,
                               "command": cell.command_line(), "train_command": commands["train"],
                               "eval_command": commands["eval"]}
@@ -518,6 +519,10 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
         record["identity"] = identity
     if why:
         record["made_again"] = why
+    job = files.job()
+    record["executor"] = job["executor"] if job else "local"
+    if job:
+        record["jobs"] = job["jobs"]
     files = cell.files
     write_json(files.record_json, record)
     env = {**os.environ, **cell.study.cell_env()}

@@ -62,6 +62,14 @@ class CellFiles:
     def log(self) -> Path:
         return self.dir / "log.txt"
 
+    @property
+    def job_json(self) -> Path:
+        """The submitit job making the cell, and every earlier one (``lookhere.cluster``)."""
+        return self.dir / "job.json"
+
+    def job(self) -> Optional[dict[str, Any]]:
+        return json.loads(self.job_json.read_text()) if self.job_json.is_file() else None
+
     def record(self) -> Optional[dict[str, Any]]:
         """``cell.json`` (None: not written yet); ValueError when unreadable."""
         if not self.record_json.is_file():
