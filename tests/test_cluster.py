@@ -186,3 +186,28 @@ def test_a_requeued_job_resumes_its_run_or_cell():
     cell = CellJob(StudyConfig.from_dict(TINY).to_dict(), "/nonexistent", "synthetic-where/lh-90/seed0", None, None)
     again = cell.checkpoint().function
     assert (again.key, again.root, again.resume) == (cell.key, cell.root, False)
+
+
+def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_bit_exact(tmp_path):
+    """Slurm's USR2 before a time limit (or a preemption), played on submitit's local controller: the
+    job checkpoints, is requeued (the same job id), and the cell's training resumes from its last
+    checkpoint to the numbers of a cell never stopped."""
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
+    run_study(cfg, tmp_path / "whole", progress=False)
+    out = tmp_path / "study"
+    first = run_study(cfg, out, progress=False, cluster=LOCAL, detach=True)
+    cell = cfg.cells(out)[0]
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cell.run_dir / "last" / "state.pt").is_file():
+        time.sleep(0.05)
+    # Slurm signals the job's processes; on this machine, its one task (the controller's child)
+    task = next(p for p in descendants(int(first["jobs"][cell.key]["job_id"]))
+                if b"submitit.core._submit" in Path(f"/proc/{p}/cmdline").read_bytes())
+    os.kill(task, signal.SIGUSR2)
+    again = run_study(cfg, out, progress=False, cluster=LOCAL)
+    assert again["ran"] == 0 and again["failures"] == {}  # attached: the requeued job made the cell
+    assert recorded_job(cell)["jobs"] == [first["jobs"][cell.key]["job_id"]]
+    starts = [json.loads(x) for x in (cell.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "environment"]
+    assert len(starts) == 2 and starts[1]["step"] > 0  # trained, stopped, resumed
+    assert numbers(out, cfg) == numbers(tmp_path / "whole", cfg)
