@@ -5,6 +5,8 @@ alone with ``pytest tests/test_flex.py``.
 """
 
 import logging
+import os
+import re
 
 import pytest
 import torch
@@ -288,3 +290,22 @@ def test_flex_work_refuses_bad_arguments():
         flex_work("lh-90", 0)
     with pytest.raises(ValueError, match="num_prefix_tokens=-1"):
         flex_work("lh-90", 8, num_prefix_tokens=-1)
+
+
+def test_the_gpu_benchmark_runs(tmp_path):
+    """benchmarks/gpu.py, the one command for a GPU, in its CPU smoke mode: every table is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    out = tmp_path / "gpu.md"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--markdown", str(out)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    for part in ("| 64 | 2 | lh-45 | ours |", "| 64 | 2 | lh-45 | flash (no mask) |", "| 64 | 1 | rope-mixed (timm) |",
+                 "FlexAttention graphs compiled by a sweep", "Blocks the kernel computes"):
+        assert part in text, part
+    compiled, again = map(int, re.findall(r"cold start: (\d+); by the same sweep again: (\d+)", text)[0])
+    assert compiled >= 1 and again == 0
