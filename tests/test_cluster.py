@@ -149,6 +149,9 @@ def test_cluster_settings_that_cannot_run_are_one_clear_message(tmp_path, monkey
         (["--tasks-per-node", "2"], "--executor local runs each cell as one process"),
         (["--executor", "submitit-local", "--nodes-per-cell", "2"], "--nodes-per-cell must be 1"),
         (["--executor", "slurm", "--slurm-arg", "account"], "--slurm-arg 'account': expected KEY=VALUE"),
+        (["--executor", "submitit-local", "--partition", "gpu"], "--executor submitit-local would ignore them"),
+        (["--max-running", "2"], "--max-running and --time-min are for submitit's executors"),
+        (["--executor", "submitit-local", "--jobs", "2"], "with --executor submitit-local every cell is a job"),
     ]:
         capsys.readouterr()
         assert main([*base, *extra]) == 2, extra

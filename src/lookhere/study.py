@@ -567,6 +567,9 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
 
     cluster = cluster or ClusterConfig.from_dict(cfg.cluster)
     cluster.check()
+    if cluster.executor != "local" and jobs != 1:
+        raise ValueError(f"--jobs runs cells here; with --executor {cluster.executor} every cell is a job of its "
+                         f"own (--max-running caps how many run at once)")
     out = Path(output)
     cells, identities, redo = prepare(cfg, out)
     for cell in cells:
