@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from lookhere.cli import main
-from lookhere.cluster import ClusterConfig, recorded_job
+from lookhere.cluster import ClusterConfig
 from lookhere.study import StudyConfig, run_study
+from lookhere.study_jobs import recorded_job, run_study_jobs
 
 from test_study import TINY
 
@@ -42,7 +43,7 @@ def descendants(pid: int) -> list[int]:
 def test_submitit_local_gives_the_local_numbers_and_records_its_jobs(tmp_path):
     cfg = StudyConfig.from_dict(TINY)
     run_study(cfg, tmp_path / "here", progress=False)
-    result = run_study(cfg, tmp_path / "jobs", progress=False, cluster=LOCAL)
+    result = run_study_jobs(cfg, tmp_path / "jobs", LOCAL, progress=False)
     assert result["failures"] == {} and result["ran"] == 2
     assert numbers(tmp_path / "jobs", cfg) == numbers(tmp_path / "here", cfg)
     for cell in cfg.cells(tmp_path / "jobs"):
@@ -59,7 +60,7 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
     cfg = StudyConfig.from_dict(TINY)
     run_study(cfg, tmp_path / "whole", progress=False)
     out = tmp_path / "study"
-    first = run_study(cfg, out, progress=False, cluster=LOCAL, detach=True)
+    first = run_study_jobs(cfg, out, LOCAL, progress=False, detach=True)
     assert first["detached"] and first["ran"] == 2
     ids = {k: j["job_id"] for k, j in first["jobs"].items()}
     cells = cfg.cells(out)
@@ -76,7 +77,7 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
             pass
     assert metrics.is_file() and not killed.files.train_json.is_file()
     capsys.readouterr()
-    again = run_study(cfg, out, progress=False, cluster=LOCAL)
+    again = run_study_jobs(cfg, out, LOCAL, progress=False)
     err = capsys.readouterr().err
     assert f"{killed.key}: its job {ids[killed.key]} ended before the cell was done" in err
     assert again["ran"] == 1 and again["failures"] == {}
@@ -88,8 +89,7 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
 
 def test_a_cell_of_two_tasks_trains_as_two_gloo_processes(tmp_path):
     cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
-    result = run_study(cfg, tmp_path, progress=False, cluster=ClusterConfig(executor="submitit-local",
-                                                                            tasks_per_node=2))
+    result = run_study_jobs(cfg, tmp_path, ClusterConfig(executor="submitit-local", tasks_per_node=2), progress=False)
     assert result["failures"] == {}
     cell = cfg.cells(tmp_path)[0]
     env = [json.loads(x) for x in (cell.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -182,7 +182,8 @@ def test_a_training_run_as_a_job_of_two_processes_and_detached(tmp_path, capsys)
 
 def test_a_requeued_job_resumes_its_run_or_cell():
     """What submitit submits again on Slurm's signal: the same cell, or the same run with --resume."""
-    from lookhere.cluster import CellJob, TrainJob
+    from lookhere.cluster import TrainJob
+    from lookhere.study_jobs import CellJob
 
     settings = {"output": "/nonexistent/run", "epochs": 3}
     assert TrainJob(settings).checkpoint().function.settings == settings  # nothing trained yet: start again
@@ -198,7 +199,7 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_bit_exact
     cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
     run_study(cfg, tmp_path / "whole", progress=False)
     out = tmp_path / "study"
-    first = run_study(cfg, out, progress=False, cluster=LOCAL, detach=True)
+    first = run_study_jobs(cfg, out, LOCAL, progress=False, detach=True)
     cell = cfg.cells(out)[0]
     deadline = time.time() + 120
     while time.time() < deadline and not (cell.run_dir / "last" / "state.pt").is_file():
@@ -207,7 +208,7 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_bit_exact
     task = next(p for p in descendants(int(first["jobs"][cell.key]["job_id"]))
                 if b"submitit.core._submit" in Path(f"/proc/{p}/cmdline").read_bytes())
     os.kill(task, signal.SIGUSR2)
-    again = run_study(cfg, out, progress=False, cluster=LOCAL)
+    again = run_study_jobs(cfg, out, LOCAL, progress=False)
     assert again["ran"] == 0 and again["failures"] == {}  # attached: the requeued job made the cell
     assert recorded_job(cell)["jobs"] == [first["jobs"][cell.key]["job_id"]]
     starts = [json.loads(x) for x in (cell.run_dir / "metrics.jsonl").read_text().splitlines()

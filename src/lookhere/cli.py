@@ -270,9 +270,18 @@ def _study(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_estimate(estimate(cfg, args.output, jobs=args.jobs)))
         return 0
+    cluster = _cluster_config(args, cfg.cluster)
+    cluster.check()
+    if cluster.executor != "local" and args.jobs != 1:
+        raise ValueError(f"--jobs runs cells here; with --executor {cluster.executor} every cell is a job of its "
+                         f"own (--max-running caps how many run at once)")
     try:
-        result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress,
-                           cluster=_cluster_config(args, cfg.cluster), detach=args.detach)
+        if cluster.executor == "local":
+            result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+        else:
+            from .study_jobs import run_study_jobs
+
+            result = run_study_jobs(cfg, args.output, cluster, detach=args.detach, progress=not args.no_progress)
     except RuntimeError as e:  # no cell finished: each failure names its log
         print(f"lookhere study: {e}", file=sys.stderr)
         return 1

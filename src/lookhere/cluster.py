@@ -1,4 +1,6 @@
-"""A study's cells as submitit jobs, on this machine (``submitit-local``) or on a Slurm cluster.
+"""Runs as submitit jobs, on this machine (``submitit-local``) or on a Slurm cluster: where they run
+(:class:`ClusterConfig`), a training run as a job, and what became of a job. A study's cells as
+jobs are ``study_jobs.py``.
 
 One job per cell that is not done, each ``nodes_per_cell x tasks_per_node`` processes; a cell of
 several processes trains as DDP, its distributed environment taken from the job (submitit's
@@ -18,12 +20,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from .study_files import write_json
-
-if TYPE_CHECKING:
-    from .study import Cell, StudyConfig
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 # Slurm states of a job that may still make its cell.
@@ -108,40 +106,6 @@ class ClusterConfig:
         return ex
 
 
-class CellJob:
-    """What a cell's job runs: train the cell (in every process of the job) and evaluate it (in the
-    first), from the study's config; on a requeue signal, the same job again, resuming."""
-
-    def __init__(self, study: dict[str, Any], root: str, key: str, identity: Optional[dict[str, Any]],
-                 why: Optional[list[str]]):
-        self.study, self.root, self.key, self.identity, self.why = study, root, key, identity, why
-        # Decided here, once for every process of the job: whether the cell's training resumes.
-        self.resume = (self.cell().run_dir / "config.yaml").is_file()
-
-    def cell(self) -> "Cell":
-        from .study import StudyConfig
-
-        return next(c for c in StudyConfig.from_dict(self.study).cells(self.root) if c.key == self.key)
-
-    def __call__(self) -> dict[str, float]:
-        import submitit
-
-        from .study import run_cell
-
-        env = submitit.JobEnvironment()
-        cell = self.cell()
-        if env.num_tasks == 1:
-            return run_cell(cell, self.identity, self.why)
-        dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return run_cell(cell, self.identity, self.why, rank=dist.rank, resume=self.resume)
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        """submitit calls this on Slurm's signal: requeue the same cell (its training resumes)."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(CellJob(self.study, self.root, self.key, self.identity, self.why))
-
-
 class TrainJob:
     """One training run as a job: every process of the job trains (DDP when there are several, its
     environment taken from the job); on a requeue signal, the same run again, resuming."""
@@ -203,87 +167,3 @@ def job_state(record: dict[str, Any]) -> str:
 
     state = submitit.SlurmJob(record["folder"], record["job_id"]).state
     return "alive" if state.split()[0].upper() in ALIVE else state
-
-
-def recorded_job(cell: "Cell") -> Optional[dict[str, Any]]:
-    return cell.files.job()
-
-
-def _record(cell: "Cell", job, cluster: ClusterConfig, folder: Path) -> dict[str, Any]:
-    earlier = recorded_job(cell) or {}
-    record = {"executor": cluster.executor, "job_id": str(job.job_id), "folder": str(folder),
-              "log": str(job.paths.stdout), "nodes": cluster.nodes_per_cell, "tasks_per_node": cluster.tasks_per_node,
-              "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "jobs": [*earlier.get("jobs", []), str(job.job_id)]}  # every job that worked on the cell
-    cell.dir.mkdir(parents=True, exist_ok=True)
-    write_json(cell.files.job_json, record)
-    return record
-
-
-def run_on_cluster(cfg: "StudyConfig", out: Path, cells: list["Cell"], identities: dict[str, Any],
-                   redo: dict[str, list[str]], cluster: ClusterConfig, *, detach: bool = False,
-                   progress: bool = True, poll_s: float = 2.0) -> dict[str, Any]:
-    """Submit the cells not done (attaching to those whose job lives), then, unless ``detach``,
-    wait for them all; returns what was submitted, attached to and failed."""
-    from tqdm import tqdm
-
-    folder = out / ".jobs"
-    ex = cluster.executor_for(folder)
-    todo = [c for c in cells if c.status() != "done"]
-    attached, queue, why_again = [], [], {}
-    for cell in todo:
-        record = recorded_job(cell)
-        if record is not None and cell.key not in redo:
-            state = job_state(record)
-            if state == "alive":
-                attached.append(cell)
-                continue
-            why_again[cell.key] = f"its job {record['job_id']} {state.lower()} before the cell was done (log: " \
-                                  f"{record['log']})"
-        queue.append(cell)
-    for key, why in why_again.items():
-        print(f"{key}: {why}; submitting it again", file=sys.stderr)
-    limit = cluster.max_running if cluster.executor == "submitit-local" and cluster.max_running else len(queue)
-    jobs: dict[str, dict[str, Any]] = {c.key: recorded_job(c) for c in attached}
-
-    def submit(batch: list["Cell"]) -> None:
-        if not batch:
-            return
-        tasks = [CellJob(cfg.to_dict(), str(out), c.key, identities.get(c.key), redo.get(c.key)) for c in batch]
-        if cluster.executor == "slurm":
-            with ex.batch():  # one array job; --max-running caps how many of it run at once
-                submitted = [ex.submit(t) for t in tasks]
-        else:
-            submitted = [ex.submit(t) for t in tasks]
-        for cell, job in zip(batch, submitted):
-            jobs[cell.key] = _record(cell, job, cluster, folder)
-
-    submit(queue[:max(0, limit - len(attached))])
-    waiting = queue[max(0, limit - len(attached)):]
-    if detach:
-        for key, record in jobs.items():
-            print(f"{key}: job {record['job_id']} ({record['executor']}; log: {record['log']})")
-        return {"cells": len(cells), "submitted": len(jobs) - len(attached), "attached": len(attached),
-                "waiting": len(waiting), "jobs": jobs}
-    failures: dict[str, str] = {}
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
-    pending = {c.key: c for c in todo if c.key in jobs}
-    while pending or waiting:
-        for key, cell in list(pending.items()):
-            if cell.status() == "done":
-                del pending[key]
-                bar.update(1)
-            elif job_state(jobs[key]) != "alive":
-                failures[key] = f"its job {jobs[key]['job_id']} ended before the cell was done; see {jobs[key]['log']}"
-                del pending[key]
-                bar.update(1)
-        free = limit - len(pending)
-        if waiting and free > 0:
-            batch, waiting = waiting[:free], waiting[free:]
-            submit(batch)
-            pending.update({c.key: c for c in batch})
-        if pending:
-            time.sleep(poll_s)
-    bar.close()
-    return {"cells": len(cells), "submitted": len(jobs) - len(attached), "attached": len(attached),
-            "failures": failures, "jobs": jobs}

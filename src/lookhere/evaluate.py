@@ -51,21 +51,14 @@ LABEL_LIST_METRICS = (
 def load_checkpoint(path: str | Path, *, num_heads: int = 12, weights: str = "best"):
     """A model from a run directory (its ``best/`` or ``last/``), a model directory, or a released
     LookHere ``.pth`` file. Returns ``(model, train_config_or_None)``."""
-    from .io import load_model, load_official
+    from .io import load_trained
     from .train import TrainConfig
 
-    p = Path(path)
-    if p.is_file():
-        return load_official(p, num_heads=num_heads), None
-    if (p / "config.yaml").is_file():
-        cfg = TrainConfig.from_yaml(p / "config.yaml")
-        for name in (weights, "best", "last"):
-            if (p / name / "model.safetensors").is_file():
-                return load_model(p / name), cfg
-        raise FileNotFoundError(f"--checkpoint {p}: a run directory without a checkpoint yet (no best/ or last/)")
-    if (p / "config.json").is_file():
-        return load_model(p), None
-    raise FileNotFoundError(f"--checkpoint {p}: not a run directory, model directory or checkpoint file")
+    try:
+        model, kind = load_trained(path, num_heads=num_heads, weights=weights)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--checkpoint {e}") from None
+    return model, TrainConfig.from_yaml(Path(path) / "config.yaml") if kind == "run directory" else None
 
 
 def load_pretrained(name: str, file: str | os.PathLike | None = None) -> nn.Module:

@@ -13,13 +13,10 @@ nothing to adapt; learned-1d: its table resampled to the grid; RoPE: as it is).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from .io import tensor_digest
+from .io import load_trained, tensor_digest
 from .vit import VisionTransformer
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 # TrainConfig fields that describe the architecture: with --init-from they come from the source.
 ARCHITECTURE = ("pos_encoding", "lookhere_config", "pos_options", "model", "embed_dim", "depth", "num_heads",
@@ -32,15 +29,14 @@ def load_source(source: str, pretrained_file: Optional[str] = None, num_heads: i
     with ``num_classes`` outputs (timm then leaves the file's classifier out where the counts differ)."""
     import timm
 
-    from .evaluate import load_checkpoint
-
     path = Path(source)
     if path.exists():
         if pretrained_file:
             raise ValueError(f"--pretrained-file goes with a timm model name in --init-from, not with the path {source}")
-        model, _ = load_checkpoint(path, num_heads=num_heads, weights="best")
-        kind = "released file" if path.is_file() else "run directory" if (path / "config.yaml").is_file() else "model folder"
-        return model, kind
+        try:
+            return load_trained(path, num_heads=num_heads)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--init-from {e}") from None
     if not timm.is_model(source):
         raise FileNotFoundError(f"--init-from {source}: no such file or folder, and not a registered model name "
                                 f"(ours: {', '.join(timm.list_models('vit_*_lookhere*', pretrained=True))})")
@@ -54,7 +50,7 @@ def load_source(source: str, pretrained_file: Optional[str] = None, num_heads: i
     return model, "timm"
 
 
-def _given(cfg: "TrainConfig", name: str) -> Any:
+def _given(cfg: Any, name: str) -> Any:
     """The value of a TrainConfig field if the run sets it away from its default, else None."""
     from dataclasses import fields
 
@@ -63,10 +59,13 @@ def _given(cfg: "TrainConfig", name: str) -> Any:
     return None if value == default else value
 
 
-def check_architecture(cfg: "TrainConfig", model: VisionTransformer) -> None:
-    """Refuse, in one message naming every flag, settings that ask for another architecture than the source's."""
-    from .train import MODEL_SIZES, flag
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
+
+def check_architecture(cfg: Any, model: VisionTransformer) -> None:
+    """Refuse, in one message naming every flag, settings that ask for another architecture than the
+    source's (``cfg``: the run's ``TrainConfig``)."""
     own = model.config
     sizes = dict(embed_dim=own.embed_dim, depth=own.depth, num_heads=own.num_heads)
     theirs = {"pos_encoding": own.pos_encoding, "lookhere_config": own.lookhere_config, "pos_options": own.pos_options,
@@ -78,17 +77,21 @@ def check_architecture(cfg: "TrainConfig", model: VisionTransformer) -> None:
         if value is None:
             continue
         if name == "model":
-            if {k: v for k, v in MODEL_SIZES.get(value, {}).items() if k in sizes} != sizes:
-                conflicts.append(f"{flag(name)} {value} (the source is {own.embed_dim} wide, {own.depth} blocks, "
+            try:
+                asked = {k: v for k, v in cfg.model_kwargs(1).items() if k in sizes}
+            except ValueError:  # an unknown size name
+                asked = {}
+            if asked != sizes:
+                conflicts.append(f"{_flag(name)} {value} (the source is {own.embed_dim} wide, {own.depth} blocks, "
                                  f"{own.num_heads} heads)")
         elif value != theirs[name] and not (name == "init_values" and not value and not theirs[name]):
-            conflicts.append(f"{flag(name)} {value} (the source's: {theirs[name]})")
+            conflicts.append(f"{_flag(name)} {value} (the source's: {theirs[name]})")
     if conflicts:
         raise ValueError(f"--init-from {cfg.init_from} sets the architecture and the position encoding; leave out "
                          f"or match: {'; '.join(conflicts)}")
 
 
-def start_from(cfg: "TrainConfig", num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
+def start_from(cfg: Any, num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
     """The run's first model: the source's, its classifier new for ``num_classes``; and the record of
     where it started (kept in the run directory as ``init.json``, checked on resume)."""
     model, kind = load_source(cfg.init_from, cfg.pretrained_file, cfg.num_heads or 12, num_classes)

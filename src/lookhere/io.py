@@ -106,3 +106,19 @@ def load_official(path: str | os.PathLike, *, num_heads: int = 12) -> "VisionTra
         raise not_released(path, f"weights do not fit a ViT: missing {result.missing_keys[:5]}, "
                           f"unexpected {result.unexpected_keys[:5]}")
     return model.eval()
+
+
+def load_trained(path: str | os.PathLike, *, num_heads: int = 12, weights: str = "best") -> tuple[VisionTransformer, str]:
+    """A model from a run directory (its ``weights`` checkpoint, else best, else last), a model folder
+    or a released ``.pth`` file, and which of the three it was."""
+    p = Path(path)
+    if p.is_file():
+        return load_official(p, num_heads=num_heads), "released file"
+    if (p / "config.yaml").is_file():
+        for name in (weights, "best", "last"):
+            if (p / name / WEIGHTS).is_file():
+                return load_model(p / name), "run directory"
+        raise FileNotFoundError(f"{p}: a run directory without a checkpoint yet (no best/ or last/)")
+    if (p / CONFIG).is_file():
+        return load_model(p), "model folder"
+    raise FileNotFoundError(f"{p}: not a run directory, model directory or checkpoint file")

@@ -38,7 +38,6 @@ from .study_files import CellFiles, cell_key, write_json
 from .train import TrainConfig
 
 if TYPE_CHECKING:
-    from .cluster import ClusterConfig
     from .evaluate import EvalSettings
 
 SYNTHETIC = tuple(SYNTHETIC_TASKS)
@@ -555,21 +554,12 @@ def prepare(cfg: StudyConfig, output: str | Path) -> tuple[list[Cell], dict[str,
     return cells, identities, cells_to_redo(cells, identities)
 
 
-def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True,
-              cluster: Optional["ClusterConfig"] = None, detach: bool = False) -> dict[str, Any]:
-    """Run every cell not yet done or whose identity changed (``jobs`` at a time), then aggregate.
-    Failed cells are reported and left for the next run; the others go on. ``cluster`` (else the
-    study's ``cluster:`` section) may send the cells to submitit jobs (:mod:`lookhere.cluster`);
-    ``detach`` then returns once they are submitted."""
+def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Run every cell not yet done or whose identity changed (``jobs`` at a time, here), then
+    aggregate. Failed cells are reported and left for the next run; the others go on. (As submitit
+    jobs: :func:`lookhere.study_jobs.run_study_jobs`.)"""
     from tqdm import tqdm
 
-    from .cluster import ClusterConfig, run_on_cluster
-
-    cluster = cluster or ClusterConfig.from_dict(cfg.cluster)
-    cluster.check()
-    if cluster.executor != "local" and jobs != 1:
-        raise ValueError(f"--jobs runs cells here; with --executor {cluster.executor} every cell is a job of its "
-                         f"own (--max-running caps how many run at once)")
     out = Path(output)
     cells, identities, redo = prepare(cfg, out)
     for cell in cells:
@@ -578,14 +568,6 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     todo = [c for c in cells if c.status() != "done" or c.key in redo]
-    if cluster.executor != "local":
-        ran = run_on_cluster(cfg, out, cells, identities, redo, cluster, detach=detach, progress=progress)
-        base = {"cells": len(cells), "ran": ran["submitted"], "made_again": redo, "jobs": ran["jobs"]}
-        if detach:
-            return {**base, "detached": True, "failures": {}}
-        if ran["failures"] and not any(c.status() == "done" for c in cells):
-            raise RuntimeError("no cell finished: " + "; ".join(f"{k}: {w}" for k, w in ran["failures"].items()))
-        return {**base, "failures": ran["failures"], **write_report(out)}
     failures: dict[str, str] = {}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
 
