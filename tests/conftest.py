@@ -154,3 +154,12 @@ def released_weights(seed=0):
                   b + "mlp.fc1.weight": r(MLP, DIM), b + "mlp.fc1.bias": r(MLP), b + "mlp.fc2.weight": r(DIM, MLP),
                   b + "mlp.fc2.bias": r(DIM), b + "ls2.gamma": r(DIM)})
     return w
+
+
+@pytest.fixture
+def released_file(tmp_path):
+    """A released-format checkpoint (the weights under ``module.``, as DDP saved them) and its weights."""
+    w = released_weights()
+    path = tmp_path / "LH_45_weights_and_config.pth"
+    torch.save({"config": dict(LH), "weights": {f"module.{k}": v for k, v in w.items()}}, path)
+    return path, w

@@ -14,17 +14,14 @@ from lookhere.config import resolve_config
 from lookhere.cli import main
 from lookhere.train import FINETUNE_DEFAULTS, TrainConfig, initial_model, set_up, train
 
-from conftest import LH, image_folder, released_weights
+from conftest import LH, image_folder
 
 FOLDER = ["--img-size", "32", "--batch-size", "4", "--epochs", "1", "--no-progress"]
 
 
 @pytest.fixture
-def released(tmp_path):
-    w = released_weights()
-    path = tmp_path / "LH_45_weights_and_config.pth"
-    torch.save({"config": dict(LH), "weights": {f"module.{k}": v for k, v in w.items()}}, path)
-    return path, w
+def released(released_file):
+    return released_file
 
 
 @pytest.fixture

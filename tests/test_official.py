@@ -36,14 +36,6 @@ def reference_logits(w, x, lh=LH):
                     w["head.fc2.bias"])
 
 
-@pytest.fixture
-def released_file(tmp_path):
-    w = released_weights()
-    path = tmp_path / "LH_45_weights_and_config.pth"
-    torch.save({"config": dict(LH), "weights": {f"module.{k}": v for k, v in w.items()}}, path)
-    return path, w
-
-
 @pytest.mark.parametrize("size", [(32, 32), (64, 64), (40, 72)])
 def test_reproduces_released_logits(released_file, size):
     path, w = released_file

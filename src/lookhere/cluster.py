@@ -1,15 +1,6 @@
 """Runs as submitit jobs, on this machine (``submitit-local``) or on a Slurm cluster: where they run
 (:class:`ClusterConfig`), a training run as a job, and what became of a job. A study's cells as
 jobs are ``study_jobs.py``.
-
-One job per cell that is not done, each ``nodes_per_cell x tasks_per_node`` processes; a cell of
-several processes trains as DDP, its distributed environment taken from the job (submitit's
-``TorchDistributedEnvironment``), and its first process evaluates. A job is checkpointable: on
-Slurm's signal before a time limit or a preemption it is requeued, and the cell's training resumes
-from its last checkpoint (bit for bit, as ``--resume`` does). The submitting command records each
-job in the cell's ``job.json`` and ``cell.json``; run again, it attaches to jobs that are pending or
-running, submits again the cells whose job died (saying why and where its log is), and writes the
-report once every cell is done. ``--detach`` submits and returns.
 """
 
 from __future__ import annotations

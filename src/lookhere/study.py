@@ -554,6 +554,17 @@ def prepare(cfg: StudyConfig, output: str | Path) -> tuple[list[Cell], dict[str,
     return cells, identities, cells_to_redo(cells, identities)
 
 
+def start_study(cfg: StudyConfig, out: Path) -> tuple[list[Cell], dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """:func:`prepare`, then the cells to make again cleared and the study's config written beside them."""
+    cells, identities, redo = prepare(cfg, out)
+    for cell in cells:
+        if cell.key in redo:
+            _clear(cell, redo[cell.key])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return cells, identities, redo
+
+
 def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
     """Run every cell not yet done or whose identity changed (``jobs`` at a time, here), then
     aggregate. Failed cells are reported and left for the next run; the others go on. (As submitit
@@ -561,12 +572,7 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     from tqdm import tqdm
 
     out = Path(output)
-    cells, identities, redo = prepare(cfg, out)
-    for cell in cells:
-        if cell.key in redo:
-            _clear(cell, redo[cell.key])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    cells, identities, redo = start_study(cfg, out)
     todo = [c for c in cells if c.status() != "done" or c.key in redo]
     failures: dict[str, str] = {}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .cluster import ClusterConfig, job_state
-from .study import Cell, StudyConfig, prepare, run_cell, _clear, write_report
+from .study import Cell, StudyConfig, run_cell, start_study, write_report
 from .study_files import write_json
 
 
@@ -144,12 +144,7 @@ def run_study_jobs(cfg: StudyConfig, output: str | Path, cluster: ClusterConfig,
     if cluster.executor == "local":
         raise ValueError("run_study_jobs submits jobs: use --executor submitit-local or slurm (or run_study)")
     out = Path(output)
-    cells, identities, redo = prepare(cfg, out)
-    for cell in cells:
-        if cell.key in redo:
-            _clear(cell, redo[cell.key])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    cells, identities, redo = start_study(cfg, out)
     ran = run_on_cluster(cfg, out, cells, identities, redo, cluster, detach=detach, progress=progress)
     base = {"cells": len(cells), "ran": ran["submitted"], "made_again": redo, "jobs": ran["jobs"]}
     if detach:
