@@ -245,7 +245,7 @@ def test_label_lists_of_a_local_imagenet_hr_folder(tmp_path):
     assert images.shape == (3, 3, 16, 16) and labels.shape == (3, 3) and skipped == 0
     sliced = build_dataset(DataSpec(f"hf:{root}", 16, root=cache), "test[1:]")
     assert len(sliced) == 2 and sliced[0][1].tolist() == [1, 7, 9]
-    with pytest.raises(ValueError, match="--split 'val' of hf:.*Unknown split"):
+    with pytest.raises(ValueError, match="split 'val' of hf:.*Unknown split"):
         build_dataset(DataSpec(f"hf:{root}", 16, root=cache), "val")
     with pytest.raises(ValueError, match="lists of valid classes.*training needs one class"):
         build_dataset(DataSpec(f"hf:{root}", 16, root=cache), "test", train=True)

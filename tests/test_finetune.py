@@ -1,9 +1,13 @@
 """Fine-tuning: ``lookhere train --init-from SOURCE`` from a released file, a timm name, a model folder
-or a run, on a folder of photographs with other classes, then ``lookhere eval`` at two sizes."""
+or a run, on a folder of photographs with other classes, then ``lookhere eval`` at two sizes; and the
+paper's ImageNet recipe (configs/paper-imagenet-1k.yaml)."""
 
 import json
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -147,3 +151,89 @@ def test_resume_refuses_a_source_whose_weights_changed(tmp_path, released, photo
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) != 0
     assert "started from other weights than --init-from" in capsys.readouterr().err
+
+
+# --- the paper's recipe --------------------------------------------------------------------------
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "paper-imagenet-1k.yaml"
+
+
+def test_the_papers_recipe_names_the_released_architecture_and_the_minival_split():
+    cfg = TrainConfig.from_yaml(RECIPE)
+    cfg.validate()
+    assert (cfg.data, cfg.train_split, cfg.val_split, cfg.epochs, cfg.size) == (
+        "hf:imagenet-1k", "train[:99%]", "train[99%:]", 150, 224)
+    model, _ = initial_model(cfg, 1000)
+    released = timm.create_model("vit_base_patch16_lookhere_90")
+    assert model.config == released.config  # MLP head, LayerScale 1e-4, drop-path 0.1, timm's init
+    assert model.config.head_hidden_dim == 3072 and model.config.drop_path_rate == 0.1
+    for name, p in released.state_dict().items():
+        assert model.state_dict()[name].shape == p.shape, name
+
+
+def test_a_registered_name_refuses_flags_for_another_architecture_and_splits_where_there_are_none():
+    with pytest.raises(ValueError, match=r"--model vit_base_patch16_lookhere_90 sets the architecture.*"
+                                         r"--pos-encoding lh-45 \(the source's: lh-90\); --depth 4 \(the source's: 12\)"):
+        TrainConfig(model="vit_base_patch16_lookhere_90", img_size=224, pos_encoding="lh-45", depth=4).validate()
+    with pytest.raises(ValueError, match="--img-size 40 is not a multiple of the patch size of vit_base_patch16_"):
+        TrainConfig(model="vit_base_patch16_lookhere_90", img_size=40).validate()
+    with pytest.raises(ValueError, match="--model 'vit_huge'; allowed: micro, tiny, small, base, or a registered"):
+        TrainConfig(model="vit_huge").validate()
+    with pytest.raises(ValueError, match="--train-split 'train.:99%.': synthetic has fixed splits"):
+        TrainConfig(train_split="train[:99%]").validate()
+    with pytest.raises(ValueError, match="--train-split and --val-split are both 'train'"):
+        TrainConfig(data="folder:x", val_split="train").validate()
+
+
+def one_split_dataset(root, n=16):
+    """A local Hugging Face dataset with a train split only (as ImageNet's minival is cut from it):
+    ``n`` images, labels 0, 1, 0, 1, ... but the last quarter all 1."""
+    datasets = pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(n)]
+    labels = [i % 2 if i < n * 3 // 4 else 1 for i in range(n)]
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": labels},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.ClassLabel(num_classes=2)}))
+    ds.to_parquet(str(root / "train-00000.parquet"))
+    return labels
+
+
+def test_training_and_validation_splits_are_cut_from_one_split(tmp_path):
+    labels = one_split_dataset(tmp_path / "data")
+    run = set_up(TrainConfig(data=f"hf:{tmp_path / 'data'}", data_root=str(tmp_path / "cache"), train_split="train[:75%]",
+                             val_split="train[75%:]", model="micro", depth=1, img_size=16, batch_size=4,
+                             output=str(tmp_path / "run"), progress=False))
+    assert len(run.train_ds) == 12
+    val = run.val_loaders[16].dataset
+    assert [int(val[i][1]) for i in range(len(val))] == labels[12:] == [1, 1, 1, 1]
+
+
+def test_the_papers_recipe_runs_a_few_steps_under_torchrun_on_a_minival_split(tmp_path):
+    """The shipped config, on a local Hugging Face dataset with one split (the last quarter held out as
+    ImageNet's last 1% is), two gloo processes: it trains, validates on the held-out images only, and
+    records the splits."""
+    import subprocess
+    import sys
+
+    one_split_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        "-m", "lookhere.cli", "train", "--config", str(RECIPE), "--data", f"hf:{tmp_path / 'data'}",
+                        "--data-root", str(tmp_path / "cache"), "--train-split", "train[:75%]",
+                        "--val-split", "train[75%:]", "--img-size", "32", "--batch-size", "4", "--epochs", "1",
+                        "--workers", "0", "--no-compile", "--device", "cpu", "--log-every", "1", "--no-progress",
+                        "--output", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in records if x["kind"] == "step"]
+    assert [x["step"] for x in steps] == [1, 2, 3]  # 12 training images, 4 a step
+    assert all(math.isfinite(x["loss"]) and x["images_per_s"] > 0 for x in steps)
+    epoch, = [x for x in records if x["kind"] == "epoch"]
+    assert epoch["val_acc"] * 4 == round(epoch["val_acc"] * 4)  # top-1 over the 4 held-out images
+    saved = TrainConfig.from_yaml(out / "config.yaml")
+    assert (saved.model, saved.train_split, saved.val_split, saved.mixup, saved.cutmix) == (
+        "vit_base_patch16_lookhere_90", "train[:75%]", "train[75%:]", 0.8, 1.0)

@@ -63,18 +63,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_architecture(cfg: Any, model: VisionTransformer) -> None:
-    """Refuse, in one message naming every flag, settings that ask for another architecture than the
-    source's (``cfg``: the run's ``TrainConfig``)."""
-    own = model.config
-    sizes = dict(embed_dim=own.embed_dim, depth=own.depth, num_heads=own.num_heads)
-    theirs = {"pos_encoding": own.pos_encoding, "lookhere_config": own.lookhere_config, "pos_options": own.pos_options,
-              "patch_size": own.patch_size, "init_values": own.init_values, "weight_init": own.weight_init,
-              "drop_path": own.drop_path_rate, **sizes}
+def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str) -> None:
+    """Refuse, in one message naming every flag, settings of ``cfg`` (the run's ``TrainConfig``) that
+    ask for another architecture than ``theirs`` (create_vit's arguments of the model ``source``
+    names: ``--init-from X`` or ``--model NAME``)."""
+    sizes = {k: theirs[k] for k in ("embed_dim", "depth", "num_heads")}
+    theirs = {**theirs, "drop_path": theirs.get("drop_path_rate", 0.0)}
     conflicts = []
     for name in ARCHITECTURE:
         value = _given(cfg, name)
-        if value is None:
+        if value is None or (name == "model" and source.startswith("--model")):
             continue
         if name == "model":
             try:
@@ -82,13 +80,21 @@ def check_architecture(cfg: Any, model: VisionTransformer) -> None:
             except ValueError:  # an unknown size name
                 asked = {}
             if asked != sizes:
-                conflicts.append(f"{_flag(name)} {value} (the source is {own.embed_dim} wide, {own.depth} blocks, "
-                                 f"{own.num_heads} heads)")
-        elif value != theirs[name] and not (name == "init_values" and not value and not theirs[name]):
-            conflicts.append(f"{_flag(name)} {value} (the source's: {theirs[name]})")
+                conflicts.append(f"{_flag(name)} {value} (the source is {sizes['embed_dim']} wide, {sizes['depth']} "
+                                 f"blocks, {sizes['num_heads']} heads)")
+        elif value != theirs.get(name) and not (name == "init_values" and not value and not theirs.get(name)):
+            conflicts.append(f"{_flag(name)} {value} (the source's: {theirs.get(name)})")
     if conflicts:
-        raise ValueError(f"--init-from {cfg.init_from} sets the architecture and the position encoding; leave out "
+        raise ValueError(f"{source} sets the architecture and the position encoding; leave out "
                          f"or match: {'; '.join(conflicts)}")
+
+
+def check_architecture(cfg: Any, model: VisionTransformer) -> None:
+    """Refuse settings that ask for another architecture than the source model's."""
+    own = model.config
+    refuse_other_architecture(cfg, {k: getattr(own, k) for k in (
+        "pos_encoding", "lookhere_config", "pos_options", "patch_size", "init_values", "weight_init", "drop_path_rate",
+        "embed_dim", "depth", "num_heads")}, f"--init-from {cfg.init_from}")
 
 
 def start_from(cfg: Any, num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:

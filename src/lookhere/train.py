@@ -38,7 +38,7 @@ from .data.factory import num_classes_of
 from .environment import environment
 from .io import save_model
 from .position import POSITION_ENCODINGS
-from .vit import SIZES, WEIGHT_INITS, VisionTransformer, create_vit
+from .vit import MODEL_NAMES, SIZES, WEIGHT_INITS, VisionTransformer, architecture, create_vit
 
 MODEL_SIZES = {"micro": dict(embed_dim=96, depth=6, num_heads=12), **SIZES}
 
@@ -71,13 +71,18 @@ class TrainConfig:
     data_length: Optional[int] = _setting(None, "training samples, the first N (synthetic: N scenes rendered, N/5 for "
                                           "validation; fashion-mnist: the first N of validation too)",
                                           "synthetic 4000, others all")
+    train_split: str = _setting("train", "the training split of a folder: (its subfolder) or hf: dataset (a Hugging Face "
+                                "split, sliced as train[:99%])")
+    val_split: str = _setting("val", "the validation split, as --train-split (the paper's minival: train[99%:]); val is "
+                              "a folder's val/ or validation/, a Hugging Face dataset's validation")
     num_classes: Optional[int] = _setting(None, "outputs of the classifier", "the dataset's classes")
     pos_encoding: str = _setting("lh-90", f"position encoding: {', '.join(POSITION_ENCODINGS)}")
     lookhere_config: Optional[dict] = _setting(None, "LookHere config as a JSON object (lookhere.LookHereConfig "
                                                "fields)", "the preset of --pos-encoding")
     pos_options: Optional[dict] = _setting(None, 'options of the position encoding as a JSON object, e.g. '
                                            '\'{"interpolate": true}\'', "none")
-    model: str = _setting("tiny", f"model size: {', '.join(MODEL_SIZES)}")
+    model: str = _setting("tiny", f"model size: {', '.join(MODEL_SIZES)}; or a registered name, whose architecture is "
+                          "built from scratch (vit_base_patch16_lookhere_90: the released one; its flags are refused)")
     embed_dim: Optional[int] = _setting(None, "token width", "--model's")
     depth: Optional[int] = _setting(None, "number of blocks", "--model's")
     num_heads: Optional[int] = _setting(None, "attention heads per block", "--model's")
@@ -189,8 +194,16 @@ class TrainConfig:
         return {k: getattr(cfg, k) for k in d}
 
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
+        """``create_vit``'s arguments of the run's model."""
+        if self.model in MODEL_NAMES.values():
+            from .finetune import refuse_other_architecture
+
+            arch = architecture(self.model, img_size=self.size, num_classes=num_classes)
+            refuse_other_architecture(self, arch, f"--model {self.model}")
+            return arch
         if self.model not in MODEL_SIZES:
-            raise ValueError(f"--model {self.model!r}; allowed: {', '.join(MODEL_SIZES)}")
+            raise ValueError(f"--model {self.model!r}; allowed: {', '.join(MODEL_SIZES)}, or a registered name "
+                             f"such as {MODEL_NAMES[('base', 'lh-90')]}")
         size = dict(MODEL_SIZES[self.model])
         for k in ("embed_dim", "depth", "num_heads"):
             if getattr(self, k) is not None:
@@ -225,9 +238,12 @@ class TrainConfig:
             raise ValueError(f"--img-size must be one or more sizes >= 1, got {sizes or 'none'}")
         if len(set(self.sizes)) != len(self.sizes):
             raise ValueError(f"--img-size {sizes} repeats a size")
+        # an unknown --model, or flags against a registered name's architecture, are refused here
+        patch = self.patch_size if self.init_from else self.model_kwargs(1)["patch_size"]
+        named = "--patch-size" if patch == self.patch_size else f"the patch size of {self.model},"
         for size in self.sizes:
-            if size % self.patch_size:
-                raise ValueError(f"--img-size {size} is not a multiple of --patch-size {self.patch_size}")
+            if size % patch:
+                raise ValueError(f"--img-size {size} is not a multiple of {named} {patch}")
         for k in ("label_smoothing", "drop_path"):
             if getattr(self, k) is not None and not 0 <= getattr(self, k) < 1:
                 raise ValueError(f"{flag(k)} must be in [0, 1), got {getattr(self, k)}")
@@ -239,6 +255,14 @@ class TrainConfig:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would rise")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        photos = self.data.startswith(("folder:", "hf:"))
+        for k, default in (("train_split", "train"), ("val_split", "val")):
+            if getattr(self, k) != default and not photos:
+                raise ValueError(f"{flag(k)} {getattr(self, k)!r}: {self.data} has fixed splits; the flag is for "
+                                 f"folder: and hf: datasets")
+        if photos and self.train_split == self.val_split:
+            raise ValueError(f"--train-split and --val-split are both {self.train_split!r}: validation would score "
+                             f"the training images")
         if self.pretrained_file and not self.init_from:
             raise ValueError("--pretrained-file names the weights of an --init-from model; give --init-from too")
 
@@ -620,8 +644,8 @@ def set_up(cfg: TrainConfig) -> Run:
         _check_resume(cfg, run_dir)
 
     specs = [DataSpec(cfg.data, size, cfg.data_length, cfg.seed, cfg.data_root) for size in cfg.sizes]
-    train_sets = [build_dataset(spec, "train") for spec in specs]  # the same samples at each size
-    val_sets = {size: build_dataset(spec, "val") for size, spec in zip(cfg.sizes, specs)}
+    train_sets = [build_dataset(spec, cfg.train_split, train=True) for spec in specs]  # the same samples at each size
+    val_sets = {size: build_dataset(spec, cfg.val_split, train=False) for size, spec in zip(cfg.sizes, specs)}
     num_classes = cfg.num_classes or num_classes_of(train_sets[0])
     known = getattr(train_sets[0], "num_classes", None)
     if cfg.num_classes and known and cfg.num_classes < known:

@@ -485,15 +485,26 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTran
     )
 
 
+def architecture(name: str, **kwargs: Any) -> dict[str, Any]:
+    """The :func:`create_vit` arguments of a registered name (``vit_base_patch16_lookhere_90``), with
+    ``kwargs`` over them: what ``timm.create_model(name)`` builds."""
+    by_name = {n: key for key, n in MODEL_NAMES.items()}
+    if name not in by_name:
+        raise ValueError(f"{name!r} is not one of lookhere's registered models "
+                         f"(e.g. {', '.join(n for n in _RELEASED)})")
+    size, pos_encoding = by_name[name]
+    args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size], **PAPER_BACKBONE)
+    if pos_encoding.startswith("lh-"):
+        args.update(LOOKHERE_ARCH)
+    args.update(kwargs)
+    if pos_encoding.startswith("lh-") and "head_hidden_dim" not in kwargs:
+        args["head_hidden_dim"] = int(args["embed_dim"] * args.get("mlp_ratio", 4.0))
+    return args
+
+
 def _register(size: str, pos_encoding: str, name: str) -> None:
     def fn(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size], **PAPER_BACKBONE)
-        if pos_encoding.startswith("lh-"):
-            args.update(LOOKHERE_ARCH)
-        args.update(kwargs)
-        if pos_encoding.startswith("lh-") and "head_hidden_dim" not in kwargs:
-            args["head_hidden_dim"] = int(args["embed_dim"] * args.get("mlp_ratio", 4.0))
-        return _create(name, pretrained, **args)
+        return _create(name, pretrained, **architecture(name, **kwargs))
 
     fn.__name__ = name
     fn.__doc__ = (f"ViT-{size.capitalize()}/16 with the {pos_encoding} position encoding. "

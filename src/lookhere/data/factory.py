@@ -113,7 +113,7 @@ def _hf_photos(target: str, split: str, spec: DataSpec, train: bool, transform):
         except ValueError as e:
             if "split" not in str(e).lower() and "instruction" not in str(e).lower():
                 raise
-            raise ValueError(f"--split {split!r} of hf:{target}: {e} (a split name, optionally sliced: "
+            raise ValueError(f"split {split!r} of hf:{target}: {e} (a split name, optionally sliced: "
                              f"'train[99%:]', 'test[:500]')") from None
 
     ds = load(LABEL_COLUMNS[0])
@@ -197,7 +197,7 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
         if not target:
             raise ValueError(f"--data {name!r} needs a path or name after '{kind}:'")
         ds = _timm_photos(kind, target, split, spec, train)
-        if split == "train" and length is None:
+        if train and length is None:
             length = spec.length
     else:
         raise ValueError(f"--data {name!r}: unknown dataset; allowed: {', '.join(DATASETS)}")
