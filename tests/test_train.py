@@ -621,3 +621,16 @@ def test_compile_wraps_the_model_that_trains_and_checkpoints_keep_the_module(tmp
     result = train(TrainConfig(**base, compile=True, output=str(tmp_path / "t")))
     assert len(compiled) == 64 // 16 and not isinstance(result["model"], Compiled)
     assert load_model(tmp_path / "t" / "last").config.depth == 1
+
+
+def test_a_stretchs_environment_record_is_on_disk_before_its_first_step(tmp_path):
+    """A process killed before its first step record (a job signalled early) keeps the record of its
+    start: the line is written through, not left in the file's buffer."""
+    from lookhere.train import RunLog
+
+    log = RunLog(tmp_path, step=0, resumed=False, main=True)
+    try:
+        records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["kind"], r["step"], r["world_size"]) for r in records] == [("environment", 0, 1)]
+    finally:
+        log.close()

@@ -562,6 +562,7 @@ class RunLog:
         # at every start and resume: what decides this stretch's last digits
         self.file.write(json.dumps({"kind": "environment", "step": step, "world_size": world_size, **environment()})
                         + "\n")
+        self.file.flush()  # a stretch killed before its first step record keeps its start
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is None:
