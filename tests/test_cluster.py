@@ -195,8 +195,10 @@ def test_a_requeued_job_resumes_its_run_or_cell():
 def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_bit_exact(tmp_path):
     """Slurm's USR2 before a time limit (or a preemption), played on submitit's local controller: the
     job checkpoints, is requeued (the same job id), and the cell's training resumes from its last
-    checkpoint to the numbers of a cell never stopped."""
-    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
+    checkpoint to the numbers of a cell never stopped. Its cell trains 256 steps (a few seconds), so
+    the signal that follows its first checkpoint comes before the training ends on a busy machine too."""
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90",
+                                 "train": {**TINY["train"], "data_length": 2048}})
     run_study(cfg, tmp_path / "whole", progress=False)
     out = tmp_path / "study"
     first = run_study_jobs(cfg, out, LOCAL, progress=False, detach=True)
