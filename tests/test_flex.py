@@ -301,6 +301,8 @@ def test_blocks_computed_equals_the_count_from_the_whole_mask():
                 seen[:n, :n] = fov[order][:, order]  # padding slots see only themselves
                 expected = seen.view(S // BLOCK, BLOCK, S // BLOCK, BLOCK).any(3).any(1).sum().item()
                 assert blocks_computed(order, edges, grid) == expected, (grid, edges)
+    with pytest.raises(ValueError, match="at most two edges"):
+        blocks_computed(torch.arange(16), ((-1, 0), (0, -1), (1, 1)), (4, 4))
 
 
 def square_tiles(grid):

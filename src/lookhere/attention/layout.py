@@ -87,6 +87,8 @@ def blocks_computed(order: Tensor, edges: tuple[tuple[int, int], ...], grid: tup
     ``order``, for a FOV of at most two ``edges``: in the edge coordinates ``u, v`` a key is seen
     from some query of a block iff its ``u`` reaches the least ``u`` of the queries at or below its
     ``v`` (a running minimum), so the count needs no N x N mask."""
+    if len(edges) > 2:
+        raise ValueError(f"edges={edges}: the count is for FOVs of at most two edges")
     gx, n = grid[1], len(order)
     y, x = order // gx, order % gx
     (a1, b1), (a2, b2) = (list(edges) + [(0, 0)] * 2)[:2]
@@ -114,13 +116,15 @@ def head_order(edges: tuple[tuple[int, int], ...], grid: tuple[int, int], block:
     if len(edges) == 1:
         (a, b), = edges
         return idx[torch.argsort(_bands(a * y + b * x, a * x - b * y, 1, False), stable=True)]  # lines along it
-    orders = [idx[torch.argsort(_tiles(y, x, gx), stable=True)]]
-    if len(edges) == 2:
-        coords = [a * y + b * x for a, b in edges]
-        for across, along in (coords, coords[::-1]):
-            for width in BAND_WIDTHS:
-                for snake in (False, True):
-                    orders.append(idx[torch.argsort(_bands(across, along, width, snake), stable=True)])
+    tiles = idx[torch.argsort(_tiles(y, x, gx), stable=True)]
+    if len(edges) > 2:
+        return tiles
+    orders = [tiles]
+    coords = [a * y + b * x for a, b in edges]
+    for across, along in (coords, coords[::-1]):
+        for width in BAND_WIDTHS:
+            for snake in (False, True):
+                orders.append(idx[torch.argsort(_bands(across, along, width, snake), stable=True)])
     work = [blocks_computed(o, edges, grid, block) for o in orders]
     return orders[work.index(min(work))]  # the first (tiles) on a tie
 
