@@ -262,7 +262,8 @@ def test_split_and_folder_messages_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"--split 'train\[99%:\]': synthetic has the splits train, val, test"):
         build_dataset(DataSpec("synthetic", 16), "train[99%:]")
     image_folder(tmp_path)
-    with pytest.raises(FileNotFoundError, match="has no test/ folder .found: train, val.; pass --split"):
+    with pytest.raises(FileNotFoundError, match="has no test/ folder .found: train, val.; pass one of them as the "
+                                                "split .--split; --train-split or --val-split"):
         build_dataset(DataSpec(f"folder:{tmp_path}", 32), "test")
 
 

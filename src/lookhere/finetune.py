@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from .flags import flag
 from .io import load_trained, tensor_digest
 from .vit import VisionTransformer
 
@@ -59,20 +60,17 @@ def _given(cfg: Any, name: str) -> Any:
     return None if value == default else value
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str) -> None:
-    """Refuse, in one message naming every flag, settings of ``cfg`` (the run's ``TrainConfig``) that
-    ask for another architecture than ``theirs`` (create_vit's arguments of the model ``source``
-    names: ``--init-from X`` or ``--model NAME``)."""
+def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str,
+                              names: tuple[str, ...] = ARCHITECTURE) -> None:
+    """Refuse, in one message naming every flag, settings of ``cfg`` (the run's ``TrainConfig``) among
+    ``names`` that ask for another architecture than ``theirs`` (create_vit's arguments of the model
+    ``source`` names: ``--init-from X`` or ``--model NAME``)."""
     sizes = {k: theirs[k] for k in ("embed_dim", "depth", "num_heads")}
     theirs = {**theirs, "drop_path": theirs.get("drop_path_rate", 0.0)}
     conflicts = []
-    for name in ARCHITECTURE:
+    for name in names:
         value = _given(cfg, name)
-        if value is None or (name == "model" and source.startswith("--model")):
+        if value is None:
             continue
         if name == "model":
             try:
@@ -80,10 +78,10 @@ def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str) -> 
             except ValueError:  # an unknown size name
                 asked = {}
             if asked != sizes:
-                conflicts.append(f"{_flag(name)} {value} (the source is {sizes['embed_dim']} wide, {sizes['depth']} "
+                conflicts.append(f"{flag(name)} {value} (the source is {sizes['embed_dim']} wide, {sizes['depth']} "
                                  f"blocks, {sizes['num_heads']} heads)")
         elif value != theirs.get(name) and not (name == "init_values" and not value and not theirs.get(name)):
-            conflicts.append(f"{_flag(name)} {value} (the source's: {theirs.get(name)})")
+            conflicts.append(f"{flag(name)} {value} (the source's: {theirs.get(name)})")
     if conflicts:
         raise ValueError(f"{source} sets the architecture and the position encoding; leave out "
                          f"or match: {'; '.join(conflicts)}")

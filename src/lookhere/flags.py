@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 
+
+def flag(name: str) -> str:
+    """The command-line flag of a settings field: ``drop_path`` -> ``--drop-path``."""
+    return "--" + name.replace("_", "-")
+
+
 _SPLIT = re.compile(r"^[\w.-]+(\[[^\[\]]*\])?(\+[\w.-]+(\[[^\[\]]*\])?)*$")
 
 

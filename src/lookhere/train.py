@@ -36,6 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import num_classes_of
 from .environment import environment
+from .flags import flag
 from .io import save_model
 from .position import POSITION_ENCODINGS
 from .vit import MODEL_NAMES, SIZES, WEIGHT_INITS, VisionTransformer, architecture, create_vit
@@ -50,10 +51,6 @@ FINETUNE_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-6, "layer_decay": 0.75}
 RESUMABLE_CHANGES = ("resume", "output", "epochs", "max_steps", "workers", "device", "log_every", "checkpoint_every",
                      "progress", "data_root")
 
-
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field."""
-    return "--" + name.replace("_", "-")
 
 
 def _setting(default: Any, help: str, unset: Optional[str] = None) -> Any:
@@ -196,10 +193,11 @@ class TrainConfig:
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
         """``create_vit``'s arguments of the run's model."""
         if self.model in MODEL_NAMES.values():
-            from .finetune import refuse_other_architecture
+            from .finetune import ARCHITECTURE, refuse_other_architecture
 
             arch = architecture(self.model, img_size=self.size, num_classes=num_classes)
-            refuse_other_architecture(self, arch, f"--model {self.model}")
+            # --model names the architecture itself; every other architecture flag must agree with it
+            refuse_other_architecture(self, arch, f"--model {self.model}", tuple(n for n in ARCHITECTURE if n != "model"))
             return arch
         if self.model not in MODEL_SIZES:
             raise ValueError(f"--model {self.model!r}; allowed: {', '.join(MODEL_SIZES)}, or a registered name "

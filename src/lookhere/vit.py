@@ -439,6 +439,7 @@ def _name(size: str, pos_encoding: str) -> str:
 
 
 MODEL_NAMES = {(size, pe): _name(size, pe) for size in SIZES for pe in (*_VARIANTS.values(), *BASELINES)}
+_SIZE_AND_ENCODING = {name: key for key, name in MODEL_NAMES.items()}
 
 
 def _cfg(**kwargs: Any) -> dict:
@@ -488,11 +489,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTran
 def architecture(name: str, **kwargs: Any) -> dict[str, Any]:
     """The :func:`create_vit` arguments of a registered name (``vit_base_patch16_lookhere_90``), with
     ``kwargs`` over them: what ``timm.create_model(name)`` builds."""
-    by_name = {n: key for key, n in MODEL_NAMES.items()}
-    if name not in by_name:
+    if name not in _SIZE_AND_ENCODING:
         raise ValueError(f"{name!r} is not one of lookhere's registered models "
                          f"(e.g. {', '.join(n for n in _RELEASED)})")
-    size, pos_encoding = by_name[name]
+    size, pos_encoding = _SIZE_AND_ENCODING[name]
     args = dict(patch_size=16, pos_encoding=pos_encoding, **SIZES[size], **PAPER_BACKBONE)
     if pos_encoding.startswith("lh-"):
         args.update(LOOKHERE_ARCH)

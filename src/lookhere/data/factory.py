@@ -159,7 +159,8 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
                       None)
         if folder is None:
             raise FileNotFoundError(f"--data folder:{root} has no {split}/ folder "
-                                    f"(found: {', '.join(found) or 'none'}); pass --split with one of them")
+                                    f"(found: {', '.join(found) or 'none'}); pass one of them as the split "
+                                    f"(--split; --train-split or --val-split for training)")
         ds = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
     else:
         ds = _hf_photos(target, split, spec, train, transform)
