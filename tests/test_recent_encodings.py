@@ -140,33 +140,31 @@ def test_pape_attention_matches_its_definition():
                                    weights, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("budget,shapes", [
-    (2 * 13 * 13, [(2, 13)] * 12),  # two (image, head) pairs a call, every row
-    (13 * 4, [(1, 4), (1, 4), (1, 4), (1, 1)] * 24),  # one pair a call, four query rows
-    (10 ** 6, [(2, 12, 13)]),  # under the budget: one call
-])
-def test_pape_takes_chunks_on_cpu_and_stays_exact(monkeypatch, budget, shapes):
-    """CPU SDPA materialises every score for PaPE's wide query heads: 51 GB for a batch of 64 on a
-    64x64 grid. Chunks of (image, head) pairs, or of one pair's query rows, keep that to the dense
-    path's budget, with the same result, and the backward pass goes through them."""
-    import lookhere.attention.chunked as chunked
+@pytest.mark.parametrize("parabolas", [1, 3, 50])
+def test_pape_runs_the_cpus_fused_kernel_and_its_gradients_are_the_definitions(parabolas):
+    """However many parabolas, 6 extra features a head, and the values padded to the queries' width:
+    the CPU's flash kernel runs (the math path would build every score: 51 GB for a batch of 64 on a
+    64x64 grid), and the gradients through it are those of the float64 definition."""
+    from torch.profiler import profile
 
     torch.manual_seed(0)
-    pe = build_position_encoding("pape", embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID, parabolas=3)
+    pe = build_position_encoding("pape", embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID,
+                                 parabolas=parabolas)
     grid, p = (3, 4), 1
     q, k, v = torch.randn(3, 2, 12, p + 12, 4).unbind(0)
-    _, out = pape_reference(pe, q, k, v, grid, 1, p)
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", budget)
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(tuple(q.shape[:-1])) or sdpa(q, *a, **kw))
+    qf, kf = pe.features(q, grid, 1, p)
+    assert qf.shape == (2, 12, p + 12, 6) and kf.shape == (1, 12, p + 12, 6)
     q.requires_grad_(True)
-    got = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
-    assert calls == shapes
+    with profile() as prof:
+        got = pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p)
+    kernels = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels, kernels
+    assert not any("math" in name for name in kernels), kernels
+    q64 = q.detach().double().requires_grad_(True)
+    _, out = pape_reference(pe, q64, k, v, grid, 1, p)
     torch.testing.assert_close(got.double(), out, atol=1e-5, rtol=1e-5)
     got.sum().backward()
-    q64 = q.detach().double().requires_grad_(True)
-    pape_reference(pe, q64, k, v, grid, 1, p)[1].sum().backward()
+    out.sum().backward()
     torch.testing.assert_close(q.grad.double(), q64.grad, atol=1e-5, rtol=1e-5)
 
 

@@ -399,6 +399,56 @@ def test_identity_holds_the_resolved_preset_and_notices_an_initialisation_change
     assert identity_changes(fourier, changed) == ["the initial weights differ (an initialisation change)"]
 
 
+def test_identities_drawn_by_kernels_that_round_otherwise_are_the_same_cell():
+    """A CPU of another make rounds a few initial draws otherwise (the learned table's erfinv): the
+    digest changes, the moments agree, so a study does not make the cell again; an initialisation
+    change still moves the moments."""
+    from lookhere.environment import is_x86
+    from lookhere.study import identity_changes, resolve_identities
+
+    if not is_x86():
+        pytest.skip("the kernel pins are x86-64's")
+    ids = {}
+    for capability in ("default", "avx2"):
+        cfg = StudyConfig.from_dict({**TINY, "encodings": ["learned-1d"], "reference": "learned-1d", "cpu_capability": capability})
+        cells = cfg.cells("root")
+        ids[capability] = resolve_identities(cfg, cells)[cells[0].key]
+    scalar, vector = ids["default"], ids["avx2"]
+    if scalar["initial_weights"] == vector["initial_weights"]:
+        pytest.skip("this CPU's scalar and AVX2 kernels draw the same bits")
+    assert identity_changes(scalar, vector) == []
+    assert scalar["initial_moments"] != vector["initial_moments"]  # not equal: close
+    scaled = {**vector, "initial_weights": "0" * 16,
+              "initial_moments": {k: [m[0] * 1.01, m[1] * 1.01 ** 2] if "pos" in k else m
+                                  for k, m in vector["initial_moments"].items()}}
+    assert identity_changes(scalar, scaled, other_cpu=True) == ["the initial weights differ (an initialisation change)"]
+
+
+def test_a_record_from_before_moments_is_kept_only_when_made_on_another_cpu(tmp_path):
+    import lookhere.study as study
+    from lookhere.environment import cpu_model
+
+    cfg = StudyConfig.from_dict(TINY)
+    cell = cfg.cells(tmp_path)[0]
+    new = {"initial_weights": "bbbb", "initial_moments": {"w": [1.0, 2.0]}, "data": "cccc", "data_moments": {"0": [3.0, 4.0]}}
+    old = {"initial_weights": "aaaa", "data": "cccc"}
+    cell.dir.mkdir(parents=True)
+    for cpu, redo in ((cpu_model(), True), ("Another CPU", False)):
+        (cell.dir / "cell.json").write_text(json.dumps({"command": cell.command_line(), "identity": old,
+                                                        "environment": {"train": [{"cpu": cpu}]}}))
+        assert study.cells_to_redo([cell], {cell.key: new}) == (
+            {cell.key: ["the initial weights differ (an initialisation change)"]} if redo else {}), cpu
+    # a part-made cell: its run's environment records say where it started
+    (cell.dir / "cell.json").write_text(json.dumps({"command": cell.command_line(), "identity": old}))
+    cell.run_dir.mkdir(parents=True)
+    (cell.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "environment", "cpu": "Another CPU"}) + "\n")
+    assert study.cells_to_redo([cell], {cell.key: new}) == {}
+    # with moments on both sides, another CPU is no excuse
+    moved = {**old, "initial_moments": {"w": [1.5, 2.0]}, "data_moments": {"0": [3.0, 4.0]}}
+    (cell.dir / "cell.json").write_text(json.dumps({"command": cell.command_line(), "identity": moved}))
+    assert study.cells_to_redo([cell], {cell.key: new}) == {cell.key: ["the initial weights differ (an initialisation change)"]}
+
+
 def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))

@@ -41,7 +41,7 @@ def kernel_pin(capability: str | None) -> dict[str, str]:
     return dict(KERNEL_PINS[capability])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -76,7 +76,7 @@ def environment() -> dict[str, Any]:
     numpy_simd = [k for k in umath.__cpu_dispatch__ if umath.__cpu_features__.get(k)]
     return {
         "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-        "timm": timm.__version__, "machine": platform.machine(), "cpu": _cpu_model(),
+        "timm": timm.__version__, "machine": platform.machine(), "cpu": cpu_model(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "numpy_simd": numpy_simd,
         "blas": _blas(), "threads": torch.get_num_threads(),
         "settings": {k: os.environ[k] for k in SETTINGS if k in os.environ},

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 
 from .data.factory import SYNTHETIC_TASKS
-from .environment import CPU_CAPABILITIES, KERNEL_PINS, kernel_pin
+from .environment import CPU_CAPABILITIES, KERNEL_PINS, cpu_model, kernel_pin
 from .study_files import CellFiles, cell_key, write_json
 from .train import TrainConfig
 
@@ -304,6 +304,36 @@ def _digest(tensors: list[tuple[str, Any]]) -> str:
     return tensor_digest(tensors)[:16]
 
 
+def _moments(tensors: list[tuple[str, Any]]) -> dict[str, list[float]]:
+    """Each tensor's float64 sum and sum of squares. The digest is exact, so a CPU of another make,
+    whose kernels round a few draws (erfinv, Box-Muller) otherwise, changes it; these agree to
+    rounding wherever the same code drew the tensors, and a change of initialisation moves them."""
+    import torch
+
+    out = {}
+    for name, t in tensors:
+        t = torch.as_tensor(t).detach().double()
+        out[name] = [float(t.sum()), float(t.square().sum())]
+    return out
+
+
+# identity key -> the key of its moments
+MOMENTS = {"initial_weights": "initial_moments", "data": "data_moments"}
+
+
+def _rounding_only(old: Optional[dict], new: Optional[dict], other_cpu: bool) -> bool:
+    """Whether two digests that differ describe the same tensors drawn on CPUs that round otherwise:
+    their moments agree to 1e-5; a record from before moments were kept agrees only when it was made on
+    another CPU (its digest cannot be compared here, and kernels of another make are the likely cause)."""
+    import math
+
+    if old is None:
+        return other_cpu
+    if new is None or old.keys() != new.keys():
+        return False
+    return all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for k in old for a, b in zip(old[k], new[k]))
+
+
 def resolved_identity(cell: Cell, datasets: Optional[dict] = None) -> dict[str, Any]:
     """What the code makes of the cell's command: the model's full config, a digest of the weights
     training starts from and one of the first training samples (as augmented in epoch 0)."""
@@ -318,11 +348,14 @@ def resolved_identity(cell: Cell, datasets: Optional[dict] = None) -> dict[str, 
     if key not in datasets:
         ds = build_dataset(spec, "train")
         samples = SeededSamples(ds, cfg.seed)
-        datasets[key] = (num_classes_of(ds), _digest([(str(i), samples[i][0]) for i in range(min(4, len(ds)))]))
-    num_classes, data = datasets[key]
+        first = [(str(i), samples[i][0]) for i in range(min(4, len(ds)))]
+        datasets[key] = (num_classes_of(ds), _digest(first), _moments(first))
+    num_classes, data, data_moments = datasets[key]
     model, _ = initial_model(cfg, cfg.num_classes or num_classes)
+    weights = list(model.state_dict().items())
     return json.loads(json.dumps({"model": model.config.to_dict(), "encoding": model.pos_encoding.resolved(),
-                                  "initial_weights": _digest(list(model.state_dict().items())), "data": data}))
+                                  "initial_weights": _digest(weights), "initial_moments": _moments(weights),
+                                  "data": data, "data_moments": data_moments}))
 
 
 def _identities_main() -> None:
@@ -353,12 +386,15 @@ REASONS = {"initial_weights": "the initial weights differ (an initialisation cha
            "data": "the first training samples differ (a data change)"}
 
 
-def identity_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Why two identities differ, one line per changed setting."""
+def identity_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "", other_cpu: bool = False) -> list[str]:
+    """Why two identities differ, one line per changed setting; ``other_cpu``: ``old`` was made on a
+    CPU of another model (see ``_rounding_only``)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
-        if a == b:
+        if a == b or (not prefix and k in MOMENTS.values()):
+            continue
+        if not prefix and k in MOMENTS and _rounding_only(old.get(MOMENTS[k]), new.get(MOMENTS[k]), other_cpu):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += identity_changes(a, b, f"{prefix}{k}.")
@@ -435,12 +471,23 @@ def cells_to_redo(cells: list[Cell], identities: dict[str, dict[str, Any]]) -> d
         if made is None:
             continue
         if "identity" in made:
-            changes = identity_changes(made["identity"], identities[cell.key])
+            changes = identity_changes(made["identity"], identities[cell.key], other_cpu=_made_on_other_cpu(cell, made))
             if changes:
                 redo[cell.key] = changes
         elif cell.status() not in ("done", "todo"):
             redo[cell.key] = ["part-made before identities were recorded"]
     return redo
+
+
+def _made_on_other_cpu(cell: Cell, made: dict[str, Any]) -> bool:
+    """Whether the cell's training started on a CPU of another model than this one (its environment
+    records: ``cell.json``'s once done, the run's log before)."""
+    train = (made.get("environment") or {}).get("train")
+    if not train and (cell.run_dir / "metrics.jsonl").is_file():
+        records = (json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+        train = [r for r in records if r.get("kind") == "environment"]
+    cpus = {e.get("cpu") for e in train or []}
+    return bool(cpus) and cpus != {cpu_model()}
 
 
 def _clear(cell: Cell, why: list[str]) -> None:

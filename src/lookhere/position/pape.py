@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention.chunked import sdpa_in_chunks
 from .base import PositionEncoding, patch_positions
 
 
@@ -23,9 +22,12 @@ class Pape(PositionEncoding):
     indices; a larger grid extends them (the authors' extension), and there is no test-time knob.
     Both projections are ``nn.Linear`` layers, initialised and weight-decayed as the ViT's others.
 
-    The bias is never materialised: expanding the square makes it one dot product of ``1 + 2P``
-    extra query and key features, appended to q and k (as the authors do), computed in float32
-    whatever the autocast dtype, since the expanded terms cancel.
+    The bias is never materialised. A sum of parabolas along directions in 2D is one quadratic in
+    the offset ``delta``: ``sum_r a_r (w_r . delta)^2 = delta' A delta`` with ``A = sum_r a_r w_r w_r'``
+    (2x2, per query and head) and ``sum_r b_r w_r . delta = beta . delta``. Expanded, it is one dot
+    product of 6 extra query and key features (the key's ``1, y, x, y^2, x^2, yx``), appended to q and
+    k, whatever the number of parabolas: 6 where the authors append ``1 + 2P`` (101 for P = 50), the
+    same bias. Computed in float32 whatever the autocast dtype, since the expanded terms cancel.
     """
 
     name = "pape"
@@ -44,20 +46,26 @@ class Pape(PositionEncoding):
             layer.reset_parameters()  # PyTorch's default, as the authors use
 
     def features(self, q: torch.Tensor, grid: tuple[int, int], layer: int, num_prefix_tokens: int):
-        """Extra query ``(B, H, T, 1 + 2P)`` and key ``(1, H, T, 1 + 2P)`` features (float32) whose dot
-        product is the bias, 0 for prefix tokens."""
+        """Extra query ``(B, H, T, 6)`` and key ``(1, H, T, 6)`` features (float32) whose dot product is
+        the bias, 0 for prefix tokens."""
         B, H, T, D = q.shape
         p, P = num_prefix_tokens, self.parabolas
         y, x = patch_positions(grid, device=q.device)
         # Centred: the bias depends only on offsets, and smaller coordinates lose less to cancellation.
-        pos = torch.stack([y - (grid[0] - 1) / 2, x - (grid[1] - 1) / 2], dim=-1)
-        u = F.linear(pos, self.direction[layer].weight.float()).view(-1, H, P).transpose(0, 1)  # (H, N, P)
-        ab = F.linear(q[:, :, p:].transpose(1, 2).reshape(B, T - p, H * D).float(), self.shape[layer].weight.float())
-        a, b = ab.view(B, T - p, 2, H, P).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, P) each
-        a = F.softplus(a)
-        # sum_r -a (u_q - u_k)^2 + b (u_q - u_k) = [sum_r -a u_q^2 + b u_q] + (2 a u_q - b) . u_k - a . u_k^2
-        qf = torch.cat([(b * u - a * u * u).sum(-1, keepdim=True), 2 * a * u - b, -a], dim=-1)
-        kf = torch.cat([torch.ones_like(u[..., :1]), u, u * u], dim=-1)[None]
+        y, x = y - (grid[0] - 1) / 2, x - (grid[1] - 1) / 2
+        w = self.direction[layer].weight.float().view(H, P, 2)  # w_r = (w_y, w_x)
+        shape_a, shape_b = self.shape[layer].weight.float().view(2, H, P, -1).unbind(0)
+        tokens = q[:, :, p:].transpose(1, 2).reshape(B, T - p, H * D).float()
+        a = F.softplus(F.linear(tokens, shape_a.reshape(H * P, -1))).view(B, T - p, H, P).transpose(1, 2)
+        outer = torch.stack([w[..., 0] * w[..., 0], w[..., 1] * w[..., 1], w[..., 0] * w[..., 1]], -1)
+        ayy, axx, axy = torch.einsum("bhnp,hpc->cbhn", a, outer)  # A's entries, (B, H, N) each
+        # beta = sum_r b_r w_r is linear in the query: one projection to 2 numbers a head, not P.
+        beta_weight = torch.einsum("hpc,hpk->hkc", shape_b, w).reshape(H * 2, -1)
+        by, bx = F.linear(tokens, beta_weight).view(B, T - p, H, 2).permute(3, 0, 2, 1)
+        # -(u_q - u_k)' A (u_q - u_k) + beta . (u_q - u_k), u = (y, x), expanded over the key's monomials
+        ay, ax = ayy * y + axy * x, axy * y + axx * x  # A u_q
+        qf = torch.stack([by * y + bx * x - (ay * y + ax * x), 2 * ay - by, 2 * ax - bx, -ayy, -axx, -2 * axy], -1)
+        kf = torch.stack([torch.ones_like(y), y, x, y * y, x * x, y * x], -1).expand(1, H, -1, -1)
         return F.pad(qf, (0, 0, p, 0)), F.pad(kf, (0, 0, p, 0))
 
     def _augmented(self, q, k, grid, layer, num_prefix_tokens):
@@ -69,12 +77,11 @@ class Pape(PositionEncoding):
     def attend(self, q, k, v, *, grid, layer, num_prefix_tokens, dropout_p=0.0, state=None):
         with torch.autocast(q.device.type, enabled=False):
             qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
-            scale, vf = q.shape[-1] ** -0.5, v.float()
-            if q.device.type == "cpu":
-                out = sdpa_in_chunks(qa, ka, vf, dropout_p=dropout_p, scale=scale)
-            else:
-                out = F.scaled_dot_product_attention(qa, ka, vf, dropout_p=dropout_p, scale=scale)
-        return out.to(v.dtype)
+            # Values padded to the queries' width: the fused kernels (the CPU's flash kernel among
+            # them) want one head width, and build no T x T scores.
+            vf = F.pad(v.float(), (0, qa.shape[-1] - v.shape[-1]))
+            out = F.scaled_dot_product_attention(qa, ka, vf, dropout_p=dropout_p, scale=q.shape[-1] ** -0.5)
+        return out[..., :v.shape[-1]].to(v.dtype)
 
     def attention_weights(self, q, k, *, grid, layer, num_prefix_tokens, state=None):
         qa, ka = self._augmented(q, k, grid, layer, num_prefix_tokens)
