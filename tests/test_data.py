@@ -1,4 +1,7 @@
 import gzip
+import json
+import math
+import shutil
 import struct
 
 import numpy as np
@@ -262,9 +265,72 @@ def test_split_and_folder_messages_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"--split 'train\[99%:\]': synthetic has the splits train, val, test"):
         build_dataset(DataSpec("synthetic", 16), "train[99%:]")
     image_folder(tmp_path)
-    with pytest.raises(FileNotFoundError, match="has no test/ folder .found: train, val.; pass one of them as the "
+    with pytest.raises(FileNotFoundError, match="has no test/ folder or test.tar .found: train, val.; pass one of them as the "
                                                 "split .--split; --train-split or --val-split"):
         build_dataset(DataSpec(f"folder:{tmp_path}", 32), "test")
+
+
+def _tar(path, members):
+    """A tar file of (name in the archive, file on disk)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, file in members:
+            tf.add(file, arcname=name)
+
+
+def _tar_layouts(tmp_path):
+    """The train and val images of ``image_folder`` in the tar layouts timm's reader takes."""
+    image_folder(tmp_path / "folder")
+    classes = {c: sorted((tmp_path / "folder" / "train" / c).iterdir()) for c in ("cat", "dog")}
+    # ROOT/train.tar of class folders
+    (tmp_path / "one").mkdir()
+    _tar(tmp_path / "one" / "train.tar", [(f"{c}/{f.name}", f) for c, files in classes.items() for f in files])
+    # ROOT/train/ of shards, one per class (the name of a shard is its class)
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    for c, files in classes.items():
+        _tar(tmp_path / "shards" / "train" / f"{c}.tar", [(f.name, f) for f in files])
+    # ROOT/train.tar of one tar per class (ImageNet's training tar)
+    (tmp_path / "nested").mkdir()
+    _tar(tmp_path / "nested" / "train.tar", [(f"{c}.tar", tmp_path / "shards" / "train" / f"{c}.tar") for c in classes])
+    for layout in ("one", "shards", "nested"):
+        shutil.copytree(tmp_path / "folder" / "val", tmp_path / layout / "val")
+    return tmp_path / "folder", [tmp_path / layout for layout in ("one", "shards", "nested")]
+
+
+def test_a_training_split_in_tar_files_reads_the_images_and_classes_of_the_folder(tmp_path):
+    folder, layouts = _tar_layouts(tmp_path)
+    spec = lambda root: DataSpec(f"folder:{root}", 32)  # noqa: E731
+    plain = build_dataset(spec(folder), "train", train=False)  # the evaluation transform: deterministic
+
+    def samples(ds):
+        return sorted((int(y), x.sum().item(), x) for x, y in (ds[i] for i in range(len(ds))))
+
+    expected = samples(plain)
+    for root in layouts:
+        ds = build_dataset(spec(root), "train", train=False)
+        assert len(ds) == 8 and ds.num_classes == 2, root
+        got = samples(ds)
+        assert [(y, s) for y, s, _ in got] == [(y, s) for y, s, _ in expected], root
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(got, expected)), root
+
+
+def test_a_folder_of_shards_trains_and_a_split_without_images_is_named(tmp_path):
+    from lookhere.cli import main
+
+    _, (_, shards, _) = _tar_layouts(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"folder:{shards}", "--pos-encoding", "lh-90", "--model", "micro", "--depth", "1",
+                 "--img-size", "32", "--patch-size", "8", "--epochs", "1", "--batch-size", "4", "--workers", "2",
+                 "--log-every", "1", "--output", str(run), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in steps)
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0]  # validated on the val/ folder
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    _tar(tmp_path / "empty" / "test" / "notes.tar", [("readme.txt", (run / "config.yaml"))])
+    with pytest.raises(FileNotFoundError, match="test holds no images in tar files"):
+        build_dataset(DataSpec(f"folder:{tmp_path / 'empty'}", 32), "test")
 
 
 def test_data_length_keeps_the_first_training_images_of_a_folder(tmp_path):

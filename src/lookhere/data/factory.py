@@ -1,7 +1,7 @@
 """Datasets by name: ``synthetic``, ``synthetic-where``, ``synthetic-far``, ``fashion-mnist``, ``folder:PATH``,
 ``hf:NAME``.
 
-Photographs (folders, Hugging Face) go through timm's dataset and transform factories: DeiT-III's
+Photographs (folders, tar files, Hugging Face) go through timm's dataset and transform factories: DeiT-III's
 recipe for training (random resized crop, flip, one of grayscale / solarize / blur: timm's ``3a``
 policy, colour jitter) and the paper's evaluation transform (:func:`eval_transform`). A Hugging Face
 dataset whose label column holds lists of valid classes (``labels``, as ImageNet-HR) yields each
@@ -138,6 +138,33 @@ def _hf_photos(target: str, split: str, spec: DataSpec, train: bool, transform):
     return ds
 
 
+def _folder_split(root: Path, split: str, transform):
+    """``ROOT/SPLIT/`` of class folders (ImageNet's layout), or the same in tar files, read in place
+    by timm's tar reader with random access: ``ROOT/SPLIT.tar`` (class folders inside, or one tar per
+    class, as ImageNet's training tar), or ``ROOT/SPLIT/`` holding only ``.tar`` shards."""
+    from timm.data import ImageDataset, create_dataset
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/{split}/CLASS/IMAGE)")
+    names = (split, *(("validation",) if split == "val" else ()))
+    found = next((p for s in names for p in (root / s, root / f"{s}.tar") if p.exists()), None)
+    if found is None:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() or p.suffix == ".tar")
+        raise FileNotFoundError(f"--data folder:{root} has no {split}/ folder or {split}.tar "
+                                f"(found: {', '.join(present) or 'none'}); pass one of them as the split "
+                                f"(--split; --train-split or --val-split for training)")
+    shards = found.is_dir() and any(found.glob("*.tar")) and not any(p.is_dir() for p in found.iterdir())
+    if found.is_dir() and not shards:
+        return create_dataset("", root=str(found), split=split, search_split=False, transform=transform)
+    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+    try:
+        reader = ReaderImageInTar(str(found))
+    except (AssertionError, ValueError) as e:  # no tar, or tars without images
+        raise FileNotFoundError(f"--data folder:{root}: {found} holds no images in tar files ({e})") from e
+    return ImageDataset(str(found), reader=reader, transform=transform)
+
+
 def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool):
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 
@@ -151,24 +178,15 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
         cfg = spec.data_config or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
     if kind == "folder":
-        root = Path(target)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/{split}/CLASS/IMAGE)")
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        folder = next((root / s for s in (split, *(("validation",) if split == "val" else ())) if (root / s).is_dir()),
-                      None)
-        if folder is None:
-            raise FileNotFoundError(f"--data folder:{root} has no {split}/ folder "
-                                    f"(found: {', '.join(found) or 'none'}); pass one of them as the split "
-                                    f"(--split; --train-split or --val-split for training)")
-        ds = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
+        ds = _folder_split(Path(target), split, transform)
     else:
         ds = _hf_photos(target, split, spec, train, transform)
     ds._max_retries = 1  # let SkipBad see (and count) an unreadable image instead of silently replacing it
     if len(ds) == 0:
         raise FileNotFoundError(f"{kind}:{target} has no images for split {split!r}")
     ds.mean, ds.std = mean, std
-    labels = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+    reader = getattr(ds, "reader", None)
+    labels = getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None)
     ds.num_classes = len(labels) if labels else None
     return ds
 
