@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -325,8 +326,6 @@ def _rounding_only(old: Optional[dict], new: Optional[dict], other_cpu: bool) ->
     """Whether two digests that differ describe the same tensors drawn on CPUs that round otherwise:
     their moments agree to 1e-5; a record from before moments were kept agrees only when it was made on
     another CPU (its digest cannot be compared here, and kernels of another make are the likely cause)."""
-    import math
-
     if old is None:
         return other_cpu
     if new is None or old.keys() != new.keys():
