@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -449,6 +450,74 @@ def test_a_record_from_before_moments_is_kept_only_when_made_on_another_cpu(tmp_
     assert study.cells_to_redo([cell], {cell.key: new}) == {cell.key: ["the initial weights differ (an initialisation change)"]}
 
 
+def test_until_takes_a_time_of_day_or_a_moment_and_refuses_a_past_one():
+    import argparse
+    from datetime import datetime
+
+    from lookhere.flags import until
+
+    now = datetime(2026, 12, 4, 10, 30)
+    assert until("12:05", now) == datetime(2026, 12, 4, 12, 5)
+    assert until("07:00", now) == datetime(2026, 12, 5, 7, 0)  # an hour past today is tomorrow's
+    assert until("2026-12-06T18:30", now) == datetime(2026, 12, 6, 18, 30)
+    for bad, message in [("2026-12-04T09:00", "is past"), ("25:00", "not a time of day"),
+                         ("noon", "expected HH:MM or a date and time")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            until(bad, now)
+
+
+def test_until_starts_only_the_cells_that_would_end_before_it(tmp_path, monkeypatch, capsys):
+    """Expected from the study's finished cells (those of the same dataset and encoding, else the
+    longest); a study with none finished starts every cell."""
+    import lookhere.study as study
+    from lookhere.cli import main
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1]})
+    monkeypatch.setattr(study, "resolve_identities", lambda cfg, cells: {c.key: {} for c in cells})
+    started = []
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a, **kw: started.append(cell.key))
+    monkeypatch.setattr(study, "write_report", lambda out: {"report": "r", "results": "j"})
+    cells = {c.key: c for c in cfg.cells(tmp_path)}
+    lh90_0, rope_0, lh90_1, rope_1 = (f"synthetic-where/{e}/seed{s}" for s in (0, 1) for e in ("lh-90", "rope-2d-mixed"))
+
+    result = study.run_study(cfg, tmp_path, until=time.time() + 60)  # nothing finished: no estimate
+    assert sorted(started) == sorted(cells) and result["not_started"] == {}
+
+    def finish(key, seconds):
+        c = cells[key]
+        (c.dir / "eval").mkdir(parents=True, exist_ok=True)
+        (c.dir / "eval" / "eval.json").write_text("{}")
+        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line(), "identity": {}}))
+        (c.dir / "timing.json").write_text(json.dumps({"train_s": seconds - 100.0, "eval_s": 100.0}))
+
+    finish(lh90_0, 600.0)
+    finish(rope_0, 3000.0)
+    started.clear()
+    result = study.run_study(cfg, tmp_path, until=time.time() + 1200)
+    assert started == [lh90_1] and result["ran"] == 1
+    assert result["not_started"] == {rope_1: 3000.0}
+    started.clear()
+    result = study.run_study(cfg, tmp_path, until=time.time() + 4000)
+    assert sorted(started) == sorted([lh90_1, rope_1]) and result["not_started"] == {}
+    finish(lh90_1, 900.0)  # the mean of the same encoding's cells: 750 s
+    assert study.expected_seconds(cells[lh90_0], list(cells.values())) == 750.0
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1]}))
+    base = ["study", "--config", str(config), "--output", str(tmp_path), "--no-progress"]
+    soon = (datetime.now() + timedelta(minutes=20)).strftime("%Y-%m-%dT%H:%M")
+    capsys.readouterr()
+    assert main([*base, "--until", soon]) == 0
+    out = capsys.readouterr().out
+    assert f"1 cell(s) not started: each would end after --until {soon.replace('T', ' ')} (expected up to 50 " \
+           f"minutes); run the same command again to go on" in out
+    for extra, message in [(["--dry-run"], "--dry-run runs none"),
+                           (["--executor", "submitit-local"], "with --executor submitit-local every cell is a job")]:
+        assert main([*base, "--until", soon, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+
+
 def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
@@ -784,6 +853,8 @@ def test_a_stopped_study_still_says_why_its_cells_were_made_again(tmp_path, monk
     monkeypatch.setattr(study, "run_command", killed)
     for c in cells:
         study._clear(c, why)
+        study._clear(c, why)  # a study stopped before the cell started clears it again when rerun
+        assert (c.dir / "log.txt").read_text().count("# made again") == 1
     with pytest.raises(Killed):  # the first cell starts and the study is killed
         study.run_cell(cells[0], new, why)
 

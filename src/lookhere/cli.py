@@ -268,6 +268,8 @@ def _study(args: argparse.Namespace) -> int:
         raise ValueError("--config and --output are required (or --report DIR to aggregate a study)")
     cfg = StudyConfig.from_yaml(args.config)
     if args.dry_run:
+        if args.until:
+            raise ValueError("--until stops starting cells of a run; --dry-run runs none (leave one out)")
         print(format_estimate(estimate(cfg, args.output, jobs=args.jobs)))
         return 0
     cluster = _cluster_config(args, cfg.cluster)
@@ -275,9 +277,13 @@ def _study(args: argparse.Namespace) -> int:
     if cluster.executor != "local" and args.jobs != 1:
         raise ValueError(f"--jobs runs cells here; with --executor {cluster.executor} every cell is a job of its "
                          f"own (--max-running caps how many run at once)")
+    if cluster.executor != "local" and args.until:
+        raise ValueError(f"--until decides which cells start here; with --executor {cluster.executor} every cell "
+                         f"is a job of its own (--time-min is each job's limit)")
     try:
         if cluster.executor == "local":
-            result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress)
+            result = run_study(cfg, args.output, jobs=args.jobs, progress=not args.no_progress,
+                               until=args.until.timestamp() if args.until else None)
         else:
             from .study_jobs import run_study_jobs
 
@@ -292,6 +298,11 @@ def _study(args: argparse.Namespace) -> int:
         print(f"cell {key} was made again: {'; '.join(why)}")
     for key, why in result["failures"].items():
         print(f"cell {key} failed: {why}", file=sys.stderr)
+    if result.get("not_started"):
+        longest = max(result["not_started"].values()) / 60
+        print(f"{len(result['not_started'])} cell(s) not started: each would end after --until "
+              f"{args.until:%Y-%m-%d %H:%M} (expected up to {longest:.0f} minutes); run the same command again to "
+              f"go on")
     print(f"{result['cells']} cells ({result['ran']} run now); wrote {result['report']} and {result['results']}")
     return 1 if result["failures"] else 0
 
@@ -400,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--output", help="study directory; rerun the same command to resume")
     st.add_argument("--jobs", type=flags.count, default=1, help="cells run at once, one thread each")
     st.add_argument("--dry-run", action="store_true", help="list the cells and estimate the time; run nothing")
+    st.add_argument("--until", type=flags.until, metavar="TIME",
+                    help="start no cell that would end after TIME (HH:MM, its next occurrence, or 2026-12-04T18:30; "
+                         "expected from the study's finished cells), so that none is left half-made")
     st.add_argument("--report", metavar="DIR", help="aggregate the finished cells of a study directory")
     st.add_argument("--no-progress", action="store_true")
     _add_cluster_flags(st, "cell")

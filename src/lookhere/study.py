@@ -490,13 +490,18 @@ def _made_on_other_cpu(cell: Cell, made: dict[str, Any]) -> bool:
 
 
 def _clear(cell: Cell, why: list[str]) -> None:
+    """The cell's run and evaluation removed, the reason logged once (a study stopped before the cell
+    started clears it again when rerun)."""
     files = cell.files
     for folder in (files.run_dir, files.eval_dir):
         shutil.rmtree(folder, ignore_errors=True)
     for made in (files.train_json, files.timing_json):
         made.unlink(missing_ok=True)
-    with open(files.log, "a") as log:
-        log.write(f"# made again: {'; '.join(why)}\n")
+    line = f"# made again: {'; '.join(why)}\n"
+    logged = files.log.read_text().splitlines(keepends=True) if files.log.is_file() else []
+    if logged[-1:] != [line]:
+        with open(files.log, "a") as log:
+            log.write(line)
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -611,19 +616,40 @@ def start_study(cfg: StudyConfig, out: Path) -> tuple[list[Cell], dict[str, dict
     return cells, identities, redo
 
 
-def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True) -> dict[str, Any]:
+def expected_seconds(cell: Cell, cells: list[Cell]) -> Optional[float]:
+    """What making ``cell`` should take, from the study's finished cells: the mean of those of its
+    dataset and encoding, else the longest; None before any has finished."""
+    spent = []
+    for c in cells:
+        t = c.files.timing()
+        if "train_s" in t and "eval_s" in t and c.status() == "done":
+            spent.append(((c.dataset, c.encoding), t["train_s"] + t["eval_s"]))
+    same = [s for key, s in spent if key == (cell.dataset, cell.encoding)]
+    return sum(same) / len(same) if same else max((s for _, s in spent), default=None)
+
+
+def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: bool = True,
+              until: Optional[float] = None) -> dict[str, Any]:
     """Run every cell not yet done or whose identity changed (``jobs`` at a time, here), then
-    aggregate. Failed cells are reported and left for the next run; the others go on. (As submitit
-    jobs: :func:`lookhere.study_jobs.run_study_jobs`.)"""
+    aggregate. Failed cells are reported and left for the next run; the others go on. ``until`` (a
+    ``time.time()``): no cell starts that its :func:`expected_seconds` says would end after it, so
+    that a run with a deadline leaves no half-made cell behind (``result["not_started"]``: their
+    expected seconds). (As submitit jobs: :func:`lookhere.study_jobs.run_study_jobs`.)"""
     from tqdm import tqdm
 
     out = Path(output)
     cells, identities, redo = start_study(cfg, out)
     todo = [c for c in cells if c.status() != "done" or c.key in redo]
     failures: dict[str, str] = {}
+    not_started: dict[str, float] = {}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
 
     def one(cell: Cell) -> None:
+        if until is not None:
+            need = expected_seconds(cell, cells)
+            if need is not None and time.time() + need > until:
+                not_started[cell.key] = need
+                return
         try:
             run_cell(cell, identities[cell.key], redo.get(cell.key))
         except RuntimeError as e:
@@ -637,7 +663,8 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     if failures and not any(c.status() == "done" for c in cells):
         raise RuntimeError("no cell finished: " + "; ".join(f"{key}: {why}" for key, why in failures.items()))
     report = write_report(out)
-    return {"cells": len(cells), "ran": len(todo), "made_again": redo, "failures": failures, **report}
+    return {"cells": len(cells), "ran": len(todo) - len(not_started), "made_again": redo, "failures": failures,
+            "not_started": not_started, **report}
 
 
 # --- estimating ----------------------------------------------------------------------------------
