@@ -475,7 +475,7 @@ def test_until_starts_only_the_cells_that_would_end_before_it(tmp_path, monkeypa
     cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1]})
     monkeypatch.setattr(study, "resolve_identities", lambda cfg, cells: {c.key: {} for c in cells})
     started = []
-    monkeypatch.setattr(study, "run_cell", lambda cell, *a, **kw: started.append(cell.key))
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a, **kw: started.append(cell.key) or {"train_s": 60.0, "eval_s": 30.0})
     monkeypatch.setattr(study, "write_report", lambda out: {"report": "r", "results": "j"})
     cells = {c.key: c for c in cfg.cells(tmp_path)}
     lh90_0, rope_0, lh90_1, rope_1 = (f"synthetic-where/{e}/seed{s}" for s in (0, 1) for e in ("lh-90", "rope-2d-mixed"))
@@ -497,8 +497,12 @@ def test_until_starts_only_the_cells_that_would_end_before_it(tmp_path, monkeypa
     assert started == [lh90_1] and result["ran"] == 1
     assert result["not_started"] == {rope_1: 3000.0}
     started.clear()
-    result = study.run_study(cfg, tmp_path, until=time.time() + 4000)
-    assert sorted(started) == sorted([lh90_1, rope_1]) and result["not_started"] == {}
+    capsys.readouterr()
+    result = study.run_study(cfg, tmp_path, until=time.time() + 4000, progress=False)
+    assert started == [lh90_1, rope_1] and result["not_started"] == {}
+    # without a bar, a line a cell
+    assert capsys.readouterr().out.splitlines() == [f"tiny: 3 of 4 cells; {lh90_1} made in 1.5 minutes",
+                                                    f"tiny: 4 of 4 cells; {rope_1} made in 1.5 minutes"]
     finish(lh90_1, 900.0)  # the mean of the same encoding's cells: 750 s
     assert study.expected_seconds(cells[lh90_0], list(cells.values())) == 750.0
 

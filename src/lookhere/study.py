@@ -25,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -642,6 +643,8 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     todo = [c for c in cells if c.status() != "done" or c.key in redo]
     failures: dict[str, str] = {}
     not_started: dict[str, float] = {}
+    finished: list[str] = []
+    lock = threading.Lock()
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, unit="cell", disable=not progress)
 
     def one(cell: Cell) -> None:
@@ -651,11 +654,18 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
                 not_started[cell.key] = need
                 return
         try:
-            run_cell(cell, identities[cell.key], redo.get(cell.key))
+            timing = run_cell(cell, identities[cell.key], redo.get(cell.key))
+            said = f"made in {(timing.get('train_s', 0.0) + timing.get('eval_s', 0.0)) / 60:.1f} minutes"
         except RuntimeError as e:
             failures[cell.key] = f"{e}; see {cell.dir / 'log.txt'}"
-        bar.update(1)
-        bar.set_postfix_str(cell.key)
+            said = f"failed; see {cell.dir / 'log.txt'}"
+        with lock:
+            finished.append(cell.key)
+            bar.update(1)
+            bar.set_postfix_str(cell.key)
+            if not progress:  # a line a cell where there is no bar (a log file)
+                print(f"{cfg.name}: {len(cells) - len(todo) + len(finished)} of {len(cells)} cells; {cell.key} {said}",
+                      flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
