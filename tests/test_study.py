@@ -520,6 +520,9 @@ def test_until_starts_only_the_cells_that_would_end_before_it(tmp_path, monkeypa
         assert main([*base, "--until", soon, *extra]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
+    # --report runs nothing: a flag for a run is refused, not ignored
+    assert main(["study", "--report", str(tmp_path), "--until", soon, "--jobs", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("runs nothing; leave out --until, --jobs")
 
 
 def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):

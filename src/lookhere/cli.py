@@ -261,6 +261,12 @@ def _study(args: argparse.Namespace) -> int:
     from .study import StudyConfig, estimate, format_estimate, run_study, write_report
 
     if args.report:
+        running = [f for f, given in [("--config", args.config), ("--output", args.output), ("--dry-run", args.dry_run),
+                                      ("--until", args.until), ("--jobs", args.jobs != 1),
+                                      ("--executor", args.executor), ("--detach", args.detach)] if given]
+        if running:
+            raise ValueError(f"--report DIR aggregates a study's finished cells and runs nothing; leave out "
+                             f"{', '.join(running)}")
         files = write_report(args.report)
         print(f"wrote {files['report']}, {files['results']}, {files['headline']}, {files['plot']} and {files['learning']}")
         return 0
