@@ -50,13 +50,10 @@ def expanded_attend(self: Pape, q, k, v, *, grid, layer, num_prefix_tokens, drop
 FORMS = {"quadratic (lookhere)": (Pape.features, Pape.attend), "expanded (1 + 2P)": (expanded_features, expanded_attend)}
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -77,9 +74,11 @@ def main() -> None:
         opt.step()
 
     rows = [("train step, batch 32, 14x14", step)]
+
     def forward(images):
         model.eval()
-        model(images)
+        with torch.no_grad():
+            model(images)
         model.train()
 
     for g in args.grids:
@@ -88,10 +87,9 @@ def main() -> None:
     for label, fn in rows:
         times = dict.fromkeys(FORMS, float("inf"))
         for _ in range(args.repeats):  # alternate the forms so that drift hits both alike
-            for form, (Pape.features, Pape.attend) in FORMS.items():
-                ctx = torch.no_grad() if label.startswith("forward") else torch.enable_grad()
-                with ctx:
-                    times[form] = min(times[form], best(fn, 1))
+            for form, (features, attend) in FORMS.items():
+                Pape.features, Pape.attend = features, attend
+                times[form] = min(times[form], seconds(fn))
         Pape.features, Pape.attend = FORMS["quadratic (lookhere)"]
         q, e = times.values()
         out.append(f"| {label} | {q:.3f} | {e:.3f} | {e / q:.1f}x |")

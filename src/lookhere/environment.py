@@ -11,6 +11,7 @@ and what it fixes).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -41,6 +42,7 @@ def kernel_pin(capability: str | None) -> dict[str, str]:
     return dict(KERNEL_PINS[capability])
 
 
+@functools.cache
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

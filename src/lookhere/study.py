@@ -482,11 +482,8 @@ def cells_to_redo(cells: list[Cell], identities: dict[str, dict[str, Any]]) -> d
 def _made_on_other_cpu(cell: Cell, made: dict[str, Any]) -> bool:
     """Whether the cell's training started on a CPU of another model than this one (its environment
     records: ``cell.json``'s once done, the run's log before)."""
-    train = (made.get("environment") or {}).get("train")
-    if not train and (cell.run_dir / "metrics.jsonl").is_file():
-        records = (json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
-        train = [r for r in records if r.get("kind") == "environment"]
-    cpus = {e.get("cpu") for e in train or []}
+    train = (made.get("environment") or {}).get("train") or _train_environments(cell)
+    cpus = {e.get("cpu") for e in train}
     return bool(cpus) and cpus != {cpu_model()}
 
 
@@ -521,16 +518,23 @@ def run_command(argv: list[str], log, env: dict[str, str]) -> None:
         raise RuntimeError(f"`{shlex.join(argv)}` failed with exit status {rc}")
 
 
-def _environments(cell: Cell) -> dict[str, Any]:
-    """The environments the cell's training (each start and resume, distinct ones) and evaluation ran in."""
-    train = []
-    for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines():
+def _train_environments(cell: Cell) -> list[dict[str, Any]]:
+    """The distinct environments the cell's training started and resumed in, from its run's log
+    (none before the run has one)."""
+    train: list[dict[str, Any]] = []
+    log = cell.run_dir / "metrics.jsonl"
+    for line in (log.read_text().splitlines() if log.is_file() else []):
         r = json.loads(line)
         if r.get("kind") == "environment":
             env = {k: v for k, v in r.items() if k not in ("kind", "step")}
             if env not in train:
                 train.append(env)
-    return {"train": train, "eval": cell.files.evaluation().get("environment")}
+    return train
+
+
+def _environments(cell: Cell) -> dict[str, Any]:
+    """The environments the cell's training (each start and resume, distinct ones) and evaluation ran in."""
+    return {"train": _train_environments(cell), "eval": cell.files.evaluation().get("environment")}
 
 
 DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -52,7 +52,6 @@ RESUMABLE_CHANGES = ("resume", "output", "epochs", "max_steps", "workers", "devi
                      "progress", "data_root")
 
 
-
 def _setting(default: Any, help: str, unset: Optional[str] = None) -> Any:
     """A TrainConfig field with its flag's help; ``unset`` says what a ``None`` default means."""
     return field(default=default, metadata={"help": help, "unset": unset})
