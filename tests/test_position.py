@@ -8,7 +8,8 @@ from timm.layers.pos_embed_sincos import RotaryEmbeddingMixed, apply_rot_embed_c
 
 import lookhere
 from lookhere import POSITION_ENCODINGS
-from lookhere.position import build_position_encoding
+from lookhere.evaluate import apply_knobs, knob_grid
+from lookhere.position import build_position_encoding, encoding_class
 from conftest import TRAIN_GRID, encoding, pattern_output, small
 
 RELATIVE = ["rpe-learned", "alibi-2d", "rope-2d-axial", "rope-2d-mixed", "lh-180", "lh-90", "lh-45"]
@@ -223,6 +224,90 @@ def test_rope_interpolation_squeezes_into_training_range():
     torch.testing.assert_close(apply_rot_embed_cat(q, pe.rotary((10, 7), 0)).double(), ref, atol=1e-6, rtol=1e-6)
     plain = apply_rot_embed_cat(q, encoding("rope-2d-axial").rotary((10, 7), 0)).double()
     assert (plain - ref).abs().max() > 0.1
+
+
+# Encodings whose test-time knob squeezes a larger grid into the training grid's range.
+INTERPOLATING = {"sincos-2d": "sincos_interpolate", "fourier": "fourier_interpolate",
+                 "rpe-learned": "rpe_interpolate", "alibi-2d": "alibi_interpolate", "pape": "pape_interpolate",
+                 "rope-2d-axial": "rope_interpolate", "rope-2d-mixed": "rope_interpolate"}
+
+
+def test_every_encoding_that_reads_coordinates_has_a_test_time_knob():
+    """Each encoding meets a larger grid with a setting of its own to choose on validation; those
+    without one have a single way to meet it: resampled tables (factorized), coordinates normalised
+    by construction (DINOv3's RoPE), or nothing to adapt (none)."""
+    without = {n for n in POSITION_ENCODINGS if not encoding_class(n).test_knobs}
+    assert without == {"none", "factorized", "rope-2d-dinov3"}
+    for name, key in INTERPOLATING.items():
+        assert knob_grid(small(name)) == [{key: False}, {key: True}], name
+
+
+@pytest.mark.parametrize("name", list(INTERPOLATING))
+def test_interpolation_changes_a_larger_grid_and_not_the_training_grid(name):
+    torch.manual_seed(0)
+    model = small(name).eval()
+    key = INTERPOLATING[name]
+    for size, changes in [((32, 32), False), ((72, 48), True)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            apply_knobs(model, **{key: False})
+            a = model.forward_features(x)
+            apply_knobs(model, **{key: True})
+            b = model.forward_features(x)
+        assert (a - b).abs().max() > 1e-4 if changes else torch.equal(a, b), (name, size)
+    assert small(name, pos_options={"interpolate": True}).pos_encoding.interpolate
+    with pytest.raises(ValueError, match=f"{key}='yes'; allowed: False, True"):
+        apply_knobs(model, **{key: "yes"})
+
+
+SQUEEZED = [(r * 3 / 9, c * 3 / 6) for r, c in (divmod(i, 7) for i in range(70))]  # a 10x7 grid in the 4x4 range
+
+
+def test_sincos_interpolation_is_the_formula_at_squeezed_coordinates():
+    got = encoding("sincos-2d", interpolate=True).embed(torch.zeros(1, 70, 48), (10, 7))[0].double()
+    bands = [1.0 / 10000 ** (i / 12) for i in range(12)]
+    for i, (y, x) in enumerate(SQUEEZED):
+        ref = ([math.sin(y * w) for w in bands] + [math.sin(x * w) for w in bands]
+               + [math.cos(y * w) for w in bands] + [math.cos(x * w) for w in bands])
+        torch.testing.assert_close(got[i], torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+
+
+def test_fourier_interpolation_is_the_formula_at_squeezed_coordinates():
+    pe = encoding("fourier", interpolate=True)
+    got = pe.embed(torch.zeros(1, 70, 48), (10, 7))[0]
+    W = pe.proj.weight.double()
+    mlp = pe.mlp.double()
+    for i, (y, x) in enumerate(SQUEEZED):
+        z = 2 * math.pi * (W @ torch.tensor([(y + 0.5) / 4, (x + 0.5) / 4], dtype=torch.float64))
+        ref = mlp(torch.cat([z.cos(), z.sin()]) / math.sqrt(256))
+        torch.testing.assert_close(got[i].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rpe_interpolation_reads_the_table_bilinearly_at_squeezed_offsets():
+    pe = encoding("rpe-learned", interpolate=True)
+    bias = pe.bias((10, 7), layer=1, rows=slice(20, 40)).double()
+    table = pe.table[1].double()  # (H, 7, 7): offsets -3..3
+
+    def read(fy, fx):  # bilinear, by hand
+        y0, x0 = min(int(math.floor(fy)), 5), min(int(math.floor(fx)), 5)
+        wy, wx = fy - y0, fx - x0
+        return ((1 - wy) * (1 - wx) * table[:, y0, x0] + (1 - wy) * wx * table[:, y0, x0 + 1]
+                + wy * (1 - wx) * table[:, y0 + 1, x0] + wy * wx * table[:, y0 + 1, x0 + 1])
+
+    for qi in range(20, 40):
+        for ki in range(70):
+            (qy, qx), (ky, kx) = SQUEEZED[qi], SQUEEZED[ki]
+            torch.testing.assert_close(bias[:, qi - 20, ki], read(ky - qy + 3, kx - qx + 3), atol=1e-6, rtol=1e-5)
+
+
+def test_alibi_interpolation_measures_distance_in_the_squeezed_grid():
+    bias = encoding("alibi-2d", interpolate=True).bias((10, 7))
+    for h in (0, 5, 11):
+        slope = 2 ** (-8 * (h + 1) / 12)
+        for qi in range(0, 70, 7):
+            for ki in range(70):
+                (qy, qx), (ky, kx) = SQUEEZED[qi], SQUEEZED[ki]
+                assert abs(bias[h, qi, ki].item() + slope * math.hypot(ky - qy, kx - qx)) < 1e-6
 
 
 def test_baselines_in_timm():

@@ -106,8 +106,9 @@ def test_fire_bad_settings_are_refused():
 
 
 # --- PaPE --------------------------------------------------------------------------------------------
-def pape_reference(pe, q, k, v, grid, layer, p):
-    """softmax(q k / sqrt(D) + sum_r (-a d^2 + b d) / sqrt(D)) v in float64, pair by pair for the bias."""
+def pape_reference(pe, q, k, v, grid, layer, p, scale=(1.0, 1.0)):
+    """softmax(q k / sqrt(D) + sum_r (-a d^2 + b d) / sqrt(D)) v in float64, pair by pair for the bias;
+    positions (row, column) times ``scale``."""
     B, H, T, D = q.shape
     P = pe.parabolas
     q, k, v = q.double(), k.double(), v.double()
@@ -121,7 +122,7 @@ def pape_reference(pe, q, k, v, grid, layer, p):
             yi, xi = divmod(i - p, grid[1])
             for j in range(p, T):
                 yj, xj = divmod(j - p, grid[1])
-                d = w @ torch.tensor([yi - yj, xi - xj], dtype=torch.float64)  # (H, P)
+                d = w @ torch.tensor([(yi - yj) * scale[0], (xi - xj) * scale[1]], dtype=torch.float64)  # (H, P)
                 bias[bi, :, i, j] = (-a * d * d + b * d).sum(-1)
     scores = (q @ k.transpose(-1, -2) + bias) / math.sqrt(D)
     return scores.softmax(-1), scores.softmax(-1) @ v
@@ -137,6 +138,22 @@ def test_pape_attention_matches_its_definition():
         torch.testing.assert_close(pe.attend(q, k, v, grid=grid, layer=1, num_prefix_tokens=p).double(), out,
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pe.attention_weights(q, k, grid=grid, layer=1, num_prefix_tokens=p).double(),
+                                   weights, atol=1e-6, rtol=1e-5)
+
+
+def test_pape_interpolation_squeezes_offsets_into_the_training_range():
+    """With its knob on, a 7x5 grid's offsets are those of the grid squeezed into the 4x4 training
+    grid's range (rows times 3/6, columns times 3/4)."""
+    torch.manual_seed(0)
+    pe = build_position_encoding("pape", embed_dim=48, num_heads=12, depth=2, grid_size=TRAIN_GRID, parabolas=3,
+                                 interpolate=True)
+    grid, p = (7, 5), 1
+    q, k, v = torch.randn(3, 1, 12, p + 35, 4).unbind(0)
+    weights, out = pape_reference(pe, q, k, v, grid, 0, p, scale=(3 / 6, 3 / 4))
+    with torch.no_grad():
+        torch.testing.assert_close(pe.attend(q, k, v, grid=grid, layer=0, num_prefix_tokens=p).double(), out,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pe.attention_weights(q, k, grid=grid, layer=0, num_prefix_tokens=p).double(),
                                    weights, atol=1e-6, rtol=1e-5)
 
 
@@ -265,7 +282,7 @@ def test_dinov3_bad_options_are_refused():
         small("rope-2d-dinov3", pos_options={"interpolate": True})
     with pytest.raises(ValueError, match="head dim divisible by 4"):
         create_vit("rope-2d-dinov3", img_size=32, patch_size=8, embed_dim=36, depth=1, num_heads=6)
-    assert knob_grid(small("rope-2d-dinov3")) == [] and knob_grid(small("pape")) == []
+    assert knob_grid(small("rope-2d-dinov3")) == []
 
 
 def test_eval_has_a_flag_for_the_fire_knob(capsys):
@@ -277,3 +294,14 @@ def test_eval_has_a_flag_for_the_fire_knob(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["eval", "--checkpoint", "run", "--sizes", "32", "--fire-normalize", "grid"])
     assert exit_info.value.code == 2 and "--fire-normalize: invalid choice: 'grid'" in capsys.readouterr().err
+
+
+def test_eval_has_a_flag_for_each_interpolation_knob():
+    from lookhere.cli import build_parser
+
+    parser = build_parser()
+    base = ["eval", "--checkpoint", "run", "--sizes", "32"]
+    for family in ("rope", "sincos", "fourier", "rpe", "alibi", "pape"):
+        assert getattr(parser.parse_args([*base, f"--{family}-interpolate"]), f"{family}_interpolate") is True
+        assert getattr(parser.parse_args([*base, f"--no-{family}-interpolate"]), f"{family}_interpolate") is False
+        assert getattr(parser.parse_args(base), f"{family}_interpolate") is None

@@ -8,10 +8,13 @@
 - ``pape``: PaPE;
 - ``lookhere``: LookHere's presets and any config of its own.
 
-Encodings that normalise coordinates (Fourier) divide by the training grid; RoPE's ``interpolate``
-squeezes any grid into the training grid's coordinate range; RoPE-DINOv3 maps every grid onto
-[-1, 1] per axis, and FIRE normalises offsets by the test grid's extent unless told to use the
-training grid's. Each encoding initialises its own parameters (``init_weights``, called at
+A larger grid extends the training grid's coordinates. Each encoding that reads them has the test-time
+knob ``interpolate`` (``rope_interpolate``, ``sincos_interpolate``, ``fourier_interpolate``,
+``rpe_interpolate``, ``alibi_interpolate``, ``pape_interpolate``), which squeezes any grid into the
+training grid's coordinate range instead; Fourier divides coordinates by the training grid; RoPE-DINOv3
+maps every grid onto [-1, 1] per axis; FIRE normalises offsets by the test grid's extent unless told
+to use the training grid's; learned tables (learned-1d, factorized) are resampled; LookHere's knob is
+its global slope. Each encoding initialises its own parameters (``init_weights``, called at
 construction), and takes only the options its constructor names: ``build_position_encoding``
 refuses any other.
 """
@@ -24,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from ..config import PRESETS, LookHereConfig, resolve_config
 from .absolute import Factorized, Fourier, LearnedAbsolute, SinCos2d
-from .base import Knob, PositionEncoding, patch_positions
+from .base import Knob, PositionEncoding, interpolate_knob, patch_positions
 from .lookhere import LookHere
 from .offset import Alibi2d, Fire, OffsetBias, RelativeBias, alibi_slopes, patch_offsets
 from .pape import Pape
@@ -33,7 +36,7 @@ from .rope import Rope2d, RopeDinoV3
 __all__ = ["POSITION_ENCODINGS", "MODEL_ARGUMENTS", "BASELINES", "PositionEncoding", "Knob", "OffsetBias", "LookHere",
            "LearnedAbsolute", "SinCos2d", "Factorized", "Fourier", "RelativeBias", "Alibi2d", "Fire", "Rope2d",
            "RopeDinoV3", "Pape", "alibi_slopes", "patch_offsets", "patch_positions", "encoding_class",
-           "encoding_options", "build_position_encoding", "registered_knobs", "apply_knob", "relative_encodings",
+           "encoding_options", "build_position_encoding", "registered_knobs", "apply_knob", "interpolate_knob", "relative_encodings",
            "absolute_encodings"]
 
 # name -> factory. Every factory takes some of the model's ``embed_dim``, ``num_heads``, ``depth``

@@ -9,13 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.layers.pos_embed_sincos import freq_bands
 
-from .base import Knob, PositionEncoding, patch_positions
+from .base import Knob, PositionEncoding, interpolate_knob, patch_positions
 
 RESAMPLE = Knob("pos_resample", "resample", "learned-1d", "resample",
                 "learned-1d: resize the table (bicubic) or read it at squeezed coordinates (grid)",
                 choices=("bicubic", "grid"))
+SINCOS_INTERPOLATE = interpolate_knob("sincos", "sincos-2d")
+FOURIER_INTERPOLATE = interpolate_knob("fourier", "Fourier")
 
 
 class LearnedAbsolute(PositionEncoding):
@@ -49,18 +51,30 @@ class LearnedAbsolute(PositionEncoding):
 
 
 class SinCos2d(PositionEncoding):
-    """Fixed 2D sine-cosine embedding (MAE), computed for whatever grid arrives (timm's builder)."""
+    """Fixed 2D sine-cosine embedding (MAE), computed for whatever grid arrives: timm's layout
+    (``sin y, sin x, cos y, cos x``, bands ``10000^(-i / (D/4))``), at patch coordinates, so a
+    larger grid extends the training grid's positions. ``interpolate=True`` squeezes them into the
+    training grid's range instead (the test-time knob)."""
 
     name = "sincos-2d"
+    knobs = ("interpolate",)
+    test_knobs = (SINCOS_INTERPOLATE,)
 
-    def __init__(self, embed_dim: int):
+    def __init__(self, embed_dim: int, grid_size: tuple[int, int], interpolate: bool = False):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"sincos-2d needs embed_dim divisible by 4, got {embed_dim}")
-        self.embed_dim = embed_dim
+        self.embed_dim, self.grid_size = embed_dim, tuple(grid_size)
+        self.interpolate = SINCOS_INTERPOLATE.check(interpolate, "sincos-2d interpolate")
+
+    def table(self, grid: tuple[int, int], device=None) -> torch.Tensor:
+        """``(N, embed_dim)``, float32."""
+        y, x = patch_positions(grid, self.grid_size, device=device or "cpu", interpolate=self.interpolate)
+        angles = torch.stack([y, x], -1)[..., None] * freq_bands(self.embed_dim // 4, step=1, device=device)
+        return torch.stack([angles.sin(), angles.cos()], 1).flatten(1)
 
     def embed(self, x, grid):
-        return x + build_sincos2d_pos_embed(list(grid), self.embed_dim, device=x.device, dtype=x.dtype)[None]
+        return x + self.table(grid, x.device).to(x.dtype)[None]
 
 
 class Factorized(PositionEncoding):
@@ -104,16 +118,20 @@ class Fourier(PositionEncoding):
     """Learnable Fourier features of (y, x) through an MLP (Li et al., NeurIPS 2021).
 
     Coordinates are patch centres divided by the training grid (0..1 there), so a larger grid is
-    evaluated at coordinates beyond 1, on the same scale. The frequencies start at N(0, 1/gamma^2),
+    evaluated at coordinates beyond 1, on the same scale; ``interpolate=True`` squeezes them into the
+    training grid's range instead (the test-time knob). The frequencies start at N(0, 1/gamma^2),
     the paper's initialisation; the MLP with PyTorch's, as the ViT's linear layers by default.
     """
 
     name = "fourier"
+    knobs = ("interpolate",)
+    test_knobs = (FOURIER_INTERPOLATE,)
 
     def __init__(self, embed_dim: int, grid_size: tuple[int, int], num_features: int = 256,
-                 hidden_dim: int | None = None, gamma: float = 1.0):
+                 hidden_dim: int | None = None, gamma: float = 1.0, interpolate: bool = False):
         super().__init__()
         self.grid_size = tuple(grid_size)
+        self.interpolate = FOURIER_INTERPOLATE.check(interpolate, "fourier interpolate")
         self.gamma = gamma
         self.proj = nn.Linear(2, num_features // 2, bias=False)
         hidden = hidden_dim or embed_dim
@@ -130,7 +148,7 @@ class Fourier(PositionEncoding):
         return super().no_weight_decay() | {"proj.weight"}  # the frequencies
 
     def features(self, grid: tuple[int, int], device) -> torch.Tensor:
-        y, x = patch_positions(grid, device=device)
+        y, x = patch_positions(grid, self.grid_size, device=device, interpolate=self.interpolate)
         pos = torch.stack([(y + 0.5) / self.grid_size[0], (x + 0.5) / self.grid_size[1]], dim=-1)
         z = 2 * math.pi * F.linear(pos, self.proj.weight.float())  # float32 phases, whatever the model's dtype
         return torch.cat([z.cos(), z.sin()], dim=-1) / math.sqrt(self.num_features)

@@ -90,6 +90,14 @@ class Knob:
         return " = ".join(rules)
 
 
+def interpolate_knob(family: str, owner: str) -> Knob:
+    """The knob that squeezes a larger grid's coordinates into the training grid's range
+    (:func:`patch_positions` with ``interpolate``), RoPE's usual test-time variant, for every
+    encoding that reads coordinates: ``FAMILY_interpolate``, off by default."""
+    return Knob(f"{family}_interpolate", "interpolate", owner, "interpolate",
+                f"{owner}: squeeze coordinates into the training range", choices=(False, True))
+
+
 class PositionEncoding(nn.Module):
     """No position information: the base every encoding overrides where it acts.
 

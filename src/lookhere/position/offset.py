@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..attention.chunked import chunk_rows
-from .base import Knob, PositionEncoding, patch_positions
+from .base import Knob, PositionEncoding, interpolate_knob, patch_positions
 
 NORMALIZE = Knob("fire_normalize", "normalize", "FIRE", "normalise",
                  "FIRE: normalise offsets by the test grid's extent (FIRE's own) or the training grid's",
                  choices=("test", "train"))
+RPE_INTERPOLATE = interpolate_knob("rpe", "rpe-learned")
+ALIBI_INTERPOLATE = interpolate_knob("alibi", "2D-ALiBi")
 
 
 class OffsetBias(PositionEncoding):
@@ -47,22 +49,30 @@ class OffsetBias(PositionEncoding):
         return F.pad(self.bias(grid, layer), (num_prefix_tokens, 0, num_prefix_tokens, 0))
 
 
-def patch_offsets(grid: tuple[int, int], rows: slice = slice(None), device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer offsets ``(key - query)`` per axis, ``(rows, N)`` each, for the query patches ``rows``."""
-    y, x = patch_positions(grid, device=device)
-    return (y[None, :] - y[rows, None]).long(), (x[None, :] - x[rows, None]).long()
+def patch_offsets(grid: tuple[int, int], rows: slice = slice(None), device="cpu",
+                  train_grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets ``(key - query)`` per axis, ``(rows, N)`` each, for the query patches ``rows``: integers,
+    or with ``train_grid`` the (float) offsets of the grid squeezed into its range (:func:`patch_positions`)."""
+    y, x = patch_positions(grid, train_grid, device=device, interpolate=train_grid is not None)
+    dy, dx = y[None, :] - y[rows, None], x[None, :] - x[rows, None]
+    return (dy, dx) if train_grid is not None else (dy.long(), dx.long())
 
 class RelativeBias(OffsetBias):
     """Learned bias per layer and head indexed by the offset (dy, dx) (iRPE / Swin style).
 
-    Offsets beyond the training grid's range clamp to the table's edge.
+    Offsets beyond the training grid's range clamp to the table's edge; ``interpolate=True`` (the
+    test-time knob) squeezes the grid into the training grid's range instead, and reads the table
+    bilinearly at the fractional offsets.
     """
 
     name = "rpe-learned"
+    knobs = ("interpolate",)
+    test_knobs = (RPE_INTERPOLATE,)
 
-    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int]):
+    def __init__(self, num_heads: int, depth: int, grid_size: tuple[int, int], interpolate: bool = False):
         super().__init__()
         self.grid_size = tuple(grid_size)
+        self.interpolate = RPE_INTERPOLATE.check(interpolate, "rpe-learned interpolate")
         gy, gx = grid_size
         self.table = nn.Parameter(torch.zeros(depth, num_heads, 2 * gy - 1, 2 * gx - 1))
         self.init_weights()
@@ -71,9 +81,14 @@ class RelativeBias(OffsetBias):
         trunc_normal_(self.table, std=0.02)
 
     def bias(self, grid, layer, rows=slice(None)):
-        dy, dx = patch_offsets(grid, rows, device=self.table.device)
-        ty, tx = self.grid_size
-        return self.table[layer][:, dy.clamp(-(ty - 1), ty - 1) + ty - 1, dx.clamp(-(tx - 1), tx - 1) + tx - 1]
+        table, (ty, tx) = self.table[layer], self.grid_size
+        if not self.interpolate or tuple(grid) == self.grid_size:
+            dy, dx = patch_offsets(grid, rows, device=table.device)
+            return table[:, dy.clamp(-(ty - 1), ty - 1) + ty - 1, dx.clamp(-(tx - 1), tx - 1) + tx - 1]
+        dy, dx = patch_offsets(grid, rows, device=table.device, train_grid=self.grid_size)
+        # grid_sample's (x, y) in [-1, 1] with align_corners: -1 and 1 are the table's first and last entries
+        where = torch.stack([dx / max(tx - 1, 1), dy / max(ty - 1, 1)], -1)[None]
+        return F.grid_sample(table[None].float(), where, mode="bilinear", align_corners=True)[0].to(table.dtype)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -82,16 +97,23 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class Alibi2d(OffsetBias):
-    """2D-ALiBi (CROMA): minus a per-head slope times the Euclidean patch distance; no masks."""
+    """2D-ALiBi (CROMA): minus a per-head slope times the Euclidean patch distance; no masks.
+    ``interpolate=True`` (the test-time knob) measures distances in the grid squeezed into the
+    training grid's range: the slopes times the training-to-test size ratio, per axis."""
 
     name = "alibi-2d"
+    knobs = ("interpolate",)
+    test_knobs = (ALIBI_INTERPOLATE,)
 
-    def __init__(self, num_heads: int):
+    def __init__(self, num_heads: int, grid_size: tuple[int, int], interpolate: bool = False):
         super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.interpolate = ALIBI_INTERPOLATE.check(interpolate, "alibi-2d interpolate")
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
     def bias(self, grid, layer=0, rows=slice(None)):
-        dy, dx = patch_offsets(grid, rows, device=self.slopes.device)
+        dy, dx = patch_offsets(grid, rows, device=self.slopes.device,
+                               train_grid=self.grid_size if self.interpolate else None)
         return -self.slopes[:, None, None] * torch.hypot(dy.float(), dx.float())
 
 class Fire(OffsetBias):

@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import PositionEncoding, patch_positions
+from .base import PositionEncoding, interpolate_knob, patch_positions
+
+INTERPOLATE = interpolate_knob("pape", "PaPE")
 
 
 class Pape(PositionEncoding):
@@ -19,7 +21,8 @@ class Pape(PositionEncoding):
     ``b / 2a`` along ``w``, of width ``1 / sqrt(a)``. The authors compute ``a, b`` from the layer's
     input; the attention hook sees the layer's queries (all heads concatenated), an affine and
     generically invertible function of that input, so the same family of biases. Positions are patch
-    indices; a larger grid extends them (the authors' extension), and there is no test-time knob.
+    indices; a larger grid extends them (the authors' extension), or with ``interpolate=True`` (the
+    test-time knob) is squeezed into the training grid's range.
     Both projections are ``nn.Linear`` layers, initialised and weight-decayed as the ViT's others.
 
     The bias is never materialised. A sum of parabolas along directions in 2D is one quadratic in
@@ -32,11 +35,15 @@ class Pape(PositionEncoding):
 
     name = "pape"
     relative = True
+    knobs = ("interpolate",)
+    test_knobs = (INTERPOLATE,)
     layer_modules = ("direction", "shape")
 
-    def __init__(self, embed_dim: int, num_heads: int, depth: int, parabolas: int = 50):
+    def __init__(self, embed_dim: int, num_heads: int, depth: int, grid_size: tuple[int, int], parabolas: int = 50,
+                 interpolate: bool = False):
         super().__init__()
-        self.num_heads, self.parabolas = num_heads, parabolas
+        self.num_heads, self.parabolas, self.grid_size = num_heads, parabolas, tuple(grid_size)
+        self.interpolate = INTERPOLATE.check(interpolate, "pape interpolate")
         self.direction = nn.ModuleList(nn.Linear(2, num_heads * parabolas, bias=False) for _ in range(depth))
         self.shape = nn.ModuleList(nn.Linear(embed_dim, 2 * num_heads * parabolas, bias=False) for _ in range(depth))
         self.init_weights()
@@ -50,9 +57,10 @@ class Pape(PositionEncoding):
         the bias, 0 for prefix tokens."""
         B, H, T, D = q.shape
         p, P = num_prefix_tokens, self.parabolas
-        y, x = patch_positions(grid, device=q.device)
+        y, x = patch_positions(grid, self.grid_size, device=q.device, interpolate=self.interpolate)
         # Centred: the bias depends only on offsets, and smaller coordinates lose less to cancellation.
-        y, x = y - (grid[0] - 1) / 2, x - (grid[1] - 1) / 2
+        extent = self.grid_size if self.interpolate else grid
+        y, x = y - (extent[0] - 1) / 2, x - (extent[1] - 1) / 2
         w = self.direction[layer].weight.float().view(H, P, 2)  # w_r = (w_y, w_x)
         shape_a, shape_b = self.shape[layer].weight.float().view(2, H, P, -1).unbind(0)
         tokens = q[:, :, p:].transpose(1, 2).reshape(B, T - p, H * D).float()

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import (RotaryEmbeddingDinoV3, apply_rot_embed_cat, get_mixed_freqs,
                                           init_random_2d_freqs)
 
-from .base import Knob, PositionEncoding, patch_positions
+from .base import PositionEncoding, interpolate_knob, patch_positions
 
-INTERPOLATE = Knob("rope_interpolate", "interpolate", "RoPE", "interpolate",
-                   "RoPE: squeeze coordinates into the training range", choices=(False, True))
+INTERPOLATE = interpolate_knob("rope", "RoPE")
 
 
 class Rope2d(PositionEncoding):
