@@ -103,13 +103,17 @@ def test_knob_grids_and_bad_knobs():
     learned = create_vit("learned-1d", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
     assert knob_grid(learned) == [{"pos_resample": "bicubic"}, {"pos_resample": "grid"}]
     assert knob_grid(create_vit("none", img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)) == []
-    # encodings without a knob have none, whatever their attributes are called (factorized has a
-    # `resample` method of its own, which is not the learned-1d knob)
-    for name in ("sincos-2d", "factorized", "fourier", "rpe-learned", "alibi-2d"):
+    # a knob is the encoding's own, whatever its attributes are called (factorized has a `resample`
+    # method of its own, which is not the learned-1d knob; sincos-2d's `interpolate` is not RoPE's)
+    for name, grid in [("factorized", []), ("sincos-2d", [{"sincos_interpolate": False}, {"sincos_interpolate": True}])]:
         model = create_vit(name, img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=12)
-        assert knob_grid(model) == [], name
+        assert knob_grid(model) == grid, name
         with pytest.raises(ValueError, match=f"pos_resample applies to learned-1d models, not {name}"):
             apply_knobs(model, pos_resample="grid")
+        with pytest.raises(ValueError, match=f"rope_interpolate applies to RoPE models, not {name}"):
+            apply_knobs(model, rope_interpolate=True)
+    with pytest.raises(ValueError, match="sincos_interpolate applies to sincos-2d models, not rope-2d-axial"):
+        apply_knobs(rope, sincos_interpolate=True)
     with pytest.raises(ValueError, match="rope_interpolate applies to RoPE models, not lh-90"):
         apply_knobs(_tiny_lookhere(), rope_interpolate=True)
     with pytest.raises(ValueError, match="pos_resample applies to learned-1d models"):

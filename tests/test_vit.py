@@ -97,8 +97,9 @@ def test_save_refuses_a_pruned_model(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-@pytest.mark.parametrize("name,knob,value", [("rope-2d-axial", "interpolate", True), ("learned-1d", "resample", "grid"),
-                                             ("fire", "normalize", "train"), ("lh-90", "backend", "dense")])
+@pytest.mark.parametrize("name,knob,value", [
+    *((n, "interpolate", True) for n in ("rope-2d-axial", "sincos-2d", "fourier", "rpe-learned", "alibi-2d", "pape")),
+    ("learned-1d", "resample", "grid"), ("fire", "normalize", "train"), ("lh-90", "backend", "dense")])
 def test_save_and_load_keep_an_encoding_knob(tmp_path, name, knob, value):
     """Every test-time knob an encoding declares survives save and load (as set by ``lookhere eval``)."""
     model = tiny(pos_encoding=name)
