@@ -509,6 +509,18 @@ def test_until_starts_only_the_cells_that_would_end_before_it(tmp_path, monkeypa
                                                     f"tiny: 4 of 4 cells; {rope_1} made in 1.5 minutes"]
     finish(lh90_1, 900.0)  # the mean of the same encoding's cells: 750 s
     assert study.expected_seconds(cells[lh90_0], list(cells.values())) == 750.0
+    # A cell cleared to be made again is expected to take what it took last time, not the longest
+    # cell's time (which would leave it for a later seed's cell in a short sitting)
+    finish(rope_1, 2000.0)
+    study._clear(cells[rope_0], ["a new setting"])
+    assert cells[rope_0].status() == "todo"
+    assert study.expected_seconds(cells[rope_0], list(cells.values())) == 3000.0
+    study._clear(cells[rope_1], ["a new setting"])
+    started.clear()
+    result = study.run_study(cfg, tmp_path, until=time.time() + 2500)
+    assert started == [rope_1] and result["not_started"] == {rope_0: 3000.0}
+    finish(rope_0, 3000.0)
+    (cells[rope_1].dir / "timing.json").unlink()  # rope_1 as never made: expected from rope_0
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1]}))

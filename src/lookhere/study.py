@@ -489,12 +489,12 @@ def _made_on_other_cpu(cell: Cell, made: dict[str, Any]) -> bool:
 
 def _clear(cell: Cell, why: list[str]) -> None:
     """The cell's run and evaluation removed, the reason logged once (a study stopped before the cell
-    started clears it again when rerun)."""
+    started clears it again when rerun). Its timing stays: what making it took last time is the best
+    guess of what making it again takes (:func:`expected_seconds`)."""
     files = cell.files
     for folder in (files.run_dir, files.eval_dir):
         shutil.rmtree(folder, ignore_errors=True)
-    for made in (files.train_json, files.timing_json):
-        made.unlink(missing_ok=True)
+    files.train_json.unlink(missing_ok=True)
     line = f"# made again: {'; '.join(why)}\n"
     logged = files.log.read_text().splitlines(keepends=True) if files.log.is_file() else []
     if logged[-1:] != [line]:
@@ -622,8 +622,12 @@ def start_study(cfg: StudyConfig, out: Path) -> tuple[list[Cell], dict[str, dict
 
 
 def expected_seconds(cell: Cell, cells: list[Cell]) -> Optional[float]:
-    """What making ``cell`` should take, from the study's finished cells: the mean of those of its
-    dataset and encoding, else the longest; None before any has finished."""
+    """What making ``cell`` should take: what it took last time, for a cell cleared to be made again;
+    else from the study's finished cells, the mean of those of its dataset and encoding, else the
+    longest; None before any has finished."""
+    before = cell.files.timing()
+    if "train_s" in before and "eval_s" in before and cell.status() != "done":
+        return before["train_s"] + before["eval_s"]
     spent = []
     for c in cells:
         t = c.files.timing()

@@ -3,7 +3,8 @@
 
 ``DATASET/ENCODING/seedN/`` holds ``cell.json`` (the commands that make the cell, its identity, the
 environments it ran in), ``run/`` (the ``lookhere train`` run), ``train.json`` (the run's epoch
-records; it marks the training done), ``timing.json`` (seconds of training and evaluation),
+records; it marks the training done), ``timing.json`` (seconds of training and evaluation; kept
+when the cell is cleared to be made again),
 ``eval/eval.json`` (``lookhere eval``'s results; it marks the cell done) and ``log.txt``.
 """
 
