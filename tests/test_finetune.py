@@ -115,6 +115,24 @@ def test_settings_that_ask_for_another_architecture_are_refused_by_name(tmp_path
         TrainConfig(layer_decay=1.5).validate()
 
 
+def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unless_given(tmp_path, released, photos):
+    path, w = released
+    base = {"init_from": str(path), "data": photos, "img_size": 32, "output": str(tmp_path / "r")}
+    kept, _ = initial_model(TrainConfig.from_dict(base), 2)
+    source_rate = kept.config.drop_path_rate
+    model, record = initial_model(TrainConfig.from_dict({**base, "drop_path": 0.3}), 2)
+    rates = [getattr(getattr(b, f"drop_path{i}"), "drop_prob", 0.0) for b in model.blocks for i in (1, 2)]
+    assert source_rate != 0.3 and rates == [0.3] * len(rates) and model.config.drop_path_rate == 0.3
+    assert model.training and all(torch.equal(model.state_dict()[k], kept.state_dict()[k]) for k in w)
+    assert record["sha256"] == initial_model(TrainConfig.from_dict(base), 2)[1]["sha256"]  # the source's weights
+    # The released architecture by name, from scratch, takes a rate too (its own is 0.1).
+    named = TrainConfig(model="vit_tiny_patch16_lookhere_90", img_size=32, patch_size=16, drop_path=0.2)
+    named.validate()
+    assert named.model_kwargs(2)["drop_path_rate"] == 0.2
+    assert TrainConfig(model="vit_tiny_patch16_lookhere_90", img_size=32, patch_size=16).model_kwargs(2)[
+        "drop_path_rate"] == 0.1
+
+
 def test_layer_decay_scales_each_blocks_learning_rate_and_freezing_trains_the_head_alone(tmp_path, released,
                                                                                           photos):
     path, w = released

@@ -7,7 +7,8 @@ checkpoint). Its architecture and position encoding are SOURCE's: a flag that as
 refused by name. Its classifier is replaced for the data's classes (the released MLP head keeps
 fc1 -> tanh and starts a new fc2); every other tensor is SOURCE's. The model runs at any image
 size, so fine-tuning at another size needs nothing here: each encoding adapts its own way (LookHere:
-nothing to adapt; learned-1d: its table resampled to the grid; RoPE: as it is).
+nothing to adapt; learned-1d: its table resampled to the grid; RoPE: as it is). Stochastic depth is a
+training setting, not architecture: ``--drop-path`` sets the rate, the source's is kept where it is not given.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .vit import VisionTransformer
 
 # TrainConfig fields that describe the architecture: with --init-from they come from the source.
 ARCHITECTURE = ("pos_encoding", "lookhere_config", "pos_options", "model", "embed_dim", "depth", "num_heads",
-                "patch_size", "init_values", "weight_init", "drop_path")
+                "patch_size", "init_values", "weight_init")
 
 
 def load_source(source: str, pretrained_file: Optional[str] = None, num_heads: int = 12,
@@ -66,7 +67,6 @@ def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str,
     ``names`` that ask for another architecture than ``theirs`` (create_vit's arguments of the model
     ``source`` names: ``--init-from X`` or ``--model NAME``)."""
     sizes = {k: theirs[k] for k in ("embed_dim", "depth", "num_heads")}
-    theirs = {**theirs, "drop_path": theirs.get("drop_path_rate", 0.0)}
     conflicts = []
     for name in names:
         value = _given(cfg, name)
@@ -91,8 +91,8 @@ def check_architecture(cfg: Any, model: VisionTransformer) -> None:
     """Refuse settings that ask for another architecture than the source model's."""
     own = model.config
     refuse_other_architecture(cfg, {k: getattr(own, k) for k in (
-        "pos_encoding", "lookhere_config", "pos_options", "patch_size", "init_values", "weight_init", "drop_path_rate",
-        "embed_dim", "depth", "num_heads")}, f"--init-from {cfg.init_from}")
+        "pos_encoding", "lookhere_config", "pos_options", "patch_size", "init_values", "weight_init", "embed_dim",
+        "depth", "num_heads")}, f"--init-from {cfg.init_from}")
 
 
 def start_from(cfg: Any, num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
@@ -100,6 +100,11 @@ def start_from(cfg: Any, num_classes: int) -> tuple[VisionTransformer, dict[str,
     where it started (kept in the run directory as ``init.json``, checked on resume)."""
     model, kind = load_source(cfg.init_from, cfg.pretrained_file, cfg.num_heads or 12, num_classes)
     check_architecture(cfg, model)
+    rate = _given(cfg, "drop_path")
+    if rate is not None and rate != model.config.drop_path_rate:  # the same weights, in blocks with the run's rate
+        weights = model.state_dict()
+        model = VisionTransformer(**{**model.config.to_dict(), "drop_path_rate": rate})
+        model.load_state_dict(weights)
     record = {"init_from": cfg.init_from, "pretrained_file": cfg.pretrained_file, "kind": kind,
               "sha256": tensor_digest(model.state_dict().items())}
     before = set(model.state_dict())

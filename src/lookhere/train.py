@@ -101,7 +101,8 @@ class TrainConfig:
                                  "loses one more, as mixup pairs samples")
     cutmix: float = _setting(0.0, "cutmix alpha (0: off); batches as for --mixup")
     ema_decay: Optional[float] = _setting(None, "keep an EMA of the weights with this decay, e.g. 0.9999", "no EMA")
-    drop_path: float = _setting(0.0, "stochastic depth rate")
+    drop_path: float = _setting(0.0, "stochastic depth rate (--init-from and a registered --model: theirs unless "
+                                     "given)")
     init_values: Optional[float] = _setting(None, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
     weight_init: str = _setting("torch", "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
                                          "(N(0, 0.02), as timm's ViT and the released models)")
@@ -197,7 +198,7 @@ class TrainConfig:
             arch = architecture(self.model, img_size=self.size, num_classes=num_classes)
             # --model names the architecture itself; every other architecture flag must agree with it
             refuse_other_architecture(self, arch, f"--model {self.model}", tuple(n for n in ARCHITECTURE if n != "model"))
-            return arch
+            return {**arch, "drop_path_rate": self.drop_path} if self.drop_path else arch
         if self.model not in MODEL_SIZES:
             raise ValueError(f"--model {self.model!r}; allowed: {', '.join(MODEL_SIZES)}, or a registered name "
                              f"such as {MODEL_NAMES[('base', 'lh-90')]}")
