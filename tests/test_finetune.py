@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.layers import DropPath
 
 from lookhere import load_model, save_model
 from lookhere.config import resolve_config
@@ -125,12 +126,17 @@ def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unles
     assert source_rate != 0.3 and rates == [0.3] * len(rates) and model.config.drop_path_rate == 0.3
     assert model.training and all(torch.equal(model.state_dict()[k], kept.state_dict()[k]) for k in w)
     assert record["sha256"] == initial_model(TrainConfig.from_dict(base), 2)[1]["sha256"]  # the source's weights
+    off, _ = initial_model(TrainConfig.from_dict({**base, "drop_path": 0.0}), 2)  # given as 0: turned off
+    assert off.config.drop_path_rate == 0.0 and not any(isinstance(m, DropPath) for m in off.modules())
     # The released architecture by name, from scratch, takes a rate too (its own is 0.1).
     named = TrainConfig(model="vit_tiny_patch16_lookhere_90", img_size=32, patch_size=16, drop_path=0.2)
     named.validate()
     assert named.model_kwargs(2)["drop_path_rate"] == 0.2
     assert TrainConfig(model="vit_tiny_patch16_lookhere_90", img_size=32, patch_size=16).model_kwargs(2)[
         "drop_path_rate"] == 0.1
+    assert TrainConfig(model="vit_tiny_patch16_lookhere_90", img_size=32, patch_size=16, drop_path=0.0).model_kwargs(
+        2)["drop_path_rate"] == 0.0
+    assert TrainConfig().model_kwargs(2)["drop_path_rate"] == 0.0  # from scratch: none unless given
 
 
 def test_layer_decay_scales_each_blocks_learning_rate_and_freezing_trains_the_head_alone(tmp_path, released,

@@ -101,8 +101,8 @@ class TrainConfig:
                                  "loses one more, as mixup pairs samples")
     cutmix: float = _setting(0.0, "cutmix alpha (0: off); batches as for --mixup")
     ema_decay: Optional[float] = _setting(None, "keep an EMA of the weights with this decay, e.g. 0.9999", "no EMA")
-    drop_path: float = _setting(0.0, "stochastic depth rate (--init-from and a registered --model: theirs unless "
-                                     "given)")
+    drop_path: Optional[float] = _setting(None, "stochastic depth rate", "0; with --init-from or a registered --model, "
+                                          "theirs")
     init_values: Optional[float] = _setting(None, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
     weight_init: str = _setting("torch", "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
                                          "(N(0, 0.02), as timm's ViT and the released models)")
@@ -198,7 +198,7 @@ class TrainConfig:
             arch = architecture(self.model, img_size=self.size, num_classes=num_classes)
             # --model names the architecture itself; every other architecture flag must agree with it
             refuse_other_architecture(self, arch, f"--model {self.model}", tuple(n for n in ARCHITECTURE if n != "model"))
-            return {**arch, "drop_path_rate": self.drop_path} if self.drop_path else arch
+            return arch if self.drop_path is None else {**arch, "drop_path_rate": self.drop_path}
         if self.model not in MODEL_SIZES:
             raise ValueError(f"--model {self.model!r}; allowed: {', '.join(MODEL_SIZES)}, or a registered name "
                              f"such as {MODEL_NAMES[('base', 'lh-90')]}")
@@ -208,7 +208,7 @@ class TrainConfig:
                 size[k] = getattr(self, k)
         return dict(pos_encoding=self.pos_encoding, lookhere_config=self.lookhere_config,
                     pos_options=self.pos_options, img_size=self.size, patch_size=self.patch_size,
-                    num_classes=num_classes, drop_path_rate=self.drop_path, init_values=self.init_values,
+                    num_classes=num_classes, drop_path_rate=self.drop_path or 0.0, init_values=self.init_values,
                     weight_init=self.weight_init, **size)
 
     def warmup(self) -> float:
