@@ -339,3 +339,82 @@ def test_data_length_keeps_the_first_training_images_of_a_folder(tmp_path):
     spec = DataSpec(f"folder:{tmp_path}", 32, length=3)
     train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
     assert len(train) == 3 and len(val) == 8 and train.num_classes == 2
+
+
+def _wds_shards(folder, directory, per_shard=3):
+    """The train images of ``folder`` as webdataset shards in ``directory``: KEY.png beside KEY.cls (the
+    class index, cat 0 and dog 1), the classes interleaved, ``per_shard`` samples a shard."""
+    import io
+    import tarfile
+
+    files = sorted((i, f) for c, i in (("cat", 0), ("dog", 1)) for f in (folder / "train" / c).iterdir())
+    files = [files[k] for k in np.random.default_rng(0).permutation(len(files))]
+    directory.mkdir(parents=True)
+    for s in range(0, len(files), per_shard):
+        with tarfile.open(directory / f"shard-{s // per_shard:06d}.tar", "w") as tf:
+            for k, (label, f) in enumerate(files[s:s + per_shard], start=s):
+                for name, data in ((f"{k:06d}.cls", str(label).encode()), (f"{k:06d}.png", f.read_bytes())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return sorted(directory.glob("*.tar"))
+
+
+def test_webdataset_shards_read_the_images_and_classes_of_the_folder_with_random_access(tmp_path):
+    from torch.utils.data import DataLoader
+
+    folder, _ = _tar_layouts(tmp_path)
+    shards = _wds_shards(folder, tmp_path / "wds" / "train")
+    (tmp_path / "single").mkdir()
+    shutil.copy(shards[0], tmp_path / "single" / "train.tar")
+    spec = lambda root: DataSpec(f"folder:{root}", 32)  # noqa: E731
+
+    def samples(ds):
+        return sorted((int(y), x.sum().item()) for x, y in (ds[i] for i in range(len(ds))))
+
+    expected = samples(build_dataset(spec(folder), "train", train=False))
+    ds = build_dataset(spec(tmp_path / "wds"), "train", train=False)
+    assert len(ds) == 8 and ds.num_classes == 2 and samples(ds) == expected
+    single = build_dataset(spec(tmp_path / "single"), "train", train=False)  # one shard as ROOT/train.tar
+    assert len(single) == 3 and set(samples(single)) <= set(expected)
+    # Forked loader workers read the same samples as the process that opened the shards first.
+    direct = [(x, int(y)) for x, y in (ds[i] for i in range(len(ds)))]
+    loaded = [(x, int(y)) for x, y in DataLoader(ds, batch_size=None, num_workers=2)]
+    assert all(torch.equal(a, b) and s == t for (a, s), (b, t) in zip(direct, loaded))
+
+
+def test_webdataset_shards_train_and_a_bad_shard_is_one_message(tmp_path):
+    import io
+    import tarfile
+
+    from lookhere.cli import main
+
+    folder, _ = _tar_layouts(tmp_path)
+    _wds_shards(folder, tmp_path / "wds" / "train")
+    shutil.copytree(folder / "val", tmp_path / "wds" / "val")
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"folder:{tmp_path / 'wds'}", "--model", "micro", "--depth", "1",
+                 "--img-size", "32", "--patch-size", "8", "--epochs", "1", "--batch-size", "4", "--workers", "2",
+                 "--output", str(run), "--no-progress"]) == 0
+    assert [json.loads(line)["val_acc"] >= 0 for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "epoch"] == [True]
+
+    def shard(directory, members):
+        directory.mkdir(parents=True)
+        with tarfile.open(directory / "shard-0.tar", "w") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    png = next((folder / "train" / "cat").iterdir()).read_bytes()
+    shard(tmp_path / "nolabel" / "train", [("a.cls", b"0"), ("a.png", png), ("b.png", png)])
+    with pytest.raises(ValueError, match=r"shard-0.tar: 1 image\(s\) without a cls label beside them \(first: b;"):
+        build_dataset(DataSpec(f"folder:{tmp_path / 'nolabel'}", 32), "train")
+    shard(tmp_path / "badlabel" / "train", [("a.cls", b"cat"), ("a.png", png)])
+    with pytest.raises(ValueError, match=r"shard-0.tar: a.cls holds 'cat', not a class index"):
+        build_dataset(DataSpec(f"folder:{tmp_path / 'badlabel'}", 32), "train")
+    (tmp_path / "notatar").mkdir()
+    (tmp_path / "notatar" / "train.tar").write_bytes(png)
+    with pytest.raises(FileNotFoundError, match=r"notatar/train.tar holds no images in tar files"):
+        build_dataset(DataSpec(f"folder:{tmp_path / 'notatar'}", 32), "train")

@@ -1,8 +1,8 @@
 """Datasets by name: ``synthetic``, ``synthetic-where``, ``synthetic-far``, ``fashion-mnist``, ``folder:PATH``,
 ``hf:NAME``.
 
-Photographs (folders, tar files, Hugging Face) go through timm's dataset and transform factories: DeiT-III's
-recipe for training (random resized crop, flip, one of grayscale / solarize / blur: timm's ``3a``
+Photographs (folders, tar files, webdataset shards, Hugging Face) go through timm's dataset and transform
+factories: DeiT-III's recipe for training (random resized crop, flip, one of grayscale / solarize / blur: timm's ``3a``
 policy, colour jitter) and the paper's evaluation transform (:func:`eval_transform`). A Hugging Face
 dataset whose label column holds lists of valid classes (``labels``, as ImageNet-HR) yields each
 image's list as a tensor padded with ``-1``. Synthetic scenes are rendered at the requested size;
@@ -141,8 +141,11 @@ def _hf_photos(target: str, split: str, spec: DataSpec, train: bool, transform):
 def _folder_split(root: Path, split: str, transform):
     """``ROOT/SPLIT/`` of class folders (ImageNet's layout), or the same in tar files, read in place
     by timm's tar reader with random access: ``ROOT/SPLIT.tar`` (class folders inside, or one tar per
-    class, as ImageNet's training tar), or ``ROOT/SPLIT/`` holding only ``.tar`` shards."""
+    class, as ImageNet's training tar), or ``ROOT/SPLIT/`` holding only ``.tar`` shards. Tars whose
+    samples carry their class in ``KEY.cls`` are webdataset shards (:mod:`.wds_shards`)."""
     from timm.data import ImageDataset, create_dataset
+
+    from .wds_shards import WebDatasetShards, holds_labelled_samples
 
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/{split}/CLASS/IMAGE)")
@@ -156,12 +159,19 @@ def _folder_split(root: Path, split: str, transform):
     shards = found.is_dir() and any(found.glob("*.tar")) and not any(p.is_dir() for p in found.iterdir())
     if found.is_dir() and not shards:
         return create_dataset("", root=str(found), split=split, search_split=False, transform=transform)
+    import tarfile
+
     from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
+    tars = sorted(found.glob("*.tar")) if found.is_dir() else [found]
     try:
-        reader = ReaderImageInTar(str(found))
-    except (AssertionError, ValueError) as e:  # no tar, or tars without images
+        webdataset = holds_labelled_samples(tars[0])
+        if not webdataset:
+            reader = ReaderImageInTar(str(found))
+    except (AssertionError, ValueError, tarfile.TarError) as e:  # tars without images, or files that are no tar
         raise FileNotFoundError(f"--data folder:{root}: {found} holds no images in tar files ({e})") from e
+    if webdataset:
+        reader = WebDatasetShards(tars)
     return ImageDataset(str(found), reader=reader, transform=transform)
 
 
@@ -187,7 +197,7 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
     ds.mean, ds.std = mean, std
     reader = getattr(ds, "reader", None)
     labels = getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None)
-    ds.num_classes = len(labels) if labels else None
+    ds.num_classes = len(labels) if labels else getattr(reader, "num_classes", None)
     return ds
 
 
