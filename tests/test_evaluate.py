@@ -210,6 +210,43 @@ def test_head_diversity_and_token_similarity():
     assert token_similarity(opposite) == pytest.approx(-1.0)
 
 
+@pytest.mark.parametrize("pos_encoding", ["lh-90", "rope-2d-mixed"])
+def test_analysis_in_chunks_of_images_equals_the_metrics_of_all_weights_at_once(pos_encoding):
+    """The diagnostics, reduced a chunk of images at a time, are the means over all images that the
+    whole (images, heads, tokens, tokens) weights of every layer give (on a non-square grid)."""
+    from lookhere.analyze import analyze, capture_attention
+    from lookhere.vit import create_vit
+
+    torch.manual_seed(0)
+    model = create_vit(pos_encoding, img_size=(24, 40), patch_size=4, embed_dim=48, depth=2, num_heads=12).eval()
+    images = torch.randn(5, 3, 24, 40)
+    grid, p = (6, 10), 1
+    with torch.no_grad(), capture_attention(model) as weights:
+        _, inter = model.forward_intermediates(images, output_fmt="NLC")
+    centre = p + 3 * 10 + 5
+    for chunk in (1, 2, 5):
+        got = analyze(model, images, chunk=chunk)
+        assert got["grid"] == [6, 10]
+        for layer, (w, tokens) in enumerate(zip(weights, inter)):
+            want, have = mean_attention_distance(w, grid, p), got["layers"][layer]
+            assert have["per_head_distance"] == pytest.approx(want.tolist(), rel=1e-12)
+            assert have["mean_attention_distance"] == pytest.approx(float(want.mean()), rel=1e-12)
+            assert have["head_diversity_js"] == pytest.approx(head_diversity(w[:, :, p:]), rel=1e-12)
+            assert have["token_similarity"] == pytest.approx(token_similarity(tokens), rel=1e-12)
+            torch.testing.assert_close(got["centre_maps"][layer], w[:, :, centre, p:].mean(0).reshape(12, *grid),
+                                       rtol=1e-6, atol=1e-7)
+
+
+def test_images_per_chunk_keeps_one_layers_weights_within_the_budget():
+    from lookhere.analyze import ATTENTION_BYTES, images_per_chunk
+
+    tokens = 1 + 64 * 64  # 1024 px at patch 16: one image's 12 heads already take 0.8 GB
+    assert images_per_chunk(tokens, 12) == 1 and 4 * 12 * tokens ** 2 <= ATTENTION_BYTES
+    assert images_per_chunk(tokens, 12, budget=1) == 1  # never none
+    small = 1 + 14 * 14
+    n = images_per_chunk(small, 12)
+    assert n * 4 * 12 * small ** 2 <= ATTENTION_BYTES < (n + 1) * 4 * 12 * small ** 2
+
 def _fake_eval(path: Path, acc: list[float]):
     path.mkdir(parents=True)
     res = {"train_size": 32, "sizes": {str(s): {"top1": a, "top5": 1.0, "nll": 1 - a, "ece": 0.1, "n": 10}

@@ -2,33 +2,49 @@
 
 Attention weights are captured with forward hooks on the model's own attention modules and the
 position encoding's unfused ``attention_weights`` (equal to its fused path, by test); nothing of
-the model is copied.
+the model is copied. They are reduced layer by layer, a chunk of images at a time, so that one
+layer's weights for one chunk are all that is held: at a 64x64 grid (1024 px at patch 16) a single
+image's are 0.8 GB for 12 heads, and all layers of 16 images would be 150 GB.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .vit import VisionTransformer
 
+ATTENTION_BYTES = 2**30  # one layer's float32 attention weights for a chunk of images stay within this
+
+
+def images_per_chunk(tokens: int, heads: int, budget: int = ATTENTION_BYTES) -> int:
+    """How many images' attention weights (``heads x tokens x tokens``, float32) fit in ``budget``; at least one."""
+    return max(1, budget // (4 * heads * tokens * tokens))
+
 
 @contextmanager
-def capture_attention(model: VisionTransformer) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward appends each layer's attention weights ``(B, H, T, T)``."""
+def capture_attention(model: VisionTransformer,
+                      each: Optional[Callable[[int, torch.Tensor], None]] = None) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward appends each layer's attention weights ``(B, H, T, T)`` to the
+    list it yields; with ``each``, passes them to ``each(layer, weights)`` instead and keeps none."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):
         x, pos, grid, p, state = args
         B, T, C = x.shape
         qkv = module.qkv(x).reshape(B, T, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-        captured.append(pos.attention_weights(qkv[0], qkv[1], grid=grid, layer=module.layer,
-                                              num_prefix_tokens=p, state=state).detach())
+        weights = pos.attention_weights(qkv[0], qkv[1], grid=grid, layer=module.layer, num_prefix_tokens=p,
+                                        state=state).detach()
+        if each is None:
+            captured.append(weights)
+        else:
+            each(module.layer, weights)
 
     handles = [blk.attn.register_forward_hook(hook) for blk in model.blocks]
     try:
@@ -38,6 +54,7 @@ def capture_attention(model: VisionTransformer) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
+@functools.lru_cache(maxsize=4)
 def _patch_distances(grid: tuple[int, int]) -> torch.Tensor:
     idx = torch.arange(grid[0] * grid[1])
     y, x = (idx // grid[1]).float(), (idx % grid[1]).float()
@@ -50,21 +67,22 @@ def mean_attention_distance(weights: torch.Tensor, grid: tuple[int, int], num_pr
     p = num_prefix_tokens
     w = weights[:, :, p:, p:].double()
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-    return (w * _patch_distances(grid).double()).sum(-1).mean(dim=(0, 2))
+    return (w * _patch_distances(tuple(grid)).double()).sum(-1).mean(dim=(0, 2))
 
 
 def head_diversity(weights: torch.Tensor) -> float:
-    """Mean pairwise Jensen-Shannon divergence (nats) between heads' attention distributions."""
+    """Mean pairwise Jensen-Shannon divergence (nats) between heads' attention distributions.
+
+    With m = (a + b) / 2, JS(a, b) = (sum a log a + sum b log b) / 2 - sum m log m: each head's own
+    term is summed once, so a pair costs one pass over its weights (0 log 0 = 0)."""
     w = weights.double().clamp_min(0)
     H = w.shape[1]
+    own = torch.special.xlogy(w, w).sum(-1)  # (B, H, queries)
     total, pairs = 0.0, 0
     for i in range(H):
         for j in range(i + 1, H):
-            a, b = w[:, i], w[:, j]
-            m = 0.5 * (a + b)
-            kl_a = torch.where(a > 0, a * (a.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), 0.0).sum(-1)
-            kl_b = torch.where(b > 0, b * (b.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), 0.0).sum(-1)
-            total += float((0.5 * (kl_a + kl_b)).mean())
+            m = 0.5 * (w[:, i] + w[:, j])
+            total += float((0.5 * (own[:, i] + own[:, j]) - torch.special.xlogy(m, m).sum(-1)).mean())
             pairs += 1
     return total / max(pairs, 1)
 
@@ -78,23 +96,36 @@ def token_similarity(tokens: torch.Tensor) -> float:
     return float(off.mean())
 
 
-def analyze(model: VisionTransformer, images: torch.Tensor) -> dict[str, Any]:
-    """Per-layer diagnostics on a batch of images (one size), on the model's device."""
+def analyze(model: VisionTransformer, images: torch.Tensor, chunk: Optional[int] = None) -> dict[str, Any]:
+    """Per-layer diagnostics on a batch of images (one size), on the model's device: each a mean over
+    the images, reduced ``chunk`` images at a time (default: as many as :data:`ATTENTION_BYTES` holds)."""
     model.eval()
-    images = images.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
     grid = model.grid_for(images)
-    with torch.no_grad(), capture_attention(model) as attn:
-        _, inter = model.forward_intermediates(images, output_fmt="NLC")
-    attn = [w.float().cpu() for w in attn]
-    inter = [t.float().cpu() for t in inter]
+    p, depth, heads = model.num_prefix_tokens, len(model.blocks), model.blocks[0].attn.num_heads
+    chunk = chunk or images_per_chunk(p + grid[0] * grid[1], heads)
+    centre = p + (grid[0] // 2) * grid[1] + grid[1] // 2
+    # per layer, sums over images of: distance per head, head diversity, token similarity, centre maps
+    sums = [{"distance": 0.0, "diversity": 0.0, "similarity": 0.0, "centre": 0.0} for _ in range(depth)]
+
+    def reduce(layer: int, weights: torch.Tensor) -> None:
+        w, b, s = weights.float().cpu(), len(weights), sums[layer]
+        s["distance"] = s["distance"] + mean_attention_distance(w, grid, p) * b
+        s["diversity"] += head_diversity(w[:, :, p:]) * b
+        s["centre"] = s["centre"] + w[:, :, centre, p:].double().sum(0)
+
+    for part in images.split(chunk):
+        with torch.no_grad(), capture_attention(model, reduce):
+            _, inter = model.forward_intermediates(part.to(device), output_fmt="NLC")
+        for layer, tokens in enumerate(inter):
+            sums[layer]["similarity"] += token_similarity(tokens.float().cpu()) * len(part)
+    n = len(images)
     layers = []
-    for w, tokens in zip(attn, inter):
-        dist = mean_attention_distance(w, grid, model.num_prefix_tokens)
+    for s in sums:
+        dist = s["distance"] / n
         layers.append({"mean_attention_distance": float(dist.mean()), "per_head_distance": dist.tolist(),
-                       "head_diversity_js": head_diversity(w[:, :, model.num_prefix_tokens:]),
-                       "token_similarity": token_similarity(tokens)})
-    centre = model.num_prefix_tokens + (grid[0] // 2) * grid[1] + grid[1] // 2
-    maps = torch.stack([w[:, :, centre, model.num_prefix_tokens:].mean(0).reshape(-1, *grid) for w in attn])
+                       "head_diversity_js": s["diversity"] / n, "token_similarity": s["similarity"] / n})
+    maps = torch.stack([(s["centre"] / n).float().reshape(-1, *grid) for s in sums])
     return {"grid": list(grid), "layers": layers, "centre_maps": maps}
 
 
