@@ -2,8 +2,8 @@
 ``hf:NAME``.
 
 Photographs (folders, tar files, webdataset shards, Hugging Face) go through timm's dataset and transform
-factories: DeiT-III's recipe for training (random resized crop, flip, one of grayscale / solarize / blur: timm's ``3a``
-policy, colour jitter) and the paper's evaluation transform (:func:`eval_transform`). A Hugging Face
+factories: DeiT-III's recipe for training (random resized crop, flip, one of grayscale / solarize /
+blur: timm's ``3a`` policy, colour jitter) and the paper's evaluation transform (:func:`eval_transform`). A Hugging Face
 dataset whose label column holds lists of valid classes (``labels``, as ImageNet-HR) yields each
 image's list as a tensor padded with ``-1``. Synthetic scenes are rendered at the requested size;
 Fashion-MNIST is resized.
