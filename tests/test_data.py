@@ -414,6 +414,14 @@ def test_webdataset_shards_train_and_a_bad_shard_is_one_message(tmp_path):
     shard(tmp_path / "badlabel" / "train", [("a.cls", b"cat"), ("a.png", png)])
     with pytest.raises(ValueError, match=r"shard-0.tar: a.cls holds 'cat', not a class index"):
         build_dataset(DataSpec(f"folder:{tmp_path / 'badlabel'}", 32), "train")
+    good = sorted((tmp_path / "wds" / "train").glob("*.tar"))
+    (tmp_path / "cut" / "train").mkdir(parents=True)
+    for f in good:
+        shutil.copy(f, tmp_path / "cut" / "train" / f.name)
+    last = tmp_path / "cut" / "train" / good[-1].name
+    last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])  # cut short, as by an interrupted copy
+    with pytest.raises(ValueError, match=rf"{good[-1].name}: not a readable tar file .*replace or remove this shard"):
+        build_dataset(DataSpec(f"folder:{tmp_path / 'cut'}", 32), "train")
     (tmp_path / "notatar").mkdir()
     (tmp_path / "notatar" / "train.tar").write_bytes(png)
     with pytest.raises(FileNotFoundError, match=r"notatar/train.tar holds no images in tar files"):

@@ -49,19 +49,27 @@ def _index(shards: tuple[str, ...], stamps: tuple[int, ...]) -> tuple[tuple, tup
     samples, targets = [], []
     for s, path in enumerate(shards):
         found, labels = {}, {}
-        with tarfile.open(path) as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, field = _key_and_field(member.name)
-                if f".{field}" in images:
-                    found[key] = (s, member.offset_data, member.size, key)
-                elif field == LABEL:
-                    text = tf.extractfile(member).read().decode(errors="replace").strip()
-                    try:
-                        labels[key] = int(text)
-                    except ValueError:
-                        raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not a class index") from None
+        try:
+            with tarfile.open(path) as tf:
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    key, field = _key_and_field(member.name)
+                    if f".{field}" in images:
+                        found[key] = (s, member.offset_data, member.size, key)
+                    elif field == LABEL:
+                        text = tf.extractfile(member).read().decode(errors="replace").strip()
+                        try:
+                            labels[key] = int(text)
+                        except ValueError:
+                            raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not a class "
+                                             f"index") from None
+        except (tarfile.TarError, EOFError) as e:  # a corrupt shard
+            raise ValueError(f"{path}: not a readable tar file ({e}); replace or remove this shard") from None
+        end = os.path.getsize(path)
+        if any(offset + size > end for _, offset, size, _ in found.values()):
+            raise ValueError(f"{path}: not a readable tar file (cut short: its images run past its {end} bytes); "
+                             f"replace or remove this shard")
         missing = [k for k in found if k not in labels]
         if missing:
             raise ValueError(f"{path}: {len(missing)} image(s) without a {LABEL} label beside them (first: "
