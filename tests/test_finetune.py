@@ -5,6 +5,7 @@ paper's ImageNet recipe (configs/paper-imagenet-1k.yaml)."""
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,84 @@ def test_settings_that_ask_for_another_architecture_are_refused_by_name(tmp_path
         TrainConfig(layer_decay=1.5).validate()
 
 
+def test_architecture_flags_given_at_their_from_scratch_value_are_checked_not_ignored(tmp_path, released, photos):
+    """A flag given with the value a from-scratch run takes unset (--patch-size 4, --pos-encoding lh-90,
+    --model tiny) still asks for that architecture: against a source that has another, it is refused,
+    not silently dropped; left out, the run's config records it unset (the source's)."""
+    path, _ = released  # patch 8, 48 wide, LookHere's own config
+    base = {"init_from": str(path), "data": photos, "img_size": 32, "output": str(tmp_path / "r")}
+    for key, value, part in (("patch_size", 4, "--patch-size 4 (the source's: 8)"),
+                             ("pos_encoding", "lh-90", "--pos-encoding lh-90 (the source's: lookhere)"),
+                             ("model", "tiny", "--model tiny (the source is 48 wide"),
+                             ("weight_init", "torch", "--weight-init torch (the source's: timm)")):
+        with pytest.raises(ValueError, match=re.escape(part)):
+            initial_model(TrainConfig.from_dict({**base, key: value}), 2)
+    unset = TrainConfig.from_dict(base).to_dict()
+    assert [unset[k] for k in ("pos_encoding", "model", "patch_size", "weight_init")] == [None] * 4
+    # A registered --model is a source too: its encoding is not replaced by a flag at lh-90.
+    with pytest.raises(ValueError, match=re.escape("--pos-encoding lh-90 (the source's: lh-45)")):
+        TrainConfig(model="vit_base_patch16_lookhere_45", img_size=224, pos_encoding="lh-90").validate()
+    # From scratch, unset settings are the defaults, recorded as such (a run's config.yaml, a study's commands).
+    scratch = TrainConfig()
+    assert (scratch.pos_encoding, scratch.model, scratch.patch_size, scratch.weight_init) == ("lh-90", "tiny", 4,
+                                                                                             "torch")
+
+
+def test_image_sizes_are_checked_against_the_sources_patch_before_the_run_directory_is_written(tmp_path, released,
+                                                                                               photos):
+    path, _ = released  # patch 8: 36 px is a multiple of the from-scratch patch 4, not of the source's
+    run = tmp_path / "r"
+    cfg = TrainConfig.from_dict({"init_from": str(path), "data": photos, "img_size": [32, 36], "batch_size": 4,
+                                 "output": str(run), "progress": False})
+    cfg.validate()  # the source's patch is known once it is loaded
+    with pytest.raises(ValueError, match=re.escape(f"--img-size 36 is not a multiple of the patch size of "
+                                                   f"--init-from {path}, 8")):
+        train(cfg)
+    assert not run.exists()  # so that the same --output takes the corrected command
+    cfg = TrainConfig.from_dict({"init_from": str(path), "data": photos, "img_size": 30, "output": str(run)})
+    cfg.validate()  # not "a multiple of --patch-size 4", a flag the user never gave
+
+
+def test_the_source_digest_leaves_out_the_classifier_a_timm_source_draws(tmp_path):
+    """init.json's SHA-256 is the source's weights: a timm source made for another class count draws its
+    classifier at random, which must not enter the digest (it changed with --seed)."""
+    from lookhere.io import tensor_digest
+
+    name = "vit_tiny_patch16_pe_rope_2d_mixed"
+    src = timm.create_model(name, num_classes=7)
+    file = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(file))
+
+    def record(seed, classes):
+        cfg = TrainConfig.from_dict(dict(init_from=name, pretrained_file=str(file), data="synthetic", img_size=32,
+                                         seed=seed, output=str(tmp_path / "r")))
+        return initial_model(cfg, classes)[1]
+
+    first = record(0, 2)
+    assert first["sha256"] == record(1, 2)["sha256"] == record(0, 5)["sha256"]
+    assert first["sha256"] == tensor_digest((k, v) for k, v in src.state_dict().items() if not k.startswith("head."))
+    assert first["digest_of"] == "every tensor but the classifier"
+
+
+def test_a_validation_folder_lacking_a_class_keeps_the_training_labels(tmp_path):
+    """train/{cat,dog,fox}, val/{cat,fox}: each split's own sorted folders would label val's fox 1 (dog)."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for split, classes in (("train", ("cat", "dog", "fox")), ("val", ("cat", "fox")), ("odd", ("cat", "owl"))):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    base = dict(data=f"folder:{root}", img_size=8, patch_size=4, embed_dim=48, depth=1, num_heads=12, batch_size=2,
+                progress=False)
+    run = set_up(TrainConfig(**base, output=str(tmp_path / "r")))
+    val = run.val_loaders[8].dataset
+    assert [val[i][1] for i in range(len(val))] == [0, 0, 2, 2]
+    with pytest.raises(ValueError, match="split 'odd' has classes the training split lacks: owl"):
+        set_up(TrainConfig(**base, val_split="odd", output=str(tmp_path / "r2")))
+
+
 def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unless_given(tmp_path, released, photos):
     path, w = released
     base = {"init_from": str(path), "data": photos, "img_size": 32, "output": str(tmp_path / "r")}
@@ -156,6 +235,13 @@ def test_layer_decay_scales_each_blocks_learning_rate_and_freezing_trains_the_he
     run.scheduler.step_update(num_updates=5)
     assert {g["lr"] / g["lr_scale"] for g in run.optimizer.param_groups} == {run.optimizer.param_groups[0]["lr"]
                                                                              / run.optimizer.param_groups[0]["lr_scale"]}
+    # The log shows the schedule's rate, not the stem's (lr x decay^(depth+1)): no warmup, the first step's is --lr.
+    cfg = TrainConfig.from_dict({"init_from": str(path), "data": photos, "img_size": 32, "batch_size": 4,
+                                 "output": str(tmp_path / "logged"), "layer_decay": 0.5, "warmup_epochs": 0.0,
+                                 "lr": 1e-3, "log_every": 1, "max_steps": 1, "progress": False})
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if r["kind"] == "step"] == [pytest.approx(1e-3)]
 
     cfg = TrainConfig.from_dict({"init_from": str(path), "data": photos, "img_size": 32, "batch_size": 4,
                                  "epochs": 1, "output": str(tmp_path / "probe"), "freeze_backbone": True,

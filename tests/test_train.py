@@ -414,6 +414,19 @@ def test_a_config_file_on_resume_overrides_only_what_it_sets(tmp_path):
     cfg = _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "more.yaml"),
                                                    "--resume", str(tmp_path / "fresh")]))
     assert (cfg.epochs, cfg.lr, cfg.output) == (30, TrainConfig().lr, str(tmp_path / "fresh"))
+    # ... and it runs: from the beginning, as nothing of it was kept
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"data_length": 64, "img_size": 16, "embed_dim": 48,
+                                                         "depth": 1, "batch_size": 32, "max_steps": 1,
+                                                         "progress": False}))
+    cfg = _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "tiny.yaml"),
+                                                   "--resume", str(tmp_path / "fresh")]))
+    assert train(cfg)["step"] == 1 and (tmp_path / "fresh" / "config.yaml").is_file()
+    # a folder with a checkpoint but no config.yaml is no run of ours to resume
+    (tmp_path / "odd" / "last").mkdir(parents=True)
+    for name in ("state.pt", "model.safetensors"):
+        (tmp_path / "odd" / "last" / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no config.yaml there"):
+        train(TrainConfig.from_dict({**cfg.to_dict(), "resume": str(tmp_path / "odd"), "output": str(tmp_path / "odd")}))
 
 
 def test_resume_into_another_output_is_refused_and_a_moved_run_resumes_in_place(tmp_path, capsys):

@@ -52,15 +52,6 @@ def load_source(source: str, pretrained_file: Optional[str] = None, num_heads: i
     return model, "timm"
 
 
-def _given(cfg: Any, name: str) -> Any:
-    """The value of a TrainConfig field if the run sets it away from its default, else None."""
-    from dataclasses import fields
-
-    default = next(f.default for f in fields(cfg) if f.name == name)
-    value = getattr(cfg, name)
-    return None if value == default else value
-
-
 def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str,
                               names: tuple[str, ...] = ARCHITECTURE) -> None:
     """Refuse, in one message naming every flag, settings of ``cfg`` (the run's ``TrainConfig``) among
@@ -69,7 +60,7 @@ def refuse_other_architecture(cfg: Any, theirs: dict[str, Any], source: str,
     sizes = {k: theirs[k] for k in ("embed_dim", "depth", "num_heads")}
     conflicts = []
     for name in names:
-        value = _given(cfg, name)
+        value = getattr(cfg, name)  # unset (None): the source's
         if value is None:
             continue
         if name == "model":
@@ -100,17 +91,19 @@ def start_from(cfg: Any, num_classes: int) -> tuple[VisionTransformer, dict[str,
     where it started (kept in the run directory as ``init.json``, checked on resume)."""
     model, kind = load_source(cfg.init_from, cfg.pretrained_file, cfg.num_heads or 12, num_classes)
     check_architecture(cfg, model)
-    rate = _given(cfg, "drop_path")
+    rate = cfg.drop_path
     if rate is not None and rate != model.config.drop_path_rate:  # the same weights, in blocks with the run's rate
         weights = model.state_dict()
         model = VisionTransformer(**{**model.config.to_dict(), "drop_path_rate": rate})
         model.load_state_dict(weights)
-    record = {"init_from": cfg.init_from, "pretrained_file": cfg.pretrained_file, "kind": kind,
-              "sha256": tensor_digest(model.state_dict().items())}
-    before = set(model.state_dict())
+    state = model.state_dict()
     classifier = {n for n, _ in model.get_classifier().named_parameters(prefix="head.fc2" if model.config.head_hidden_dim
                                                                           else "head")}
+    # the digest leaves the classifier out: it is replaced, and a timm source made for another class
+    # count draws it at random (it would change with --seed)
+    record = {"init_from": cfg.init_from, "pretrained_file": cfg.pretrained_file, "kind": kind,
+              "sha256": tensor_digest((k, v) for k, v in state.items() if k not in classifier),
+              "digest_of": "every tensor but the classifier", "new": sorted(classifier),
+              "kept": len(set(state) - classifier)}
     model.reset_classifier(num_classes)
-    record["new"] = sorted(classifier)
-    record["kept"] = len(before - classifier)
     return model.train(), record

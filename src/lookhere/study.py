@@ -172,11 +172,12 @@ class StudyConfig:
             if cfg.size not in sizes:
                 raise ValueError(f"{source}: {name} sizes {sizes} leave out the training size {cfg.size}, "
                                  f"which the report compares every other size with")
+            patch = cfg.known_patch_size()  # None: a source's, checked by each cell's run
             for size in sizes:
-                if size % cfg.patch_size:
-                    raise ValueError(f"{source}: {name} size {size} is not a multiple of patch size {cfg.patch_size}")
+                if patch and size % patch:
+                    raise ValueError(f"{source}: {name} size {size} is not a multiple of patch size {patch}")
             try:  # the eval command's own checks, before any cell trains
-                self.eval_settings(name).check(cfg.patch_size)
+                self.eval_settings(name).check(patch)
             except ValueError as e:
                 raise ValueError(f"{source}: eval: {e}") from None
 

@@ -44,12 +44,18 @@ from .vit import MODEL_NAMES, SIZES, WEIGHT_INITS, VisionTransformer, architectu
 MODEL_SIZES = {"micro": dict(embed_dim=96, depth=6, num_heads=12), **SIZES}
 
 
+# The architecture settings a from-scratch run takes where they are unset; with a source, the source's.
+FROM_SCRATCH = {"pos_encoding": "lh-90", "model": "tiny", "patch_size": 4, "weight_init": "torch"}
 # What a run started with --init-from takes for the settings it leaves unset.
 FINETUNE_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-6, "layer_decay": 0.75}
 
 # settings that may change on resume; everything else must match the run being resumed
 RESUMABLE_CHANGES = ("resume", "output", "epochs", "max_steps", "workers", "device", "log_every", "checkpoint_every",
                      "progress", "data_root")
+
+
+def _sourced(name: str) -> str:
+    return f"{FROM_SCRATCH[name]}; with --init-from or a registered --model, theirs"
 
 
 def _setting(default: Any, help: str, unset: Optional[str] = None) -> Any:
@@ -72,13 +78,15 @@ class TrainConfig:
     val_split: str = _setting("val", "the validation split, as --train-split (the paper's minival: train[99%:]); val is "
                               "a folder's val/ or validation/, a Hugging Face dataset's validation")
     num_classes: Optional[int] = _setting(None, "outputs of the classifier", "the dataset's classes")
-    pos_encoding: str = _setting("lh-90", f"position encoding: {', '.join(POSITION_ENCODINGS)}")
+    pos_encoding: Optional[str] = _setting(None, f"position encoding: {', '.join(POSITION_ENCODINGS)}",
+                                           _sourced("pos_encoding"))
     lookhere_config: Optional[dict] = _setting(None, "LookHere config as a JSON object (lookhere.LookHereConfig "
                                                "fields)", "the preset of --pos-encoding")
     pos_options: Optional[dict] = _setting(None, 'options of the position encoding as a JSON object, e.g. '
                                            '\'{"interpolate": true}\'', "none")
-    model: str = _setting("tiny", f"model size: {', '.join(MODEL_SIZES)}; or a registered name, whose architecture is "
-                          "built from scratch (vit_base_patch16_lookhere_90: the released one; its flags are refused)")
+    model: Optional[str] = _setting(None, f"model size: {', '.join(MODEL_SIZES)}; or a registered name, whose architecture is "
+                          "built from scratch (vit_base_patch16_lookhere_90: the released one; its flags are refused)",
+                                    "tiny; with --init-from, the source's")
     embed_dim: Optional[int] = _setting(None, "token width", "--model's")
     depth: Optional[int] = _setting(None, "number of blocks", "--model's")
     num_heads: Optional[int] = _setting(None, "attention heads per block", "--model's")
@@ -86,7 +94,7 @@ class TrainConfig:
                                                    "train each step at one of them in turn, the batch scaled by "
                                                    "(first size / size)^2 so that patches per step stay about the "
                                                    "same; the model is built for the first")
-    patch_size: int = _setting(4, "patch side in pixels")
+    patch_size: Optional[int] = _setting(None, "patch side in pixels", _sourced("patch_size"))
     epochs: int = _setting(10, "passes over the training split; raised on --resume, the learning-rate schedule is "
                                "rebuilt for the new length")
     batch_size: int = _setting(64, "images per step, over all processes")
@@ -104,8 +112,9 @@ class TrainConfig:
     drop_path: Optional[float] = _setting(None, "stochastic depth rate", "0; with --init-from or a registered --model, "
                                           "theirs")
     init_values: Optional[float] = _setting(None, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
-    weight_init: str = _setting("torch", "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
-                                         "(N(0, 0.02), as timm's ViT and the released models)")
+    weight_init: Optional[str] = _setting(None, "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
+                                         "(N(0, 0.02), as timm's ViT and the released models)",
+                                         _sourced("weight_init"))
     init_from: Optional[str] = _setting(None, "fine-tune: start from this model, its architecture and weights (a "
                                         "timm name with weights, a released .pth, a save_model folder or a run "
                                         "directory); the classifier is made new for the data's classes; unset "
@@ -135,6 +144,13 @@ class TrainConfig:
     progress: bool = _setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        # Architecture left unset is the source's (--init-from, or a registered --model name): only a flag
+        # actually given is checked against it. From scratch it is FROM_SCRATCH's.
+        if not self.init_from:
+            self.model = self.model or FROM_SCRATCH["model"]
+            if self.model not in MODEL_NAMES.values():
+                for k, v in FROM_SCRATCH.items():
+                    setattr(self, k, v if getattr(self, k) is None else getattr(self, k))
         if isinstance(self.img_size, (list, tuple)) and len(self.img_size) == 1:
             self.img_size = self.img_size[0]  # one size is a size
         elif isinstance(self.img_size, tuple):
@@ -211,6 +227,11 @@ class TrainConfig:
                     num_classes=num_classes, drop_path_rate=self.drop_path or 0.0, init_values=self.init_values,
                     weight_init=self.weight_init, **size)
 
+    def known_patch_size(self) -> Optional[int]:
+        """The patch side of the run's model; None with --init-from and no --patch-size (the source's,
+        known once it is loaded)."""
+        return self.patch_size if self.init_from else self.model_kwargs(1)["patch_size"]
+
     def warmup(self) -> float:
         """Epochs of warmup: ``--warmup-epochs``, else a tenth of the run (a longer run warms up longer,
         and ``--resume`` with a larger ``--epochs`` rebuilds the schedule as a run of that length)."""
@@ -237,9 +258,9 @@ class TrainConfig:
         if len(set(self.sizes)) != len(self.sizes):
             raise ValueError(f"--img-size {sizes} repeats a size")
         # an unknown --model, or flags against a registered name's architecture, are refused here
-        patch = self.patch_size if self.init_from else self.model_kwargs(1)["patch_size"]
+        patch = self.known_patch_size()
         named = "--patch-size" if patch == self.patch_size else f"the patch size of {self.model},"
-        for size in self.sizes:
+        for size in self.sizes if patch else ():  # a source's: checked once it is loaded (set_up)
             if size % patch:
                 raise ValueError(f"--img-size {size} is not a multiple of {named} {patch}")
         for k in ("label_smoothing", "drop_path"):
@@ -247,7 +268,7 @@ class TrainConfig:
                 raise ValueError(f"{flag(k)} must be in [0, 1), got {getattr(self, k)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}; leave it out for no EMA")
-        if self.weight_init not in WEIGHT_INITS:
+        if self.weight_init is not None and self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"--weight-init {self.weight_init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would rise")
@@ -481,6 +502,8 @@ def _check_resume(cfg: TrainConfig, run_dir: Path) -> None:
                          f"without --resume")
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
+        if find_checkpoint(run_dir) is None:  # killed before it wrote anything: it starts from the beginning
+            return
         raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a lookhere run directory?")
     saved = TrainConfig.from_yaml(saved_path).to_dict()
     mine = cfg.to_dict()
@@ -644,7 +667,9 @@ def set_up(cfg: TrainConfig) -> Run:
 
     specs = [DataSpec(cfg.data, size, cfg.data_length, cfg.seed, cfg.data_root) for size in cfg.sizes]
     train_sets = [build_dataset(spec, cfg.train_split, train=True) for spec in specs]  # the same samples at each size
-    val_sets = {size: build_dataset(spec, cfg.val_split, train=False) for size, spec in zip(cfg.sizes, specs)}
+    classes = getattr(train_sets[0], "class_to_idx", None)  # a folder's: validation is labelled alike
+    val_sets = {size: build_dataset(replace(spec, classes=classes), cfg.val_split, train=False)
+                for size, spec in zip(cfg.sizes, specs)}
     num_classes = cfg.num_classes or num_classes_of(train_sets[0])
     known = getattr(train_sets[0], "num_classes", None)
     if cfg.num_classes and known and cfg.num_classes < known:
@@ -652,6 +677,10 @@ def set_up(cfg: TrainConfig) -> Run:
     train_ds = SeededSamples(ConcatDataset(train_sets), cfg.seed)
 
     raw, source = initial_model(cfg, num_classes)
+    for size in cfg.sizes if cfg.init_from else ():  # before the run directory is written
+        if size % raw.patch_size:
+            raise ValueError(f"--img-size {size} is not a multiple of the patch size of --init-from {cfg.init_from}, "
+                             f"{raw.patch_size}")
     raw = raw.to(device)
     if cfg.freeze_backbone:
         for name, param in raw.named_parameters():
@@ -766,7 +795,11 @@ def _check_source(run: Run) -> None:
     path = run.dir / "init.json"
     if run.cfg.resume and path.is_file():
         made = json.loads(path.read_text())
-        if made.get("sha256") != run.source["sha256"]:
+        if made.get("digest_of") != run.source["digest_of"]:  # written before the classifier was left out
+            if run.d.main:
+                print(f"--resume {run.dir}: its init.json predates the digest of the source without its classifier; "
+                      f"the source's weights are not checked", file=sys.stderr)
+        elif made.get("sha256") != run.source["sha256"]:
             raise ValueError(f"--resume {run.dir}: the run started from other weights than --init-from "
                              f"{run.cfg.init_from} holds now (SHA-256 {made.get('sha256', '?')[:12]}..., now "
                              f"{run.source['sha256'][:12]}...)")
@@ -818,7 +851,8 @@ def train_one_epoch(run: Run, bar) -> None:
     for images, labels, skipped in loader:
         p.counts["skipped"] += skipped
         loss, grad_norm, updated = train_step(run, images, labels)
-        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update used
+        group = run.optimizer.param_groups[0]  # the schedule's rate this step's update used (before layer decay)
+        lr = group["lr"] / group.get("lr_scale", 1.0)
         p.step += 1
         run.scheduler.step_update(num_updates=p.step)
         if run.ema is not None and updated:

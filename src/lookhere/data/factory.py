@@ -41,6 +41,13 @@ class DataSpec:
     # Evaluation of photographs: the model's timm data config (mean, std, interpolation, crop_pct,
     # crop_mode; input_size is its training size). None: img_size is the training size, timm's defaults.
     data_config: dict | None = None
+    # A folder's labels are its class folders' sorted names; another split that lacks a class would
+    # number the rest otherwise. Its other splits take the training split's (class name -> index).
+    classes: dict | None = None
+
+
+# What a dataset tells about itself, kept through the wrappers (Subset, SkipBad).
+FACTS = ("mean", "std", "num_classes", "object_size", "class_to_idx")
 
 
 class SkipBad(Dataset):
@@ -48,7 +55,7 @@ class SkipBad(Dataset):
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
-        for attr in ("mean", "std", "num_classes", "object_size"):
+        for attr in FACTS:
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
 
@@ -138,11 +145,12 @@ def _hf_photos(target: str, split: str, spec: DataSpec, train: bool, transform):
     return ds
 
 
-def _folder_split(root: Path, split: str, transform):
+def _folder_split(root: Path, split: str, transform, classes: dict | None = None):
     """``ROOT/SPLIT/`` of class folders (ImageNet's layout), or the same in tar files, read in place
     by timm's tar reader with random access: ``ROOT/SPLIT.tar`` (class folders inside, or one tar per
     class, as ImageNet's training tar), or ``ROOT/SPLIT/`` holding only ``.tar`` shards. Tars whose
-    samples carry their class in ``KEY.cls`` are webdataset shards (:mod:`.wds_shards`)."""
+    samples carry their class in ``KEY.cls`` are webdataset shards (:mod:`.wds_shards`). ``classes``:
+    the class indices to label with (the training split's), instead of this split's own folders."""
     from timm.data import ImageDataset, create_dataset
 
     from .wds_shards import WebDatasetShards, holds_labelled_samples
@@ -158,21 +166,42 @@ def _folder_split(root: Path, split: str, transform):
                                 f"(--split; --train-split or --val-split for training)")
     shards = found.is_dir() and any(found.glob("*.tar")) and not any(p.is_dir() for p in found.iterdir())
     if found.is_dir() and not shards:
-        return create_dataset("", root=str(found), split=split, search_split=False, transform=transform)
+
+        def read(class_map=None):
+            return create_dataset("", root=str(found), split=split, search_split=False, transform=transform,
+                                  class_map=class_map)
+        return _labelled_as(read(), read, classes, root, split)
     import tarfile
 
     from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
     tars = sorted(found.glob("*.tar")) if found.is_dir() else [found]
+
+    def read_tars(class_map=None):
+        return ImageDataset(str(found), reader=ReaderImageInTar(str(found), class_map=class_map or ""),
+                            transform=transform)
+
     try:
         webdataset = holds_labelled_samples(tars[0])
-        if not webdataset:
-            reader = ReaderImageInTar(str(found))
+        first = None if webdataset else read_tars()
     except (AssertionError, ValueError, tarfile.TarError) as e:  # tars without images, or files that are no tar
         raise FileNotFoundError(f"--data folder:{root}: {found} holds no images in tar files ({e})") from e
-    if webdataset:
-        reader = WebDatasetShards(tars)
-    return ImageDataset(str(found), reader=reader, transform=transform)
+    if webdataset:  # classes are the integers of the shards' .cls files, alike in every split
+        return ImageDataset(str(found), reader=WebDatasetShards(tars), transform=transform)
+    return _labelled_as(first, read_tars, classes, root, split)
+
+
+def _labelled_as(ds, read, classes: dict | None, root: Path, split: str):
+    """The split ``ds``, or ``read(classes)`` where its own class folders number otherwise than
+    ``classes``; a class the training split lacks is refused (its images would have no label)."""
+    own = getattr(ds.reader, "class_to_idx", None) or ds.reader.class_name_to_idx
+    if classes is None or own == classes:
+        return ds
+    extra = sorted(set(own) - set(classes))
+    if extra:
+        raise ValueError(f"--data folder:{root}: split {split!r} has classes the training split lacks: "
+                         f"{', '.join(map(str, extra[:10]))}{' ...' if len(extra) > 10 else ''}")
+    return read(dict(classes))
 
 
 def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool):
@@ -188,7 +217,7 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
         cfg = spec.data_config or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
     if kind == "folder":
-        ds = _folder_split(Path(target), split, transform)
+        ds = _folder_split(Path(target), split, transform, spec.classes)
     else:
         ds = _hf_photos(target, split, spec, train, transform)
     ds._max_retries = 1  # let SkipBad see (and count) an unreadable image instead of silently replacing it
@@ -198,6 +227,8 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
     reader = getattr(ds, "reader", None)
     labels = getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None)
     ds.num_classes = len(labels) if labels else getattr(reader, "num_classes", None)
+    if kind == "folder" and labels:
+        ds.class_to_idx = dict(labels)
     return ds
 
 
@@ -232,7 +263,7 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
         raise ValueError(f"--data {name!r}: unknown dataset; allowed: {', '.join(DATASETS)}")
     if length is not None and length < len(ds):
         kept = Subset(ds, range(length))
-        for attr in ("mean", "std", "num_classes", "object_size"):
+        for attr in FACTS:
             if hasattr(ds, attr):
                 setattr(kept, attr, getattr(ds, attr))
         ds = kept
