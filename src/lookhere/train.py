@@ -84,9 +84,9 @@ class TrainConfig:
                                                "fields)", "the preset of --pos-encoding")
     pos_options: Optional[dict] = _setting(None, 'options of the position encoding as a JSON object, e.g. '
                                            '\'{"interpolate": true}\'', "none")
-    model: Optional[str] = _setting(None, f"model size: {', '.join(MODEL_SIZES)}; or a registered name, whose architecture is "
-                          "built from scratch (vit_base_patch16_lookhere_90: the released one; its flags are refused)",
-                                    "tiny; with --init-from, the source's")
+    model: Optional[str] = _setting(None, f"model size: {', '.join(MODEL_SIZES)}; or a registered name, whose "
+                                    "architecture is built from scratch (vit_base_patch16_lookhere_90: the released "
+                                    "one; its flags are refused)", "tiny; with --init-from, the source's")
     embed_dim: Optional[int] = _setting(None, "token width", "--model's")
     depth: Optional[int] = _setting(None, "number of blocks", "--model's")
     num_heads: Optional[int] = _setting(None, "attention heads per block", "--model's")
@@ -112,9 +112,9 @@ class TrainConfig:
     drop_path: Optional[float] = _setting(None, "stochastic depth rate", "0; with --init-from or a registered --model, "
                                           "theirs")
     init_values: Optional[float] = _setting(None, "LayerScale initial value (0: no LayerScale)", "no LayerScale")
-    weight_init: Optional[str] = _setting(None, "initialisation of the layers: torch (PyTorch's own, a zero CLS token) or timm "
-                                         "(N(0, 0.02), as timm's ViT and the released models)",
-                                         _sourced("weight_init"))
+    weight_init: Optional[str] = _setting(None, "initialisation of the layers: torch (PyTorch's own, a zero CLS "
+                                          "token) or timm (N(0, 0.02), as timm's ViT and the released models)",
+                                          _sourced("weight_init"))
     init_from: Optional[str] = _setting(None, "fine-tune: start from this model, its architecture and weights (a "
                                         "timm name with weights, a released .pth, a save_model folder or a run "
                                         "directory); the classifier is made new for the data's classes; unset "
@@ -150,7 +150,8 @@ class TrainConfig:
             self.model = self.model or FROM_SCRATCH["model"]
             if self.model not in MODEL_NAMES.values():
                 for k, v in FROM_SCRATCH.items():
-                    setattr(self, k, v if getattr(self, k) is None else getattr(self, k))
+                    if getattr(self, k) is None:
+                        setattr(self, k, v)
         if isinstance(self.img_size, (list, tuple)) and len(self.img_size) == 1:
             self.img_size = self.img_size[0]  # one size is a size
         elif isinstance(self.img_size, tuple):
