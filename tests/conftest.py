@@ -101,6 +101,25 @@ def image_folder(root, n=4, size=40, corrupt=False):
         (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
 
 
+def hf_parquet(root, train=24, val=6, shards=2, classes=3, size=24):
+    """A Hugging Face dataset as local parquet files: ``train-0000k-of-0000n.parquet`` (``shards`` of
+    them, for loader workers to share when streamed) and ``validation-00000-of-00001.parquet``; labels
+    ``i % classes``."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=classes)})
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, parts in (("train", train, shards), ("validation", val, 1)):
+        for k in range(parts):
+            idx = range(k * n // parts, (k + 1) * n // parts)
+            imgs = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in idx]
+            ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % classes for i in idx]}, features=features)
+            ds.to_parquet(str(root / f"{split}-{k:05d}-of-{parts:05d}.parquet"))
+    return root
+
+
 def hr_folder(root, sizes, labels, seed=0):
     """A folder in ImageNet-HR's layout: test/*.png and test/metadata.jsonl (file_name, img_idx, labels)."""
     import json

@@ -87,6 +87,23 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
     assert numbers(out, cfg) == numbers(tmp_path / "whole", cfg)  # the resumed cell as if never killed
 
 
+def test_a_failed_job_is_not_said_to_be_made_again(tmp_path, monkeypatch):
+    import lookhere.study_jobs as study_jobs
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0]})
+    cells = cfg.cells(tmp_path)
+    made, failed = (c.key for c in cells)
+    redo = {c.key: ["a new setting"] for c in cells}
+    monkeypatch.setattr(study_jobs, "start_study", lambda cfg, out: (cells, {c.key: {} for c in cells}, redo))
+    (cells[0].dir / "eval").mkdir(parents=True)
+    (cells[0].dir / "eval" / "eval.json").write_text("{}")
+    monkeypatch.setattr(study_jobs, "run_on_cluster", lambda *a, **kw: {"submitted": 2, "jobs": [],
+                                                                         "failures": {failed: "exit 1"}})
+    monkeypatch.setattr(study_jobs, "write_report", lambda out: {"report": "r", "results": "j"})
+    result = run_study_jobs(cfg, tmp_path, LOCAL, progress=False)
+    assert result["made_again"] == {made: ["a new setting"]} and set(result["failures"]) == {failed}
+
+
 def test_a_cell_of_two_tasks_trains_as_two_gloo_processes(tmp_path):
     cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
     result = run_study_jobs(cfg, tmp_path, ClusterConfig(executor="submitit-local", tasks_per_node=2), progress=False)

@@ -216,6 +216,43 @@ def test_hugging_face_dataset_from_local_files(tmp_path):
     assert x.shape == (3, 16, 16) and y == 1
 
 
+def test_a_streamed_hugging_face_split_gives_each_sample_once_an_epoch_in_a_seeded_order(tmp_path):
+    pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
+    from conftest import hf_parquet
+
+    from lookhere.train import SeededStream
+
+    root = hf_parquet(tmp_path / "hf", train=24, val=6)
+    spec = DataSpec(f"hf:{root}", 16, 24, seed=3, root=str(tmp_path / "cache"), streaming=True, batch_size=4)
+    train = build_dataset(spec, "train")
+    assert train.num_classes == 3 and len(train) == 24
+    stream = SeededStream(train, seed=3, rank=0, batch_size=4)
+
+    def epoch(e):
+        stream.set_epoch(e)
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        samples = list(stream)
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left alone
+        return torch.stack([x for x, _ in samples]), [y for _, y in samples]
+
+    images, labels = epoch(0)
+    assert images.shape == (24, 3, 16, 16) and sorted(labels) == sorted(i % 3 for i in range(24))
+    again, labels_again = epoch(0)
+    assert labels_again == labels and torch.equal(again, images)  # order and augmentation: from the seed
+    other, labels_other = epoch(1)
+    assert sorted(labels_other) == sorted(labels) and not torch.equal(other, images)
+    val = build_dataset(spec, "val", train=False)
+    assert [y for _, y in val] == [i % 3 for i in range(6)]  # read once, in order, at evaluation
+
+    for bad, message in (
+            (dict(), "--data-streaming: split 'train.:50%.' of hf:.* is sliced"),
+            (dict(name="synthetic"), "--data-streaming streams hf: datasets; synthetic is not one"),
+            (dict(length=None), "records no size for split 'train'; give --data-length")):
+        with pytest.raises(ValueError, match=message):
+            build_dataset(DataSpec(**{**vars(spec), **bad}), "train" if bad else "train[:50%]")
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="allowed: synthetic"):
         build_dataset(DataSpec("imagenet", 32), "train")

@@ -188,6 +188,10 @@ def test_study_config_errors(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)):
             StudyConfig.from_dict({**good, **bad})
     assert StudyConfig.from_dict({**good, "eval": {"eps": 0.004}}).eval["eps"] == "0.004"  # a YAML number
+    # every digit of a YAML number is kept, as a list keeps it: 8/255 is not rounded to 7.99999/255
+    eight = StudyConfig.from_dict({**good, "eval": {"eps": 8 / 255}})
+    assert eight.eval["eps"] == "8/255" and eight.eval_settings("synthetic").eps == (8 / 255,)
+    assert StudyConfig.from_dict({**good, "eval": {"eps": 1 / 300}}).eval_settings("synthetic").eps == (1 / 300,)
     with pytest.raises(ValueError, match="reference 'lh90', the encoding the others are compared against, is not"):
         StudyConfig.from_dict({**good, "reference": "lh90"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -452,6 +456,32 @@ def test_a_record_from_before_moments_is_kept_only_when_made_on_another_cpu(tmp_
     moved = {**old, "initial_moments": {"w": [1.5, 2.0]}, "data_moments": {"0": [3.0, 4.0]}}
     (cell.dir / "cell.json").write_text(json.dumps({"command": cell.command_line(), "identity": moved}))
     assert study.cells_to_redo([cell], {cell.key: new}) == {cell.key: ["the initial weights differ (an initialisation change)"]}
+
+
+def test_made_again_names_only_the_cells_made_again_in_this_run(tmp_path, monkeypatch):
+    """Cells cleared to be made again but left for a later run (``--until``) or failed are not said
+    to be made again; the run that makes them says it."""
+    import lookhere.study as study
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1]})
+    cells = cfg.cells(tmp_path)
+    lh90_0, rope_0, lh90_1, rope_1 = (f"synthetic-where/{e}/seed{s}" for s in (0, 1) for e in ("lh-90", "rope-2d-mixed"))
+    redo = {c.key: ["a new setting"] for c in cells}
+    monkeypatch.setattr(study, "start_study", lambda cfg, out: (cells, {c.key: {} for c in cells}, redo))
+    monkeypatch.setattr(study, "expected_seconds", lambda cell, cells: 3000.0 if cell.key == rope_1 else 60.0)
+
+    def run_cell(cell, *args, **kwargs):
+        if cell.key == lh90_1:
+            raise RuntimeError("training failed")
+        (cell.dir / "eval").mkdir(parents=True)
+        (cell.dir / "eval" / "eval.json").write_text("{}")
+        return {"train_s": 1.0, "eval_s": 1.0}
+
+    monkeypatch.setattr(study, "run_cell", run_cell)
+    monkeypatch.setattr(study, "write_report", lambda out: {"report": "r", "results": "j"})
+    result = study.run_study(cfg, tmp_path, until=time.time() + 600)
+    assert set(result["failures"]) == {lh90_1} and set(result["not_started"]) == {rope_1}
+    assert result["made_again"] == {lh90_0: ["a new setting"], rope_0: ["a new setting"]}
 
 
 def test_until_takes_a_time_of_day_or_a_moment_and_refuses_a_past_one():
@@ -742,6 +772,34 @@ def test_learning_speed_per_seed_in_the_report_and_its_figure(tmp_path):
             curve.write_text(json.dumps({"epochs": [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1, "val_acc": 0.6}]}))
     report = Path(write_report(tmp_path)["report"]).read_text()
     assert "| encoding | 1 | 2 |\n" in report and "| lh-90 | 50 | 60 |\n" in report and "first epoch at" not in report
+
+
+def test_a_study_that_tunes_no_knob_reports_its_defaults_as_defaults(tmp_path, monkeypatch):
+    """Without ``tune_knobs`` there are no tuned numbers: nothing is labelled tuned, and the figures
+    keep the defaults' panels alone (not the same numbers twice, one pair called tuned)."""
+    import matplotlib.pyplot as plt
+
+    from lookhere.study_report import write_report
+
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "name": "t", "datasets": {"synthetic-where": {}}, "encodings": ["lh-90", "rope-2d-axial"], "seeds": [0],
+        "reference": "lh-90", "eval": {"tune_knobs": False}}))
+    _finished_cell(tmp_path, "lh-90", 0, [(0, 0.9)])
+    _finished_cell(tmp_path, "rope-2d-axial", 0, [(0, 0.9)])
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    files = write_report(tmp_path)
+    report = Path(files["report"]).read_text()
+    said = "No test-time knob was tuned in this study (its eval sets no tune_knobs): every encoding is at its defaults."
+    assert report.count(said) == 1
+    assert "tuned" not in report.replace(said, "").lower() and "chosen on validation" not in report
+    assert "### Top-1 (%) with the encoding's defaults (no knob)" in report
+    assert "### Paired over seeds: lh-90 minus each encoding (defaults, points of top-1)" in report
+    panels = {i: [ax.get_title() for ax in f.axes] for i, f in enumerate(figures)}
+    assert [len(p) for p in panels.values()] == [1, 1, 1], panels  # sizes, headline, learning: one dataset each
+    assert not any("tuned" in t or "knob" in t and "no knob" not in t for p in panels.values() for t in p), panels
+    for f in figures:
+        close(f)
 
 
 def test_reproduce_reads_the_record_and_names_every_difference(tmp_path):

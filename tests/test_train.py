@@ -215,6 +215,44 @@ def test_resume_with_workers_is_bit_exact_and_independent_of_the_worker_count(tm
     same_weights(tmp_path / "full2", run)
 
 
+def test_a_streamed_run_resumes_bit_exact_with_its_workers_and_refuses_others(tmp_path):
+    """--data-streaming: a run killed mid-epoch reads its epoch again from the stream's start, drops the
+    batches it trained on and ends with the weights of a run never stopped; its loader workers divide
+    the stream, so another --workers is refused on resume."""
+    pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
+    from conftest import hf_parquet
+
+    root = hf_parquet(tmp_path / "hf", train=24, val=6, shards=2)
+    common = ["--data", f"hf:{root}", "--data-root", str(tmp_path / "cache"), "--data-streaming", "--data-length", "24",
+              "--val-split", "validation", "--img-size", "16", "--patch-size", "8", "--embed-dim", "24", "--depth", "1",
+              "--num-heads", "12", "--batch-size", "4", "--epochs", "2", "--log-every", "1", "--checkpoint-every", "1",
+              "--no-progress", "--workers", "2"]
+    full = cli(*common, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    epochs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in epochs if r["kind"] == "epoch"] == [6, 12]  # 24 samples in batches of 4
+    run = tmp_path / "killed"
+    killed_at = kill_after(common, run, 8)
+    assert killed_at < 12 and killed_at % 6
+    refused = cli("--resume", str(run), "--workers", "0")
+    assert refused.returncode == 2 and "--workers: run has 2, now 0" in refused.stderr, refused.stderr[-2000:]
+    resumed = cli("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    same_weights(tmp_path / "full", run)
+    several = cli(*common, "--img-size", "16", "24", "--output", str(tmp_path / "sizes"))
+    assert several.returncode == 2 and "--data-streaming trains at one --img-size, got 16 24" in several.stderr
+
+    # Two processes divide the stream (a training shard each) and still take 6 steps an epoch;
+    # validation counts each of its 6 images once.
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                          "-m", "lookhere.cli", "train", *common, "--workers", "0", "--output", str(tmp_path / "ddp")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [6, 12]
+    assert json.loads(two.stdout.strip().splitlines()[-1])["val"]["n"] == 6
+
+
 def test_training_learns_and_writes_what_it_promises(tmp_path):
     cfg = TrainConfig(data="synthetic", data_length=4000, img_size=32, patch_size=8, embed_dim=96, depth=4,
                       num_heads=12, batch_size=64, epochs=2, lr=2e-3, warmup_epochs=0.2, output=str(tmp_path / "r"),

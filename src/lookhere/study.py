@@ -107,7 +107,9 @@ class StudyConfig:
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in d["seeds"]):
             raise ValueError(f"{source}: seeds must be whole numbers, got {d['seeds']!r}")
         if isinstance(plan.get("eps"), (int, float)) and not isinstance(plan["eps"], bool):
-            plan["eps"] = f"{plan['eps']:g}"  # a YAML number, as the --eps flag takes it
+            from .evaluate import format_eps
+
+            plan["eps"] = format_eps(float(plan["eps"]))  # a YAML number, as the --eps flag reads it back
         per_cell = sorted({*ALWAYS, "resume"} & set(d.get("train") or {}))
         if per_cell:
             raise ValueError(f"{source}: train sets {', '.join(per_cell)}, which each cell sets itself (from "
@@ -682,8 +684,9 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     if failures and not any(c.status() == "done" for c in cells):
         raise RuntimeError("no cell finished: " + "; ".join(f"{key}: {why}" for key, why in failures.items()))
     report = write_report(out)
-    return {"cells": len(cells), "ran": len(todo) - len(not_started), "made_again": redo, "failures": failures,
-            "not_started": not_started, **report}
+    made_again = {key: why for key, why in redo.items() if key in finished and key not in failures}
+    return {"cells": len(cells), "ran": len(todo) - len(not_started), "made_again": made_again,
+            "failures": failures, "not_started": not_started, **report}
 
 
 # --- estimating ----------------------------------------------------------------------------------

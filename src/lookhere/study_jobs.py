@@ -151,4 +151,5 @@ def run_study_jobs(cfg: StudyConfig, output: str | Path, cluster: ClusterConfig,
         return {**base, "detached": True, "failures": {}}
     if ran["failures"] and not any(c.status() == "done" for c in cells):
         raise RuntimeError("no cell finished: " + "; ".join(f"{k}: {w}" for k, w in ran["failures"].items()))
-    return {**base, "failures": ran["failures"], **write_report(out)}
+    made_again = {key: why for key, why in redo.items() if key not in ran["failures"]}
+    return {**base, "made_again": made_again, "failures": ran["failures"], **write_report(out)}

@@ -183,18 +183,19 @@ def _setting_text(settings: dict[str, int]) -> str:
     return "; ".join(parts)
 
 
-def plot_study(summary: dict[str, Any], path: Path) -> str:
+def plot_study(summary: dict[str, Any], path: Path, tuned: bool = True) -> str:
     """Top-1 against test size, one line per encoding (the mean over seeds: the intervals of a dozen
     lines would hide each other; the headline figure and the tables give them); one column per
-    dataset, with each encoding's knob tuned on validation (top row) and at its defaults (bottom)."""
+    dataset, with each encoding's knob tuned on validation (top row; where ``tuned``) and at its defaults."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    variants = {"tuned": "knob tuned on validation", "default": "defaults, no knob"}
-    fig, axes = plt.subplots(2, len(names), figsize=(5.8 * len(names), 8.4), squeeze=False, sharey=True)
+    variants = {**({"tuned": "knob tuned on validation"} if tuned else {}), "default": "defaults, no knob"}
+    fig, axes = plt.subplots(len(variants), len(names), figsize=(5.8 * len(names), 4.2 * len(variants)),
+                             squeeze=False, sharey=True)
     for col, dataset in enumerate(names):
         ds = summary[dataset]
         sizes = [int(s) for s in ds["sizes"]]
@@ -273,11 +274,11 @@ PAPER_BASELINES = ("learned-1d", "sincos-2d", "factorized", "fourier", "rpe-lear
 NEWER = ("rope-2d-dinov3", "fire", "pape")
 
 
-def paper_claims(records: list[dict[str, Any]], encodings: list[str]) -> dict[str, Any]:
+def paper_claims(records: list[dict[str, Any]], encodings: list[str], tuned: bool = True) -> dict[str, Any]:
     """The paper's four contrasts, per dataset: seed by seed, the mean of LookHere's released presets
     minus the mean of the paper's other encodings at the training size (top-1 and ECE at the
     defaults, accuracy under each attack), and minus the best of the paper's 2D-RoPEs at the largest
-    test size (at the defaults, and with each one's knob tuned); then mean and 95% interval over the
+    test size (at the defaults, and with each one's knob tuned where ``tuned``); then mean and 95% interval over the
     seeds on which every one of the study's ``encodings`` has finished. Beside them, not a claim of
     the paper: the same largest-size contrast against the best of the newer encodings (``newer``),
     which are in neither mean, nor are no position encoding and the ablations."""
@@ -308,7 +309,7 @@ def paper_claims(records: list[dict[str, Any]], encodings: list[str]) -> dict[st
             "extrapolation": {}, "newer": {},
         }
         for key, group in (("extrapolation", ropes), ("newer", newer)):
-            for variant in ("default", "tuned") if group else ():
+            for variant in ("default", "tuned")[:1 + tuned] if group else ():
                 best = max(group, key=lambda e: np.mean([by[e, s]["sizes"][last][variant]["top1"] for s in seeds]))
                 ds[key][variant] = {"against": best, **contrast(lambda r: r["sizes"][last][variant]["top1"], [best])}
         out[dataset] = ds
@@ -321,6 +322,7 @@ def claims_markdown(claims: dict[str, Any]) -> str:
         return ""
     names = list(claims)
     first = claims[names[0]]
+    tuned = any("tuned" in claims[d][key] for d in names for key in ("extrapolation", "newer"))
 
     def col(f) -> str:
         return " | ".join(f(claims[d]) for d in names)
@@ -356,8 +358,9 @@ def claims_markdown(claims: dict[str, Any]) -> str:
              + (f"the newer encodings, {', '.join(first['newer_encodings'])}, " if first["newer_encodings"] else "")
              + "no position encoding and the ablations are in neither mean). At the training size every encoding runs at its defaults; at the "
              f"largest size LookHere is set against the better of the paper's 2D-RoPEs ({' and '.join(PAPER_ROPES)}, by "
-             "mean top-1 there; the newer encodings in a row of their own), both at their defaults and with each "
-             "encoding's knob chosen on validation.", ""]
+             "mean top-1 there; the newer encodings in a row of their own), "
+             + ("both at their defaults and with each encoding's knob chosen on validation." if tuned else
+                "at their defaults."), ""]
     return "\n".join(lines)
 
 
@@ -381,9 +384,10 @@ def _size_axis(ax, sizes: list[int], train_size: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_headline(summary: dict[str, Any], path: Path, records: Sequence[dict[str, Any]] = ()) -> str:
+def plot_headline(summary: dict[str, Any], path: Path, records: Sequence[dict[str, Any]] = (),
+                  tuned: bool = True) -> str:
     """LookHere's three presets against the best member of each other family, with the knob tuned
-    on validation (left) and at the defaults (right); one row per dataset. The 95% intervals are bars,
+    on validation (left; where ``tuned``) and at the defaults (right); one row per dataset. The 95% intervals are bars,
     each line's set a little aside, so that seven lines' intervals stay readable where bands would
     cover each other; each seed of ``records`` is a faint dot beside them, for runs that split into
     those that learned a task and those that did not, which a mean and its interval hide."""
@@ -394,13 +398,14 @@ def plot_headline(summary: dict[str, Any], path: Path, records: Sequence[dict[st
 
     names = list(summary)
     # Constrained layout makes room for the legends under the panels, off the lines.
-    fig, axes = plt.subplots(len(names), 2, figsize=(11, 5.0 * len(names)), squeeze=False, sharey=True,
-                             layout="constrained")
+    variants = ((("tuned", "knob tuned on validation"),) if tuned else ()) + (("default", "defaults"),)
+    fig, axes = plt.subplots(len(names), len(variants), figsize=(5.5 * len(variants), 5.0 * len(names)),
+                             squeeze=False, sharey=True, layout="constrained")
     family_colors = dict(zip(FAMILIES, ("#d94801", "#238b45", "#6a51a3", "#525252")))
     for row, dataset in enumerate(names):
         ds = summary[dataset]
         sizes = [int(s) for s in ds["sizes"]]
-        for ax, (variant, title) in zip(axes[row], (("tuned", "knob tuned on validation"), ("default", "defaults"))):
+        for ax, (variant, title) in zip(axes[row], variants):
             lines = headline(ds, variant)
             for i, (label, enc) in enumerate(lines):
                 family = next((f for f, m in FAMILIES.items() if enc in m), None)
@@ -457,22 +462,28 @@ def plot_learning(summary: dict[str, Any], path: Path) -> str:
 
 def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = "", progress: str = "",
              plot: str = "", headline_plot: str = "", claims: Optional[dict[str, Any]] = None,
-             learning_plot: str = "") -> str:
+             learning_plot: str = "", tuned: bool = True) -> str:
+    """The report; ``tuned``: whether the study tuned each encoding's test-time knob (else every
+    number is at the defaults, and no table or panel says tuned)."""
     lines = [f"# Study: {name}", ""]
     if progress:
         lines += [progress, ""]
     if notes:
         lines += [notes, ""]
     lines += ["Numbers are means over seeds ± the half-width of the 95% Student-t interval, in percent "
-              "(NLL in nats). \"Tuned\": each encoding's test-time knob set per size on the validation "
-              "split (LookHere global slope, RoPE coordinate interpolation, learned-1d resampling, FIRE normaliser).", ""]
+              "(NLL in nats). " + ("\"Tuned\": each encoding's test-time knob set per size on the validation "
+                                   "split (LookHere global slope, RoPE coordinate interpolation, learned-1d "
+                                   "resampling, FIRE normaliser)." if tuned else
+                                   "No test-time knob was tuned in this study (its eval sets no tune_knobs): "
+                                   "every encoding is at its defaults."), ""]
     if headline_plot:
         lines += [f"![LookHere's presets against the best of each family]({headline_plot})", "",
                   "LookHere's three presets against the best member of each other family (chosen by mean top-1 "
-                  "over the sizes above the training size, separately with and without knobs): mean, 95% interval "
+                  "over the sizes above the training size" + (", separately with and without knobs" if tuned else "") +
+                  "): mean, 95% interval "
                   "and, as dots, each seed. Every encoding (means over seeds):", ""]
     if plot:
-        lines += [f"![top-1 against test size: knobs tuned (top), defaults (bottom)]({plot})", ""]
+        lines += [f"![top-1 against test size: {'knobs tuned (top), defaults (bottom)' if tuned else 'defaults'}]({plot})", ""]
     if learning_plot:
         lines += ["How fast each encoding learns each task (validation top-1 after each epoch):", "",
                   f"![validation top-1 against epoch]({learning_plot})", ""]
@@ -482,22 +493,26 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
         sizes = ds["sizes"]
         t = ds["train_size"]
         last = max(sizes, key=int)
-        lines += [f"## {dataset} (trained at {t} px)", "", "### Top-1 (%) by test size, tuned", "",
-                  "| encoding | best val top-1 | " + " | ".join(f"{s} px" for s in sizes) + " |",
-                  "|---|---:|" + "---:|" * len(sizes)]
-        for enc, e in ds["encodings"].items():
-            lines.append(f"| {enc} | {_pm(e['best_val_top1'])} | " +
-                         " | ".join(_pm(e["tuned"][s]["top1"]) for s in sizes) + " |")
-        lines += ["", "### Top-1 (%) with the encoding's defaults (no knob)", "",
+        lines += [f"## {dataset} (trained at {t} px)", ""]
+        if tuned:
+            lines += ["### Top-1 (%) by test size, tuned", "",
+                      "| encoding | best val top-1 | " + " | ".join(f"{s} px" for s in sizes) + " |",
+                      "|---|---:|" + "---:|" * len(sizes)]
+            for enc, e in ds["encodings"].items():
+                lines.append(f"| {enc} | {_pm(e['best_val_top1'])} | " +
+                             " | ".join(_pm(e["tuned"][s]["top1"]) for s in sizes) + " |")
+            lines.append("")
+        lines += ["### Top-1 (%) with the encoding's defaults (no knob)", "",
                   "| encoding | " + " | ".join(f"{s} px" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
         for enc, e in ds["encodings"].items():
             lines.append(f"| {enc} | " + " | ".join(_pm(e["default"][s]["top1"]) for s in sizes) + " |")
         lines += _learning_table(ds)
-        lines += ["", "### Settings chosen on validation (count of seeds)", "",
-                  "| encoding | " + " | ".join(f"{s} px" for s in sizes if int(s) != t) + " |",
-                  "|---|" + "---|" * (len(sizes) - 1)]
-        for enc, e in ds["encodings"].items():
-            lines.append(f"| {enc} | " + " | ".join(_setting_text(e["settings"][s]) for s in sizes if int(s) != t) + " |")
+        if tuned:
+            lines += ["", "### Settings chosen on validation (count of seeds)", "",
+                      "| encoding | " + " | ".join(f"{s} px" for s in sizes if int(s) != t) + " |",
+                      "|---|" + "---|" * (len(sizes) - 1)]
+            for enc, e in ds["encodings"].items():
+                lines.append(f"| {enc} | " + " | ".join(_setting_text(e["settings"][s]) for s in sizes if int(s) != t) + " |")
         attacks = list(next(iter(ds["encodings"].values()))["adversarial"])
         lines += ["", f"### Calibration and robustness at the training size ({t} px) and at {last} px", "",
                   f"| encoding | NLL {t} | ECE {t} (%) | NLL {last} | ECE {last} (%) | " +
@@ -512,7 +527,7 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
             for enc, e in ds["encodings"].items():
                 lines.append(f"| {enc} | " + " | ".join(_pm(q) for q in e["object_size_change"][last]) + " |")
         if ds["paired"]:
-            lines += ["", f"### Paired over seeds: {reference} minus each encoding (tuned, points of top-1)", "",
+            lines += ["", f"### Paired over seeds: {reference} minus each encoding ({'tuned' if tuned else 'defaults'}, points of top-1)", "",
                       "| encoding | " + " | ".join(f"{s} px" for s in sizes) + " | " +
                       " | ".join(f"{a}" for a in attacks) + " |", "|---|" + "---:|" * (len(sizes) + len(attacks))]
             for enc, c in ds["paired"].items():
@@ -591,13 +606,14 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     if not records:
         raise FileNotFoundError(f"{root}: no finished cells yet")
     summary = aggregate(records, cfg.get("reference", "lh-90"))
-    plot = plot_study(summary, root / "top1_vs_size.png")
-    top = plot_headline(summary, root / "headline.png", records)
+    tuned = bool((cfg.get("eval") or {}).get("tune_knobs"))  # else "tuned" numbers are the defaults
+    plot = plot_study(summary, root / "top1_vs_size.png", tuned)
+    top = plot_headline(summary, root / "headline.png", records, tuned)
     learning = plot_learning(summary, root / "learning.png")
     notes_file = root / "notes.md"
     if not notes and notes_file.is_file():
         notes = notes_file.read_text().strip()
-    claims = paper_claims(records, cfg["encodings"])
+    claims = paper_claims(records, cfg["encodings"], tuned)
     results = {"study": cfg["name"], "config": cfg, "reference": cfg.get("reference", "lh-90"),
                "cells": records, "summary": summary, "paper_claims": claims}
     tmp = root / "results.json.tmp"
@@ -611,7 +627,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
         progress += " The study is not complete: rerun its command to finish it; intervals are over the seeds done."
     (root / "report.md").write_text(markdown(cfg["name"], summary, results["reference"], notes, progress,
                                              plot=Path(plot).name, headline_plot=Path(top).name, claims=claims,
-                                             learning_plot=Path(learning).name)
+                                             learning_plot=Path(learning).name, tuned=tuned)
                                     + "\n" + provenance(records))
     return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot, "headline": top,
             "learning": learning}

@@ -13,6 +13,7 @@ settings it goes on with (``--epochs`` may grow).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import num_classes_of
@@ -73,6 +74,9 @@ class TrainConfig:
     data_length: Optional[int] = _setting(None, "training samples, the first N (synthetic: N scenes rendered, N/5 for "
                                           "validation; fashion-mnist: the first N of validation too)",
                                           "synthetic 4000, others all")
+    data_streaming: bool = _setting(False, "stream an hf: dataset as it trains (timm's hfids reader) instead of "
+                                    "downloading it; an epoch is --data-length samples (or the split's recorded "
+                                    "size); one --img-size; resumes exactly with the same --workers")
     train_split: str = _setting("train", "the training split of a folder: (its subfolder) or hf: dataset (a Hugging Face "
                                 "split, sliced as train[:99%])")
     val_split: str = _setting("val", "the validation split, as --train-split (the paper's minival: train[99%:]); val is "
@@ -136,7 +140,8 @@ class TrainConfig:
                                          flag(k) for k in RESUMABLE_CHANGES if k not in ("resume", "output")),
                                      "start a new run in --output")
     workers: int = _setting(0, "data-loading processes; each sample's augmentation is seeded by (--seed, epoch, "
-                               "index), so results and exact resume do not depend on it")
+                               "index), so results and exact resume do not depend on it (with --data-streaming "
+                               "they do: the stream is divided among them)")
     device: str = _setting("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
     log_every: int = _setting(10, "steps between records in metrics.jsonl")
     checkpoint_every: int = _setting(100, "steps between checkpoints (last/); one is also written after each epoch")
@@ -283,6 +288,11 @@ class TrainConfig:
         if photos and self.train_split == self.val_split:
             raise ValueError(f"--train-split and --val-split are both {self.train_split!r}: validation would score "
                              f"the training images")
+        if self.data_streaming and not self.data.startswith("hf:"):
+            raise ValueError(f"--data-streaming streams hf: datasets; --data {self.data} is not one")
+        if self.data_streaming and len(self.sizes) > 1:
+            raise ValueError(f"--data-streaming trains at one --img-size, got {sizes}: the steps of several sizes "
+                             f"take their samples by index, which a stream has not")
         if self.pretrained_file and not self.init_from:
             raise ValueError("--pretrained-file names the weights of an --init-from model; give --init-from too")
 
@@ -398,12 +408,50 @@ class SeededSamples(Dataset):
                 np.random.set_state(npy)
 
     def _seeded(self, index: int):
-        key = b"%d,%d,%d" % (self.seed, self.epoch, index)  # a stable hash: the same in every process
-        s = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-        torch.random.default_generator.manual_seed(s)
-        random.seed(s)
-        np.random.seed(s % 2**32)
+        _seed_every_rng(b"%d,%d,%d" % (self.seed, self.epoch, index))
         return self.dataset[index]
+
+
+def _seed_every_rng(key: bytes) -> None:
+    s = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")  # stable: alike in every process
+    torch.random.default_generator.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+class SeededStream(IterableDataset):
+    """A streamed training split (``--data-streaming``) whose samples are augmented under RNGs seeded
+    by (seed, epoch, rank, loader worker, position in that worker's share), as :class:`SeededSamples`
+    seeds by index: the stream's order is fixed by the seed, the epoch and the number of processes and
+    workers, so a run resumed with the same ``--workers`` reads and augments every sample alike. The
+    caller's random states are left as they were. ``batch_size``: this process's."""
+
+    def __init__(self, stream: IterableDataset, seed: int, rank: int, batch_size: int):
+        self.stream, self.seed, self.rank, self.batch_size, self.epoch = stream, seed, rank, batch_size, 0
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        samples = iter(self.stream)
+        for position in itertools.count():
+            py, npy = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    _seed_every_rng(b"%d,%d,%d,%d,%d" % (self.seed, self.epoch, self.rank, worker, position))
+                    sample = next(samples, None)  # read and transformed here, under these seeds
+                finally:
+                    random.setstate(py)
+                    np.random.set_state(npy)
+            if sample is None:
+                return
+            yield sample
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -508,8 +556,10 @@ def _check_resume(cfg: TrainConfig, run_dir: Path) -> None:
         raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a lookhere run directory?")
     saved = TrainConfig.from_yaml(saved_path).to_dict()
     mine = cfg.to_dict()
+    # a stream is divided among the loader workers: another count reads it in another order
+    resumable = [k for k in RESUMABLE_CHANGES if not (k == "workers" and cfg.data_streaming)]
     diffs = [f"{flag(k)}: run has {saved[k]!r}, now {mine[k]!r}" for k in mine
-             if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k]]
+             if k not in resumable and saved.get(k) != mine[k]]
     if diffs:
         raise ValueError(f"--resume {run_dir}: incompatible with this config ({'; '.join(diffs)}); "
                          f"resume with the run's own settings or start a new --output")
@@ -621,8 +671,8 @@ class Run:
     scheduler: Any
     mix: Any
     criterion: nn.Module
-    train_ds: SeededSamples
-    sampler: StepBatches
+    train_ds: SeededSamples | SeededStream
+    sampler: Optional[StepBatches]  # None for a stream: its order is its own
     val_loaders: dict[int, DataLoader]  # one per training size
     steps_per_epoch: int
     limit: int  # the step the run stops at
@@ -666,7 +716,9 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.resume:
         _check_resume(cfg, run_dir)
 
-    specs = [DataSpec(cfg.data, size, cfg.data_length, cfg.seed, cfg.data_root) for size in cfg.sizes]
+    per_rank = [max(1, round(b / d.world)) for b in cfg.batch_sizes()]
+    specs = [DataSpec(cfg.data, size, cfg.data_length, cfg.seed, cfg.data_root, streaming=cfg.data_streaming,
+                      batch_size=b) for size, b in zip(cfg.sizes, per_rank)]
     train_sets = [build_dataset(spec, cfg.train_split, train=True) for spec in specs]  # the same samples at each size
     classes = getattr(train_sets[0], "class_to_idx", None)  # a folder's: validation is labelled alike
     val_sets = {size: build_dataset(replace(spec, classes=classes), cfg.val_split, train=False)
@@ -675,7 +727,14 @@ def set_up(cfg: TrainConfig) -> Run:
     known = getattr(train_sets[0], "num_classes", None)
     if cfg.num_classes and known and cfg.num_classes < known:
         raise ValueError(f"--num-classes {cfg.num_classes}: {cfg.data} has {known} classes")
-    train_ds = SeededSamples(ConcatDataset(train_sets), cfg.seed)
+    if cfg.data_streaming:  # the reader deals each worker whole batches: an epoch is its length in batches
+        train_sets[0].set_loader_cfg(num_workers=cfg.workers)
+        train_ds: SeededSamples | SeededStream = SeededStream(train_sets[0], cfg.seed, d.rank, per_rank[0])
+        sampler, steps_per_epoch = None, len(train_ds) // per_rank[0]
+    else:
+        train_ds = SeededSamples(ConcatDataset(train_sets), cfg.seed)
+        sampler = StepBatches(len(train_sets[0]), per_rank, d.rank, d.world, cfg.seed)
+        steps_per_epoch = len(sampler.steps)
 
     raw, source = initial_model(cfg, num_classes)
     for size in cfg.sizes if cfg.init_from else ():  # before the run directory is written
@@ -691,9 +750,6 @@ def set_up(cfg: TrainConfig) -> Run:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ema = ModelEmaV3(raw, decay=cfg.ema_decay) if cfg.ema_decay else None
 
-    per_rank = [max(1, round(b / d.world)) for b in cfg.batch_sizes()]
-    sampler = StepBatches(len(train_sets[0]), per_rank, d.rank, d.world, cfg.seed)
-    steps_per_epoch = len(sampler.steps)
     if steps_per_epoch < 1:
         raise ValueError(f"the training split has {len(train_sets[0])} samples, fewer than one batch of "
                          f"{cfg.batch_size}")
@@ -716,7 +772,9 @@ def set_up(cfg: TrainConfig) -> Run:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # Loaders get generators of their own: creating one must not draw from the global RNG, or a run
     # resumed mid-epoch would see different dropout and mixup draws than an uninterrupted one.
-    val_loaders = {size: DataLoader(ds, batch_size=b, sampler=shard(len(ds), d.rank, d.world) if d.world > 1 else None,
+    # (a stream is divided among the processes by its reader)
+    val_loaders = {size: DataLoader(ds, batch_size=b, sampler=shard(len(ds), d.rank, d.world)
+                                    if d.world > 1 and not cfg.data_streaming else None,
                                     num_workers=cfg.workers, collate_fn=collate,
                                     generator=torch.Generator().manual_seed(cfg.seed))
                    for (size, ds), b in zip(val_sets.items(), per_rank)}
@@ -842,11 +900,17 @@ def train_one_epoch(run: Run, bar) -> None:
     checkpoints, and validation at the epoch's end."""
     cfg, p, d = run.cfg, run.progress, run.d
     epoch, in_epoch = divmod(p.step, run.steps_per_epoch)
-    run.sampler.set_epoch(epoch)
-    run.train_ds.epoch = epoch
-    run.sampler.start = in_epoch
-    loader = DataLoader(run.train_ds, batch_sampler=run.sampler, num_workers=cfg.workers, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    if run.sampler is None:  # a stream: its epoch from the start, the batches already trained on read and dropped
+        run.train_ds.set_epoch(epoch)
+        loader = itertools.islice(DataLoader(run.train_ds, batch_size=run.train_ds.batch_size, num_workers=cfg.workers,
+                                             collate_fn=collate, generator=generator), in_epoch, None)
+    else:
+        run.sampler.set_epoch(epoch)
+        run.train_ds.epoch = epoch
+        run.sampler.start = in_epoch
+        loader = DataLoader(run.train_ds, batch_sampler=run.sampler, num_workers=cfg.workers, collate_fn=collate,
+                            generator=generator)
     run.model.train()
     t0, seen = time.perf_counter(), 0
     for images, labels, skipped in loader:

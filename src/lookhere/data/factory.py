@@ -12,6 +12,7 @@ Fashion-MNIST is resized.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ class DataSpec:
     # A folder's labels are its class folders' sorted names; another split that lacks a class would
     # number the rest otherwise. Its other splits take the training split's (class name -> index).
     classes: dict | None = None
+    # hf: only: read the split as a stream (timm's hfids reader) instead of downloading it whole. A
+    # streamed training split yields whole batches of ``batch_size`` (per process) to each loader worker.
+    streaming: bool = False
+    batch_size: int = 1
 
 
 # What a dataset tells about itself, kept through the wrappers (Subset, SkipBad).
@@ -145,6 +150,42 @@ def _hf_photos(target: str, split: str, spec: DataSpec, train: bool, transform):
     return ds
 
 
+def _hf_stream(target: str, split: str, spec: DataSpec, train: bool, transform):
+    """A Hugging Face split streamed by timm's ``hfids`` reader: shards are read as training goes,
+    shuffled through a buffer seeded by the run's seed and the epoch, and divided among processes
+    and loader workers. A training epoch is ``spec.length`` samples (or the split's recorded size);
+    an evaluation pass reads the split once to its end."""
+    try:
+        import datasets  # noqa: F401
+        from timm.data import create_dataset
+    except ImportError as e:
+        raise ImportError("hf: datasets need the 'datasets' package: pip install 'lookhere[hf]'") from e
+    hf_split = {"val": spec.hf_val_split}.get(split, split)
+    if "[" in hf_split:
+        raise ValueError(f"--data-streaming: split {hf_split!r} of hf:{target} is sliced; a stream is read whole "
+                         f"(name a split of its own, e.g. validation)")
+    try:
+        # timm's reader asks for a count: an epoch's samples in training; an evaluation pass ignores it
+        ds = create_dataset(f"hfids/{target}", root=spec.root, split=hf_split, is_training=train,
+                            batch_size=spec.batch_size, seed=spec.seed, transform=transform, target_key="label",
+                            num_samples=spec.length if train else sys.maxsize)
+    except ValueError as e:
+        if "num_samples" not in str(e):
+            raise
+        raise ValueError(f"--data-streaming: hf:{target} records no size for split {hf_split!r}; give --data-length "
+                         f"N, the samples of a training epoch") from None
+    try:
+        features = ds.reader.builder.as_streaming_dataset(split=hf_split).features
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"split {split!r} of hf:{target}: {e}") from None
+    label = (features or {}).get("label")
+    if label is None or hasattr(label, "feature"):
+        raise ValueError(f"--data hf:{target} --data-streaming: split {hf_split!r} needs a 'label' column of one class "
+                         f"per image (found {', '.join(features or {}) or 'no columns'})")
+    ds.num_classes = getattr(label, "num_classes", None)
+    return ds
+
+
 def _folder_split(root: Path, split: str, transform, classes: dict | None = None):
     """``ROOT/SPLIT/`` of class folders (ImageNet's layout), or the same in tar files, read in place
     by timm's tar reader with random access: ``ROOT/SPLIT.tar`` (class folders inside, or one tar per
@@ -218,6 +259,10 @@ def _timm_photos(kind: str, target: str, split: str, spec: DataSpec, train: bool
         mean, std = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
     if kind == "folder":
         ds = _folder_split(Path(target), split, transform, spec.classes)
+    elif spec.streaming:
+        ds = _hf_stream(target, split, spec, train, transform)
+        ds.mean, ds.std = mean, std
+        return ds
     else:
         ds = _hf_photos(target, split, spec, train, transform)
     ds._max_retries = 1  # let SkipBad see (and count) an unreadable image instead of silently replacing it
@@ -241,6 +286,8 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
     """
     train = split == "train" if train is None else train
     name = spec.name
+    if spec.streaming and not name.startswith("hf:"):
+        raise ValueError(f"--data-streaming streams hf: datasets; {name} is not one")
     if spec.root and (name in SYNTHETIC_TASKS or name.startswith("folder:")):
         raise ValueError(f"--data-root {spec.root}: {name} is not read from it (it is for fashion-mnist and hf: "
                          f"datasets); leave it out")
@@ -257,6 +304,8 @@ def build_dataset(spec: DataSpec, split: str, *, train: bool | None = None, leng
         if not target:
             raise ValueError(f"--data {name!r} needs a path or name after '{kind}:'")
         ds = _timm_photos(kind, target, split, spec, train)
+        if spec.streaming:  # an iterable: its length is an epoch's samples, set by the reader
+            return ds
         if train and length is None:
             length = spec.length
     else:
