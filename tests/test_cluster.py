@@ -40,25 +40,31 @@ def descendants(pid: int) -> list[int]:
     return kids
 
 
-def test_submitit_local_gives_the_local_numbers_and_records_its_jobs(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_here(tmp_path_factory) -> Path:
+    """The tiny study made here, without jobs: the numbers each job-made study must give (read only)."""
+    out = tmp_path_factory.mktemp("here")
+    run_study(StudyConfig.from_dict(TINY), out, progress=False)
+    return out
+
+
+def test_submitit_local_gives_the_local_numbers_and_records_its_jobs(tmp_path, tiny_here):
     cfg = StudyConfig.from_dict(TINY)
-    run_study(cfg, tmp_path / "here", progress=False)
     result = run_study_jobs(cfg, tmp_path / "jobs", LOCAL, progress=False)
     assert result["failures"] == {} and result["ran"] == 2
-    assert numbers(tmp_path / "jobs", cfg) == numbers(tmp_path / "here", cfg)
+    assert numbers(tmp_path / "jobs", cfg) == numbers(tiny_here, cfg)
     for cell in cfg.cells(tmp_path / "jobs"):
         job = recorded_job(cell)
         assert job["executor"] == "submitit-local" and job["job_id"] == result["jobs"][cell.key]["job_id"]
         assert Path(job["log"]).is_file() and job["jobs"] == [job["job_id"]]
         made = json.loads((cell.dir / "cell.json").read_text())
         assert made["executor"] == "submitit-local" and made["jobs"] == [job["job_id"]]
-    assert json.loads((cfg.cells(tmp_path / "here")[0].dir / "cell.json").read_text())["executor"] == "local"
+    assert json.loads((cfg.cells(tiny_here)[0].dir / "cell.json").read_text())["executor"] == "local"
     assert (tmp_path / "jobs" / "report.md").is_file()
 
 
-def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_one(tmp_path, capsys):
+def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_one(tmp_path, capsys, tiny_here):
     cfg = StudyConfig.from_dict(TINY)
-    run_study(cfg, tmp_path / "whole", progress=False)
     out = tmp_path / "study"
     first = run_study_jobs(cfg, out, LOCAL, progress=False, detach=True)
     assert first["detached"] and first["ran"] == 2
@@ -84,7 +90,7 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
     assert recorded_job(cells[1])["job_id"] == ids[cells[1].key]  # attached to, not submitted again
     assert recorded_job(killed)["jobs"] == [ids[killed.key], recorded_job(killed)["job_id"]]
     assert json.loads((killed.dir / "cell.json").read_text())["jobs"] == recorded_job(killed)["jobs"]
-    assert numbers(out, cfg) == numbers(tmp_path / "whole", cfg)  # the resumed cell as if never killed
+    assert numbers(out, cfg) == numbers(tiny_here, cfg)  # the resumed cell as if never killed
 
 
 def test_a_failed_job_is_not_said_to_be_made_again(tmp_path, monkeypatch):

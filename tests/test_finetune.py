@@ -195,6 +195,40 @@ def test_a_validation_folder_lacking_a_class_keeps_the_training_labels(tmp_path)
         set_up(TrainConfig(**base, val_split="odd", output=str(tmp_path / "r2")))
 
 
+def test_eval_labels_a_split_lacking_a_class_as_the_run_trained(tmp_path, capsys):
+    """train/{cat,dog,fox}, test/{fox}: the run keeps its classes, so eval scores test's fox as class 2
+    (its own sorted folders would say 0). A model that always answers 2 must score 1.0."""
+    from PIL import Image
+
+    from lookhere.evaluate import load_checkpoint
+    from lookhere.train import run_classes
+
+    root = tmp_path / "photos"
+    for split, classes in (("train", ("cat", "dog", "fox")), ("val", ("cat", "dog", "fox")), ("test", ("fox",))):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    run = tmp_path / "r"
+    train(TrainConfig(data=f"folder:{root}", img_size=8, patch_size=4, embed_dim=48, depth=1, num_heads=12,
+                      batch_size=2, epochs=1, progress=False, output=str(run)))
+    assert run_classes(run) == {"cat": 0, "dog": 1, "fox": 2}
+    model, _ = load_checkpoint(run)
+    with torch.no_grad():  # answers fox whatever the image
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    save_model(model, run / "best")
+    assert main(["eval", "--checkpoint", str(run), "--sizes", "8", "16", "--no-progress"]) == 0
+    sizes = json.loads((run / "eval" / "eval.json").read_text())["sizes"]
+    assert {s: v["top1"] for s, v in sizes.items()} == {"8": 1.0, "16": 1.0}
+    # a split with a class the run never saw is one message, as for validation
+    (root / "odd" / "owl").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "odd" / "owl" / "0.png")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--split", "odd", "--sizes", "8", "--no-progress"]) == 2
+    assert "split 'odd' has classes the training split lacks: owl" in capsys.readouterr().err
+
+
 def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unless_given(tmp_path, released, photos):
     path, w = released
     base = {"init_from": str(path), "data": photos, "img_size": 32, "output": str(tmp_path / "r")}

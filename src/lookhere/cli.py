@@ -175,7 +175,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .position import registered_knobs
     from .evaluate import (EvalSettings, apply_knobs, load_checkpoint, load_pretrained, markdown_table, run_eval,
                            training_size, write_results)
-    from .train import resolve_device
+    from .train import resolve_device, run_classes
 
     if args.model:
         model, cfg, name = load_pretrained(args.model, args.pretrained_file), None, args.model
@@ -189,7 +189,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--data is required for a model without a training run "
                          "(e.g. --data hf:antofuller/ImageNet-HR)")
     settings = EvalSettings.from_flags(vars(args), data=data, train_size=training_size(model, cfg),
-                                       data_root=cfg.data_root if cfg else None, seed=cfg.seed if cfg else None)
+                                       data_root=cfg.data_root if cfg else None, seed=cfg.seed if cfg else None,
+                                       classes=run_classes(args.checkpoint) if cfg else None)
     results = run_eval(model, settings, device=resolve_device(args.device), progress=not args.no_progress)
     if args.output:
         out = args.output

@@ -366,6 +366,7 @@ class EvalSettings:
                                                "tried by --tune-knobs", (0.5, 2.0), type=float, nargs="+")
     num_classes: Optional[int] = None
     data_config: Optional[dict] = None  # photographs: timm data config (default: model_data_config)
+    classes: Optional[dict] = None  # a folder's class indices, the training run's (its classes.json)
 
     @classmethod
     def flags(cls) -> list[dataclasses.Field]:
@@ -473,7 +474,8 @@ class EvalSettings:
 
 
 def _split(settings: EvalSettings, size: int, split: str, length: Optional[int]):
-    spec = DataSpec(settings.data, size, None, settings.seed, settings.data_root, data_config=settings.data_config)
+    spec = DataSpec(settings.data, size, None, settings.seed, settings.data_root, data_config=settings.data_config,
+                    classes=settings.classes)
     return build_dataset(spec, split, train=False, length=length)
 
 

@@ -308,8 +308,9 @@ def paper_claims(records: list[dict[str, Any]], encodings: list[str], tuned: boo
                            for a in by[lookhere[0], seeds[0]]["adversarial"] if a != "n"},
             "extrapolation": {}, "newer": {},
         }
+        variants = ("default", "tuned") if tuned else ("default",)
         for key, group in (("extrapolation", ropes), ("newer", newer)):
-            for variant in ("default", "tuned")[:1 + tuned] if group else ():
+            for variant in variants if group else ():
                 best = max(group, key=lambda e: np.mean([by[e, s]["sizes"][last][variant]["top1"] for s in seeds]))
                 ds[key][variant] = {"against": best, **contrast(lambda r: r["sizes"][last][variant]["top1"], [best])}
         out[dataset] = ds

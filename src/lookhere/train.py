@@ -5,7 +5,8 @@ record per logged step and per epoch), TensorBoard events, and checkpoints ``las
 A checkpoint is a folder: ``model.safetensors`` + ``config.json`` (loadable by
 ``lookhere.load_model``), ``ema.safetensors`` when EMA is on, and ``state.pt`` (optimizer, RNG
 states, the step, which is the position in the data, and the seconds trained so far), written beside
-and swapped in by renames.
+and swapped in by renames. A run on a folder of class folders also keeps ``classes.json`` (class
+name -> the index the model predicts it as), so that a split lacking a class is labelled alike.
 The learning rate is a function of the step and ``config.yaml``, which a resume rewrites with the
 settings it goes on with (``--epochs`` may grow).
 """
@@ -173,7 +174,8 @@ class TrainConfig:
         return self.sizes[0]
 
     def batch_sizes(self) -> list[int]:
-        """The batch of each training size: ``--batch-size`` at the first, scaled by (first / size)^2."""
+        """The batch of each training size: ``--batch-size`` at the first, scaled by (first / size)^2
+        (over several processes, each takes the nearest whole share: see ``set_up``)."""
         return [max(1, round(self.batch_size * (self.size / s) ** 2)) for s in self.sizes]
 
     def to_dict(self) -> dict[str, Any]:
@@ -680,6 +682,7 @@ class Run:
     log: Optional[RunLog] = None
     last_val: dict[str, float] = field(default_factory=dict)  # the last validation's top-1 and loss
     source: Optional[dict[str, Any]] = None  # with --init-from: where the run started (init.json)
+    classes: Optional[dict[str, int]] = None  # a folder's class indices (classes.json)
 
     def summed(self, values: list[float]) -> list[float]:
         """Summed over the ranks (every rank calls it at the same step)."""
@@ -780,7 +783,7 @@ def set_up(cfg: TrainConfig) -> Run:
                    for (size, ds), b in zip(val_sets.items(), per_rank)}
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     return Run(cfg, run_dir, device, d, model, raw, ema, optimizer, scheduler, mix, criterion, train_ds, sampler,
-               val_loaders, steps_per_epoch, limit, progress, source=source)
+               val_loaders, steps_per_epoch, limit, progress, source=source, classes=classes)
 
 
 # --- checkpoints: save and restore, side by side -----------------------------------------------
@@ -840,6 +843,8 @@ def start(run: Run) -> None:
         run.dir.mkdir(parents=True, exist_ok=True)
         # the settings the run goes on with, so that a later --resume continues with them
         _write_atomically(run.dir / "config.yaml", yaml.safe_dump(replace(cfg, resume=None).to_dict(), sort_keys=False))
+        if run.classes is not None:
+            _write_atomically(run.dir / CLASSES, json.dumps(run.classes, indent=2) + "\n")
     if d.world > 1:
         dist.barrier()
     run.log = RunLog(run.dir, run.progress.step, bool(cfg.resume), d.main, d.world)
@@ -847,6 +852,16 @@ def start(run: Run) -> None:
         print(f"--resume {run.dir}: the run is at step {run.progress.step}, where it ends (--epochs {cfg.epochs}"
               f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}: {run.limit} steps); nothing to train. "
               f"Raise --epochs or --max-steps to go on", file=sys.stderr)
+
+
+CLASSES = "classes.json"
+
+
+def run_classes(run_dir: str | os.PathLike) -> Optional[dict[str, int]]:
+    """The class indices a run on folder data trained with (None: another kind of data, or a run made
+    before they were kept): what ``lookhere eval`` and ``analyze`` label another split of a folder by."""
+    path = Path(run_dir) / CLASSES
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_source(run: Run) -> None:
