@@ -859,7 +859,7 @@ CLASSES = "classes.json"
 
 def run_classes(run_dir: str | os.PathLike) -> Optional[dict[str, int]]:
     """The class indices a run on folder data trained with (None: another kind of data, or a run made
-    before they were kept): what ``lookhere eval`` and ``analyze`` label another split of a folder by."""
+    before they were kept): what ``lookhere eval`` labels another split of the folder by."""
     path = Path(run_dir) / CLASSES
     return json.loads(path.read_text()) if path.is_file() else None
 
