@@ -151,13 +151,16 @@ def _train(args: argparse.Namespace) -> int:
             return 0
         print(json.dumps(job.results()[0]))  # the first process's: every one trained the same run
         return 0
+    main_process = True
     try:
         result = train(cfg)
     finally:  # under torchrun: a process group left to exit-time teardown can abort the process
         if dist.is_initialized():
+            main_process = dist.get_rank() == 0
             dist.destroy_process_group()
     result.pop("model", None)
-    print(json.dumps(result))
+    if main_process:  # one summary: every process trained the same run
+        print(json.dumps(result))
     return 0
 
 
