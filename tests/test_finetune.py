@@ -227,6 +227,12 @@ def test_eval_labels_a_split_lacking_a_class_as_the_run_trained(tmp_path, capsys
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--split", "odd", "--sizes", "8", "--no-progress"]) == 2
     assert "split 'odd' has classes the training split lacks: owl" in capsys.readouterr().err
+    # a damaged classes.json is one message naming the file, not a bare JSON error
+    for damaged in ('{"cat": 0, "dog"', '["cat", "dog", "fox"]'):
+        (run / "classes.json").write_text(damaged)
+        assert main(["eval", "--checkpoint", str(run), "--sizes", "8", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert str(run / "classes.json") in err and "not the run's class indices" in err, err
 
 
 def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unless_given(tmp_path, released, photos):

@@ -861,7 +861,15 @@ def run_classes(run_dir: str | os.PathLike) -> Optional[dict[str, int]]:
     """The class indices a run on folder data trained with (None: another kind of data, or a run made
     before they were kept): what ``lookhere eval`` labels another split of the folder by."""
     path = Path(run_dir) / CLASSES
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        classes = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not the run's class indices (invalid JSON: {e})") from None
+    if not (isinstance(classes, dict) and all(isinstance(k, str) and type(v) is int for k, v in classes.items())):
+        raise ValueError(f"{path}: not the run's class indices (expected an object of class name -> index)")
+    return classes
 
 
 def _check_source(run: Run) -> None:
