@@ -228,7 +228,8 @@ def test_eval_labels_a_split_lacking_a_class_as_the_run_trained(tmp_path, capsys
     assert main(["eval", "--checkpoint", str(run), "--split", "odd", "--sizes", "8", "--no-progress"]) == 2
     assert "split 'odd' has classes the training split lacks: owl" in capsys.readouterr().err
     # a damaged classes.json is one message naming the file, not a bare JSON error
-    for damaged in ('{"cat": 0, "dog"', '["cat", "dog", "fox"]'):
+    for damaged in ('{"cat": 0, "dog"', '["cat", "dog", "fox"]', '{"cat": 0, "dog": 0, "fox": 2}',
+                    '{"cat": 0, "dog": 1, "fox": 3}'):
         (run / "classes.json").write_text(damaged)
         assert main(["eval", "--checkpoint", str(run), "--sizes", "8", "--no-progress"]) == 2
         err = capsys.readouterr().err

@@ -869,6 +869,9 @@ def run_classes(run_dir: str | os.PathLike) -> Optional[dict[str, int]]:
         raise ValueError(f"{path}: not the run's class indices (invalid JSON: {e})") from None
     if not (isinstance(classes, dict) and all(isinstance(k, str) and type(v) is int for k, v in classes.items())):
         raise ValueError(f"{path}: not the run's class indices (expected an object of class name -> index)")
+    if sorted(classes.values()) != list(range(len(classes))):
+        raise ValueError(f"{path}: not the run's class indices (expected each of 0..{len(classes) - 1} once, "
+                         f"got {sorted(classes.values())})")
     return classes
 
 
