@@ -234,6 +234,7 @@ def test_eval_labels_a_split_lacking_a_class_as_the_run_trained(tmp_path, capsys
         assert main(["eval", "--checkpoint", str(run), "--sizes", "8", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert str(run / "classes.json") in err and "not the run's class indices" in err, err
+        assert "ImageDataset(TRAIN_SPLIT_FOLDER).reader.class_to_idx" in err, err  # and how to mend it
 
 
 def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unless_given(tmp_path, released, photos):

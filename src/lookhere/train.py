@@ -863,15 +863,18 @@ def run_classes(run_dir: str | os.PathLike) -> Optional[dict[str, int]]:
     path = Path(run_dir) / CLASSES
     if not path.is_file():
         return None
+    remedy = ("write it again from the training split's folders as the run did: "
+              "timm.data.ImageDataset(TRAIN_SPLIT_FOLDER).reader.class_to_idx")
     try:
         classes = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not the run's class indices (invalid JSON: {e})") from None
+        raise ValueError(f"{path}: not the run's class indices (invalid JSON: {e}); {remedy}") from None
     if not (isinstance(classes, dict) and all(isinstance(k, str) and type(v) is int for k, v in classes.items())):
-        raise ValueError(f"{path}: not the run's class indices (expected an object of class name -> index)")
-    if sorted(classes.values()) != list(range(len(classes))):
+        raise ValueError(f"{path}: not the run's class indices (expected an object of class name -> index); {remedy}")
+    indices = sorted(classes.values())
+    if indices != list(range(len(classes))):
         raise ValueError(f"{path}: not the run's class indices (expected each of 0..{len(classes) - 1} once, "
-                         f"got {sorted(classes.values())})")
+                         f"got {indices}); {remedy}")
     return classes
 
 
