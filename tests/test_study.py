@@ -258,6 +258,11 @@ def test_shipped_studies_are_valid():
     assert {k: v for k, v in one.to_dict().items() if k != "img_size"} == \
         {k: v for k, v in single.train_config("synthetic-where", "lh-90", 0, "x").to_dict().items() if k != "img_size"}
     assert set(single.sizes("synthetic")) <= set(multi.sizes("synthetic"))
+    # Its report is set against the paper-grid study's cells, where the docs keep both.
+    from lookhere.study_report import base_study
+
+    results = root.parent / "docs" / "results"
+    assert base_study(results / "paper-grid-multisize", multi.compare_with) == (results / "paper-grid").resolve()
 
 
 def test_stored_cells_still_match_their_study_files(tmp_path, monkeypatch):
@@ -772,6 +777,99 @@ def test_learning_speed_per_seed_in_the_report_and_its_figure(tmp_path):
             curve.write_text(json.dumps({"epochs": [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1, "val_acc": 0.6}]}))
     report = Path(write_report(tmp_path)["report"]).read_text()
     assert "| encoding | 1 | 2 |\n" in report and "| lh-90 | 50 | 60 |\n" in report and "first epoch at" not in report
+
+
+def _cell_with_top1(root: Path, encoding: str, seed: int, train_size: int, default: dict, tuned: dict) -> None:
+    """A finished cell of the what task whose top-1 at each size is given, at the defaults and tuned."""
+    d = root / "synthetic" / encoding / f"seed{seed}"
+    (d / "eval").mkdir(parents=True)
+    (d / "cell.json").write_text(json.dumps({"command": f"lookhere train --pos-encoding {encoding} --seed {seed}"}))
+    m = lambda v: {"top1": v, "nll": 0.5, "ece": 0.05}
+    (d / "eval" / "eval.json").write_text(json.dumps({"train_size": train_size, "sizes": {s: m(v) for s, v in default.items()},
+                                                      "tuned": {s: m(v) for s, v in tuned.items()}}))
+    (d / "train.json").write_text(json.dumps({"epochs": [{"kind": "epoch", "epoch": 0, "val_acc": 0.5}]}))
+
+
+def test_a_study_that_varies_another_is_set_against_it_seed_by_seed(tmp_path, monkeypatch):
+    """``compare_with``: the report sets each encoding's top-1 against the base study's over the seeds both
+    finished, at the sizes both tested, with the paired interval, and says who is best at the largest
+    size in each (the question a variant such as training at several sizes asks)."""
+    from scipy import stats
+
+    from lookhere.study import StudyConfig, prepare
+    from lookhere.study_report import write_report
+
+    study = lambda name, **kw: {"name": name, "datasets": {"synthetic": {}}, "encodings": ["lh-90", "rope-2d-axial"],
+                                "seeds": [0, 1, 2], "reference": "lh-90", "eval": {"tune_knobs": True}, **kw}
+    base, multi = tmp_path / "results" / "base", tmp_path / "results" / "multi"
+    base.mkdir(parents=True)
+    multi.mkdir()
+    (base / "study.yaml").write_text(yaml.safe_dump(study("one-size")))
+    (multi / "study.yaml").write_text(yaml.safe_dump(study("several-sizes", compare_with="../base")))
+    # Base: lh-90 best at 64 px; the variant: rope-2d-axial rises past it. lh-90's seed 2 is not done
+    # here, rope-2d-axial's seed 2 not there: each pairs over seeds 0 and 1 only.
+    there = {("lh-90", 0): (0.80, 0.60), ("lh-90", 1): (0.82, 0.62), ("lh-90", 2): (0.84, 0.64),
+             ("rope-2d-axial", 0): (0.70, 0.30), ("rope-2d-axial", 1): (0.72, 0.34)}
+    here = {("lh-90", 0): (0.81, 0.61), ("lh-90", 1): (0.80, 0.66),
+            ("rope-2d-axial", 0): (0.75, 0.70), ("rope-2d-axial", 1): (0.76, 0.74), ("rope-2d-axial", 2): (0.7, 0.7)}
+    for root, cells, sizes in ((base, there, ("16", "32", "64")), (multi, here, ("12", "16", "32", "64"))):
+        for (enc, seed), (at16, at64) in cells.items():
+            default = {s: {"16": at16, "64": at64}.get(s, 0.5) for s in sizes}
+            tuned = {**default, "64": at64 + 0.1}  # a knob that adds ten points at 64 px
+            _cell_with_top1(root, enc, seed, 16, default, tuned)
+
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    files = write_report(multi)
+    monkeypatch.setattr(plt, "close", close)
+    cmp = json.loads(Path(files["results"]).read_text())["against"]
+    assert cmp["study"] == "one-size" and cmp["compare_with"] == "../base"
+    ds = cmp["datasets"]["synthetic"]
+    assert ds["sizes"] == ["16", "32", "64"] and ds["train_size"] == {"here": 16, "there": 16}
+    assert ds["encodings"]["lh-90"]["seeds"] == [0, 1] and ds["encodings"]["rope-2d-axial"]["seeds"] == [0, 1]
+    for enc in ("lh-90", "rope-2d-axial"):
+        for variant, lift in (("default", 0.0), ("tuned", 0.1)):
+            d = np.array([here[enc, s][1] - there[enc, s][1] for s in (0, 1)], dtype=np.float64)
+            half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / np.sqrt(2)
+            c = ds["encodings"][enc][variant]["64"]
+            assert c["change"]["mean"] == pytest.approx(d.mean(), abs=1e-12)
+            assert c["change"]["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=1e-12)
+            assert c["here"]["mean"] == pytest.approx(np.mean([here[enc, s][1] for s in (0, 1)]) + lift, abs=1e-12)
+            assert c["there"]["mean"] == pytest.approx(np.mean([there[enc, s][1] for s in (0, 1)]) + lift, abs=1e-12)
+
+    report = Path(files["report"]).read_text()
+    assert "## Against one-size, the study this one varies (`compare_with: ../base`)" in report
+    assert "### synthetic: tuned (there trained at 16 px)" in report
+    assert "| encoding | seeds | 16 px here | there | change | 64 px here | there | change | rank at 64 px |" in report
+    # rope-2d-axial, tuned, over seeds 0 and 1 (t(0.975, 1 dof) = 12.706): at 16 px 75 and 76 here, 70 and 72
+    # there, 5 and 4 points up; at 64 px 80 and 84 here, 40 and 44 there, 40 up on both (no spread); 1st here, 2nd there
+    assert "| rope-2d-axial | 2 | 75.5 ± 6.4 | 71.0 ± 12.7 | +4.5 ± 6.4 (p=0.07, 2/2) |" in report
+    assert "| 82.0 ± 25.4 | 42.0 ± 25.4 | +40.0 ± 0.0 (p=-, 2/2) | 1 / 2 |" in report
+    assert "Best at 64 px (tuned): rope-2d-axial here, lh-90 there." in report
+    assert "Best at 64 px (defaults, no knob): rope-2d-axial here, lh-90 there." in report
+    assert "![change in top-1 against test size](against.png)" in report
+    assert Path(files["against"]).stat().st_size > 10000
+    against = figures[-1]  # its last figure: the change against test size, tuned and at the defaults
+    assert [ax.get_title() for ax in against.axes] == ["synthetic: knob tuned on validation", "synthetic: defaults"]
+    for ax in against.axes:
+        lines = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}
+        np.testing.assert_allclose(lines["rope-2d-axial"], [4.5, 0.0, 40.0], atol=1e-9)
+        np.testing.assert_allclose(lines["lh-90"], [-0.5, 0.0, 2.5], atol=1e-9)
+    for f in figures:
+        close(f)
+
+    # A path to no study is one message, at the report and before a run starts any cell.
+    for wrong, error, said in (("../nowhere", FileNotFoundError, "not a study directory (no study.yaml)"),
+                               (".", ValueError, "names this study itself")):
+        (multi / "study.yaml").write_text(yaml.safe_dump(study("several-sizes", compare_with=wrong)))
+        with pytest.raises(error, match=re.escape(said)):
+            write_report(multi)
+        with pytest.raises(error, match=re.escape(said)):
+            prepare(StudyConfig.from_dict(study("several-sizes", compare_with=wrong)), multi)
+    with pytest.raises(ValueError, match="compare_with must be the output directory"):
+        StudyConfig.from_dict(study("several-sizes", compare_with=3))
 
 
 def test_a_study_that_tunes_no_knob_reports_its_defaults_as_defaults(tmp_path, monkeypatch):

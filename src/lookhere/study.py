@@ -78,6 +78,9 @@ class StudyConfig:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_capability: Optional[str] = "avx2"  # the CPU code paths every cell is pinned to (x86-64); null: the CPU's best
     cluster: dict[str, Any] = field(default_factory=dict)  # where cells run (lookhere.cluster.ClusterConfig)
+    # The output directory of the study this one varies, relative to this one's: the report sets the
+    # two side by side, seed by seed (e.g. trained at several sizes against trained at one).
+    compare_with: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "study config") -> "StudyConfig":
@@ -118,7 +121,8 @@ class StudyConfig:
                   encodings=list(d["encodings"]), seeds=list(d["seeds"]),
                   train=dict(d.get("train") or {}), eval=plan, reference=d.get("reference", "lh-90"),
                   variants={k: dict(v or {}) for k, v in (d.get("variants") or {}).items()},
-                  cpu_capability=d.get("cpu_capability", "avx2"), cluster=dict(d.get("cluster") or {}))
+                  cpu_capability=d.get("cpu_capability", "avx2"), cluster=dict(d.get("cluster") or {}),
+                  compare_with=d.get("compare_with"))
         cfg.validate(source)
         return cfg
 
@@ -158,6 +162,9 @@ class StudyConfig:
                              f"{', '.join(CPU_CAPABILITIES)} or null")
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.encodings)) != len(self.encodings):
             raise ValueError(f"{source}: seeds and encodings must not repeat")
+        if self.compare_with is not None and not (isinstance(self.compare_with, str) and self.compare_with.strip()):
+            raise ValueError(f"{source}: compare_with must be the output directory of the study this one varies, "
+                             f"relative to this study's, got {self.compare_with!r}")
         if self.reference not in self.encodings:
             raise ValueError(f"{source}: reference {self.reference!r}, the encoding the others are compared "
                              f"against, is not among the encodings; set reference to one of them")
@@ -606,7 +613,12 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
 
 def prepare(cfg: StudyConfig, output: str | Path) -> tuple[list[Cell], dict[str, dict[str, Any]], dict[str, list[str]]]:
     """The study's cells, what each resolves to and which made cells must be made again (and why);
-    refuses a directory made by another study."""
+    refuses a directory made by another study, and a ``compare_with`` that names no study (which
+    would otherwise surface only in the report, after every cell)."""
+    if cfg.compare_with is not None:
+        from .study_report import base_study
+
+        base_study(Path(output), cfg.compare_with)
     cells = cfg.cells(output)
     check_cells_match(cells)
     identities = resolve_identities(cfg, cells)

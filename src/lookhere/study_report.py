@@ -155,6 +155,32 @@ def aggregate(records: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     return out
 
 
+def against_base(records: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    """This study against ``base``, the records of the study it varies (``compare_with``): per dataset
+    both ran and encoding both have, top-1 here and there and the change (here minus there, seed by
+    seed over the seeds both finished) at each test size both have, tuned and at the defaults."""
+    out: dict[str, Any] = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        here = {(r["encoding"], r["seed"]): r for r in records if r["dataset"] == dataset}
+        there = {(r["encoding"], r["seed"]): r for r in base if r["dataset"] == dataset}
+        pairs = [key for key in here if key in there]
+        if not pairs:
+            continue
+        sizes = sorted(set.intersection(*(set(here[k]["sizes"]) & set(there[k]["sizes"]) for k in pairs)), key=int)
+        encodings: dict[str, Any] = {}
+        for enc in dict.fromkeys(e for e, _ in pairs):
+            seeds = [s for e, s in pairs if e == enc]
+            encodings[enc] = {"seeds": seeds}
+            for variant in ("tuned", "default"):
+                a = {size: [here[enc, s]["sizes"][size][variant]["top1"] for s in seeds] for size in sizes}
+                b = {size: [there[enc, s]["sizes"][size][variant]["top1"] for s in seeds] for size in sizes}
+                encodings[enc][variant] = {size: {"here": summarize(a[size]), "there": summarize(b[size]),
+                                                  "change": paired(a[size], b[size])} for size in sizes}
+        out[dataset] = {"train_size": {"here": here[pairs[0]]["train_size"], "there": there[pairs[0]]["train_size"]},
+                        "sizes": sizes, "encodings": encodings}
+    return out
+
+
 # --- writing ---------------------------------------------------------------------------------------
 def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
     """``mean ± half-width of the 95% interval`` (in percent for accuracies; ``signed`` for differences)."""
@@ -542,6 +568,84 @@ def markdown(name: str, summary: dict[str, Any], reference: str, notes: str = ""
     return "\n".join(lines)
 
 
+def against_markdown(base_name: str, where: str, cmp: dict[str, Any], tuned: bool = True, plot: str = "") -> str:
+    """The section that sets this study against the one it varies: per dataset and variant, top-1 here
+    and there at the base's training size and the largest size both tested, the change, and each
+    encoding's rank at the largest size in either study (who extrapolates best, and whether that moved)."""
+    lines = [f"## Against {base_name}, the study this one varies (`compare_with: {where}`)", ""]
+    if not cmp:
+        return "\n".join(lines + [f"No cell of this study has a finished counterpart in {base_name} yet.", ""])
+    lines += ["Top-1 (%) here and there, over the seeds both studies have finished, and the change (here minus "
+              "there, points: the mean ± 95% interval of the per-seed difference; p: paired t-test; k/n: seeds "
+              "where it rose). Rank: among the encodings listed, by mean top-1 at the largest size, here / there.", ""]
+    if plot:
+        lines += [f"![change in top-1 against test size]({plot})", ""]
+    variants = (("tuned", "tuned"),) if tuned else ()
+    variants += (("default", "defaults, no knob"),)
+    for dataset, ds in cmp.items():
+        t = str(ds["train_size"]["there"])
+        last = ds["sizes"][-1]
+        shown = ([t] if t in ds["sizes"] and t != last else []) + [last]
+        for variant, label in variants:
+            encs = ds["encodings"]
+            rank = {side: {e: i + 1 for i, e in enumerate(sorted(encs, key=lambda e: -encs[e][variant][last][side]["mean"]))}
+                    for side in ("here", "there")}
+            lines += [f"### {dataset}: {label} (there trained at {t} px)", "",
+                      "| encoding | seeds | " + " | ".join(f"{s} px here | there | change" for s in shown) +
+                      f" | rank at {last} px |", "|---|---:|" + "---:|---:|---:|" * len(shown) + "---:|"]
+            for enc, e in encs.items():
+                cells = []
+                for size in shown:
+                    c = e[variant][size]
+                    ch = c["change"]
+                    cells += [_pm(c["here"]), _pm(c["there"]),
+                              f"{_pm(ch, signed=True)} (p={_p(ch['p_value'])}, {ch['wins']}/{len(e['seeds'])})"]
+                lines.append(f"| {enc} | {len(e['seeds'])} | " + " | ".join(cells) +
+                             f" | {rank['here'][enc]} / {rank['there'][enc]} |")
+            best = {side: min(rank[side], key=rank[side].get) for side in rank}
+            lines += ["", f"Best at {last} px ({label}): {best['here']} here, {best['there']} there.", ""]
+    return "\n".join(lines)
+
+
+def plot_against(cmp: dict[str, Any], path: Path, base_name: str, tuned: bool = True) -> str:
+    """The change in top-1 (here minus the base study) against test size, one line per encoding with
+    its 95% interval; one row per dataset, tuned (where ``tuned``) and defaults side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = ((("tuned", "knob tuned on validation"),) if tuned else ()) + (("default", "defaults"),)
+    fig, axes = plt.subplots(len(cmp), len(variants), figsize=(5.5 * len(variants), 4.6 * len(cmp)),
+                             squeeze=False, sharey=True, layout="constrained")
+    for row, (dataset, ds) in enumerate(cmp.items()):
+        sizes = [int(s) for s in ds["sizes"]]
+        styles = _styles(list(ds["encodings"]))
+        for ax, (variant, title) in zip(axes[row], variants):
+            for i, (enc, e) in enumerate(ds["encodings"].items()):
+                change = [e[variant][str(s)]["change"] for s in sizes]
+                mean = np.array([c["mean"] for c in change]) * 100
+                # clipped as accuracies are: a t-interval over two or three seeds can pass what a change can be
+                lo = np.clip(np.array([c["mean"] if c["ci95"][0] is None else c["ci95"][0] for c in change]) * 100, -100, 100)
+                hi = np.clip(np.array([c["mean"] if c["ci95"][1] is None else c["ci95"][1] for c in change]) * 100, -100, 100)
+                aside = 2.0 ** (0.025 * (i - (len(ds["encodings"]) - 1) / 2))  # the x axis is logarithmic
+                ax.errorbar([s * aside for s in sizes], mean, yerr=[mean - lo, hi - mean], marker="o", ms=3,
+                            capsize=2, elinewidth=0.8, label=enc, **styles[enc])
+            ax.axhline(0, color="black", lw=0.8)
+            ax.axvline(ds["train_size"]["there"], color="grey", lw=0.8, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(s) for s in sizes])
+            ax.minorticks_off()
+            ax.set_xlabel("test image size (px); dotted: the base study's training size")
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{dataset}: {title}")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+        axes[row][0].set_ylabel(f"top-1 here minus {base_name} (points)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def _learning_table(ds: dict[str, Any]) -> list[str]:
     """Validation top-1 after each epoch (mean over seeds), and the epoch each seed reached LEARNED
     (a column only where some seed did: on a task no encoding passes it would say nothing)."""
@@ -596,6 +700,19 @@ def _p(p: Optional[float]) -> str:
     return "-" if p is None else f"{p:.2g}"
 
 
+def base_study(root: Path, compare_with: str) -> Path:
+    """The output directory of the study ``root`` varies, named relative to ``root``."""
+    base = (root / compare_with).resolve()
+    if base == root.resolve():
+        raise ValueError(f"{root}: compare_with {compare_with!r} names this study itself; name the output "
+                         f"directory of the study it varies, relative to {root}")
+    if not (base / "study.yaml").is_file():
+        raise FileNotFoundError(f"{root}: compare_with {compare_with!r} is {base}, not a study directory (no "
+                                f"study.yaml); name the output directory of the study this one varies, relative "
+                                f"to {root}")
+    return base
+
+
 def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     """Aggregate a study directory into ``results.json``, ``report.md`` and its figures: top-1 against
     size (``top1_vs_size.png``, ``headline.png``) and validation top-1 against epoch (``learning.png``)."""
@@ -617,6 +734,14 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     claims = paper_claims(records, cfg["encodings"], tuned)
     results = {"study": cfg["name"], "config": cfg, "reference": cfg.get("reference", "lh-90"),
                "cells": records, "summary": summary, "paper_claims": claims}
+    section = figure = ""
+    if cfg.get("compare_with"):
+        base = base_study(root, cfg["compare_with"])
+        base_name = yaml.safe_load((base / "study.yaml").read_text())["name"]
+        cmp = against_base(records, _cells(base))
+        figure = plot_against(cmp, root / "against.png", base_name, tuned) if cmp else ""
+        results["against"] = {"study": base_name, "compare_with": cfg["compare_with"], "datasets": cmp}
+        section = against_markdown(base_name, cfg["compare_with"], cmp, tuned, Path(figure).name if figure else "")
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(root / "results.json")
@@ -629,6 +754,6 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     (root / "report.md").write_text(markdown(cfg["name"], summary, results["reference"], notes, progress,
                                              plot=Path(plot).name, headline_plot=Path(top).name, claims=claims,
                                              learning_plot=Path(learning).name, tuned=tuned)
-                                    + "\n" + provenance(records))
+                                    + "\n" + (section + "\n" if section else "") + provenance(records))
     return {"results": str(root / "results.json"), "report": str(root / "report.md"), "plot": plot, "headline": top,
-            "learning": learning}
+            "learning": learning, **({"against": figure} if figure else {})}
