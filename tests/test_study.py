@@ -860,6 +860,21 @@ def test_a_study_that_varies_another_is_set_against_it_seed_by_seed(tmp_path, mo
     for f in figures:
         close(f)
 
+    # A base study that tuned no knob has no tuned numbers: only the defaults are set against it.
+    (base / "study.yaml").write_text(yaml.safe_dump(study("one-size", eval={"tune_knobs": False})))
+    files = write_report(multi)
+    section = Path(files["report"]).read_text().split("## Against one-size")[1]
+    assert "### synthetic: defaults, no knob" in section and "tuned" not in section
+    assert json.loads(Path(files["results"]).read_text())["against"]["tuned"] is False
+    (base / "study.yaml").write_text(yaml.safe_dump(study("one-size")))
+
+    # Studies with no test size in common have nothing to set side by side (and the report still writes).
+    from lookhere.study_report import against_base
+
+    record = lambda sizes: {"dataset": "synthetic", "encoding": "lh-90", "seed": 0, "train_size": 16,
+                            "sizes": {s: {"tuned": {"top1": 0.5}, "default": {"top1": 0.5}} for s in sizes}}
+    assert against_base([record(["16", "32"])], [record(["24", "48"])]) == {}
+
     # A path to no study is one message, at the report and before a run starts any cell.
     for wrong, error, said in (("../nowhere", FileNotFoundError, "not a study directory (no study.yaml)"),
                                (".", ValueError, "names this study itself")):

@@ -167,6 +167,8 @@ def against_base(records: list[dict[str, Any]], base: list[dict[str, Any]]) -> d
         if not pairs:
             continue
         sizes = sorted(set.intersection(*(set(here[k]["sizes"]) & set(there[k]["sizes"]) for k in pairs)), key=int)
+        if not sizes:
+            continue
         encodings: dict[str, Any] = {}
         for enc in dict.fromkeys(e for e, _ in pairs):
             seeds = [s for e, s in pairs if e == enc]
@@ -574,7 +576,8 @@ def against_markdown(base_name: str, where: str, cmp: dict[str, Any], tuned: boo
     encoding's rank at the largest size in either study (who extrapolates best, and whether that moved)."""
     lines = [f"## Against {base_name}, the study this one varies (`compare_with: {where}`)", ""]
     if not cmp:
-        return "\n".join(lines + [f"No cell of this study has a finished counterpart in {base_name} yet.", ""])
+        return "\n".join(lines + [f"Nothing to set side by side yet: no finished cell here has a finished counterpart in "
+                                     f"{base_name} tested at a size both studies use.", ""])
     lines += ["Top-1 (%) here and there, over the seeds both studies have finished, and the change (here minus "
               "there, points: the mean ± 95% interval of the per-seed difference; p: paired t-test; k/n: seeds "
               "where it rose). Rank: among the encodings listed, by mean top-1 at the largest size, here / there.", ""]
@@ -737,11 +740,15 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     section = figure = ""
     if cfg.get("compare_with"):
         base = base_study(root, cfg["compare_with"])
-        base_name = yaml.safe_load((base / "study.yaml").read_text())["name"]
+        base_cfg = yaml.safe_load((base / "study.yaml").read_text())
+        # "tuned" is set against "tuned" only where both studies tuned their knobs (else it is the defaults there)
+        both_tuned = tuned and bool((base_cfg.get("eval") or {}).get("tune_knobs"))
         cmp = against_base(records, _cells(base))
-        figure = plot_against(cmp, root / "against.png", base_name, tuned) if cmp else ""
-        results["against"] = {"study": base_name, "compare_with": cfg["compare_with"], "datasets": cmp}
-        section = against_markdown(base_name, cfg["compare_with"], cmp, tuned, Path(figure).name if figure else "")
+        figure = plot_against(cmp, root / "against.png", base_cfg["name"], both_tuned) if cmp else ""
+        results["against"] = {"study": base_cfg["name"], "compare_with": cfg["compare_with"], "tuned": both_tuned,
+                              "datasets": cmp}
+        section = against_markdown(base_cfg["name"], cfg["compare_with"], cmp, both_tuned,
+                                   Path(figure).name if figure else "")
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(root / "results.json")
