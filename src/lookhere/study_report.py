@@ -178,8 +178,17 @@ def against_base(records: list[dict[str, Any]], base: list[dict[str, Any]]) -> d
                 b = {size: [there[enc, s]["sizes"][size][variant]["top1"] for s in seeds] for size in sizes}
                 encodings[enc][variant] = {size: {"here": summarize(a[size]), "there": summarize(b[size]),
                                                   "change": paired(a[size], b[size])} for size in sizes}
+        # Who is best at the largest size, here and there: ranked over the seeds every encoding has finished
+        # in both, so that no mean over more seeds is ranked against one over fewer.
+        last, common = sizes[-1], sorted(set.intersection(*(set(e["seeds"]) for e in encodings.values())))
+        rank: dict[str, Any] = {"seeds": common}
+        for variant in ("tuned", "default") if common else ():
+            rank[variant] = {}
+            for side, cells in (("here", here), ("there", there)):
+                mean = {enc: np.mean([cells[enc, s]["sizes"][last][variant]["top1"] for s in common]) for enc in encodings}
+                rank[variant][side] = {enc: i + 1 for i, enc in enumerate(sorted(encodings, key=lambda e: -mean[e]))}
         out[dataset] = {"train_size": {"here": here[pairs[0]]["train_size"], "there": there[pairs[0]]["train_size"]},
-                        "sizes": sizes, "encodings": encodings}
+                        "sizes": sizes, "encodings": encodings, "rank": rank}
     return out
 
 
@@ -580,7 +589,8 @@ def against_markdown(base_name: str, where: str, cmp: dict[str, Any], tuned: boo
                                      f"{base_name} tested at a size both studies use.", ""])
     lines += ["Top-1 (%) here and there, over the seeds both studies have finished, and the change (here minus "
               "there, points: the mean ± 95% interval of the per-seed difference; p: paired t-test; k/n: seeds "
-              "where it rose). Rank: among the encodings listed, by mean top-1 at the largest size, here / there.", ""]
+              "where it rose). Rank: among the encodings listed, by mean top-1 at the largest size over the seeds "
+              "every one of them has finished in both studies, here / there.", ""]
     if plot:
         lines += [f"![change in top-1 against test size]({plot})", ""]
     variants = (("tuned", "tuned"),) if tuned else ()
@@ -589,13 +599,14 @@ def against_markdown(base_name: str, where: str, cmp: dict[str, Any], tuned: boo
         t = str(ds["train_size"]["there"])
         last = ds["sizes"][-1]
         shown = ([t] if t in ds["sizes"] and t != last else []) + [last]
+        common = ds["rank"]["seeds"]
         for variant, label in variants:
             encs = ds["encodings"]
-            rank = {side: {e: i + 1 for i, e in enumerate(sorted(encs, key=lambda e: -encs[e][variant][last][side]["mean"]))}
-                    for side in ("here", "there")}
+            rank = ds["rank"].get(variant, {"here": {}, "there": {}})
+            seeds = f"seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))}" if common else "no seed in common"
             lines += [f"### {dataset}: {label} (there trained at {t} px)", "",
                       "| encoding | seeds | " + " | ".join(f"{s} px here | there | change" for s in shown) +
-                      f" | rank at {last} px |", "|---|---:|" + "---:|---:|---:|" * len(shown) + "---:|"]
+                      f" | rank at {last} px ({seeds}) |", "|---|---:|" + "---:|---:|---:|" * len(shown) + "---:|"]
             for enc, e in encs.items():
                 cells = []
                 for size in shown:
@@ -604,9 +615,12 @@ def against_markdown(base_name: str, where: str, cmp: dict[str, Any], tuned: boo
                     cells += [_pm(c["here"]), _pm(c["there"]),
                               f"{_pm(ch, signed=True)} (p={_p(ch['p_value'])}, {ch['wins']}/{len(e['seeds'])})"]
                 lines.append(f"| {enc} | {len(e['seeds'])} | " + " | ".join(cells) +
-                             f" | {rank['here'][enc]} / {rank['there'][enc]} |")
-            best = {side: min(rank[side], key=rank[side].get) for side in rank}
-            lines += ["", f"Best at {last} px ({label}): {best['here']} here, {best['there']} there.", ""]
+                             (f" | {rank['here'][enc]} / {rank['there'][enc]} |" if common else " | - |"))
+            if common:
+                best = {side: min(rank[side], key=rank[side].get) for side in rank}
+                lines += ["", f"Best at {last} px ({label}, {seeds}): {best['here']} here, {best['there']} there.", ""]
+            else:
+                lines += ["", "No seed is finished for every encoding in both studies yet: no ranking.", ""]
     return "\n".join(lines)
 
 
