@@ -790,7 +790,7 @@ def _cell_with_top1(root: Path, encoding: str, seed: int, train_size: int, defau
     (d / "train.json").write_text(json.dumps({"epochs": [{"kind": "epoch", "epoch": 0, "val_acc": 0.5}]}))
 
 
-def test_a_study_that_varies_another_is_set_against_it_seed_by_seed(tmp_path, monkeypatch):
+def test_a_study_that_varies_another_is_set_against_it_seed_by_seed(tmp_path, monkeypatch, capsys):
     """``compare_with``: the report sets each encoding's top-1 against the base study's over the seeds both
     finished, at the sizes both tested, with the paired interval, and says who is best at the largest
     size in each (the question a variant such as training at several sizes asks)."""
@@ -866,6 +866,11 @@ def test_a_study_that_varies_another_is_set_against_it_seed_by_seed(tmp_path, mo
         np.testing.assert_allclose(lines["lh-90"], [-0.5, 0.0, 2.5], atol=1e-9)
     for f in figures:
         close(f)
+
+    from lookhere.cli import main
+
+    assert main(["study", "--report", str(multi)]) == 0  # says every file it wrote, the comparison's figure too
+    assert capsys.readouterr().out.strip().endswith(f"learning.png and {multi / 'against.png'}")
 
     # A base study that tuned no knob has no tuned numbers: only the defaults are set against it.
     (base / "study.yaml").write_text(yaml.safe_dump(study("one-size", eval={"tune_knobs": False})))

@@ -272,7 +272,8 @@ def _study(args: argparse.Namespace) -> int:
             raise ValueError(f"--report DIR aggregates a study's finished cells and runs nothing; leave out "
                              f"{', '.join(running)}")
         files = write_report(args.report)
-        print(f"wrote {files['report']}, {files['results']}, {files['headline']}, {files['plot']} and {files['learning']}")
+        *most, last = files.values()
+        print(f"wrote {', '.join(most)} and {last}")
         return 0
     if not args.config or not args.output:
         raise ValueError("--config and --output are required (or --report DIR to aggregate a study)")
