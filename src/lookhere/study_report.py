@@ -412,13 +412,18 @@ def _interval(e: dict[str, Any], variant: str, sizes: list[int]) -> tuple[np.nda
     return mean, np.clip(lo, 0, 100), np.clip(hi, 0, 100)
 
 
-def _size_axis(ax, sizes: list[int], train_size: int) -> None:
+def _size_axis(ax, sizes: list[int], train_size: int, accuracy: bool = True,
+               marked: str = "training size") -> None:
+    """Test sizes on a log axis, ``train_size`` dotted; ``accuracy``: a 0-100% y axis (else a change)."""
     ax.axvline(train_size, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("test image size (px); dotted: training size")
+    if accuracy:
+        ax.set_ylim(0, 100)
+    else:
+        ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"test image size (px); dotted: {marked}")
     ax.grid(alpha=0.3)
 
 
@@ -648,13 +653,7 @@ def plot_against(cmp: dict[str, Any], path: Path, base_name: str, tuned: bool = 
                 aside = 2.0 ** (0.025 * (i - (len(ds["encodings"]) - 1) / 2))  # the x axis is logarithmic
                 ax.errorbar([s * aside for s in sizes], mean, yerr=[mean - lo, hi - mean], marker="o", ms=3,
                             capsize=2, elinewidth=0.8, label=enc, **styles[enc])
-            ax.axhline(0, color="black", lw=0.8)
-            ax.axvline(ds["train_size"]["there"], color="grey", lw=0.8, ls=":")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sizes, [str(s) for s in sizes])
-            ax.minorticks_off()
-            ax.set_xlabel("test image size (px); dotted: the base study's training size")
-            ax.grid(alpha=0.3)
+            _size_axis(ax, sizes, ds["train_size"]["there"], accuracy=False, marked="the base study's training size")
             ax.set_title(f"{dataset}: {title}")
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
         axes[row][0].set_ylabel(f"top-1 here minus {base_name} (points)")
