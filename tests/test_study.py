@@ -897,6 +897,46 @@ def test_a_study_that_varies_another_is_set_against_it_seed_by_seed(tmp_path, mo
             prepare(StudyConfig.from_dict(study("several-sizes", compare_with=wrong)), multi)
     with pytest.raises(ValueError, match="compare_with must be the output directory"):
         StudyConfig.from_dict(study("several-sizes", compare_with=3))
+    # A damaged base study file is one message naming it (not a YAML or key error from inside the report).
+    (multi / "study.yaml").write_text(yaml.safe_dump(study("several-sizes", compare_with="../base")))
+    (base / "study.yaml").write_text("name: [one-size\n")
+    with pytest.raises(ValueError, match=re.escape(f"{base / 'study.yaml'} is damaged: not valid YAML")):
+        write_report(multi)
+
+
+def test_the_study_file_is_written_whole_or_not_at_all_and_a_damaged_one_is_one_message(tmp_path, monkeypatch):
+    """``study.yaml`` is what the report and every later run read: a kill while it is rewritten must
+    leave the old one, and a file that is not a study's config is named, with how to write it again."""
+    import lookhere.io
+    from lookhere.study import start_study
+    from lookhere.study_files import read_study_file
+    from lookhere.study_report import write_report
+
+    out = tmp_path / "tiny"
+    first = StudyConfig.from_dict(TINY)
+    start_study(first, out)
+    assert read_study_file(out) == first.to_dict()
+
+    def killed(*args):  # the process dies after writing the new file, before it takes the old one's place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lookhere.io.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        start_study(StudyConfig.from_dict({**TINY, "seeds": [0, 1]}), out)
+    monkeypatch.undo()
+    assert read_study_file(out) == first.to_dict()
+
+    path = out / "study.yaml"
+    for text, said in (("name: [tiny\n", "is damaged: not valid YAML (while parsing a flow sequence)"),
+                       ("- tiny\n", "is damaged: not a study's config (no name, datasets, encodings, seeds)"),
+                       (yaml.safe_dump({"name": "tiny", "seeds": [0]}), "is damaged: not a study's config (no datasets, encodings)")):
+        path.write_text(text)
+        for read in (read_study_file, write_report):
+            with pytest.raises(ValueError, match=re.escape(f"{path} {said}; run `lookhere study --config FILE --output {out}`")):
+                read(out)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{out}: not a study directory (no study.yaml)")):
+        write_report(out)
 
 
 def test_a_study_that_tunes_no_knob_reports_its_defaults_as_defaults(tmp_path, monkeypatch):

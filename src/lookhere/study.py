@@ -36,7 +36,7 @@ import yaml
 
 from .data.factory import SYNTHETIC_TASKS
 from .environment import CPU_CAPABILITIES, KERNEL_PINS, cpu_model, kernel_pin
-from .study_files import CellFiles, cell_key, write_json
+from .study_files import CellFiles, cell_key, write_json, write_study_file
 from .train import TrainConfig
 
 if TYPE_CHECKING:
@@ -632,7 +632,7 @@ def start_study(cfg: StudyConfig, out: Path) -> tuple[list[Cell], dict[str, dict
         if cell.key in redo:
             _clear(cell, redo[cell.key])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_study_file(out, cfg.to_dict())
     return cells, identities, redo
 
 

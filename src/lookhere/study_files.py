@@ -6,6 +6,7 @@ environments it ran in), ``run/`` (the ``lookhere train`` run), ``train.json`` (
 records; it marks the training done), ``timing.json`` (seconds of training and evaluation; kept
 when the cell is cleared to be made again),
 ``eval/eval.json`` (``lookhere eval``'s results; it marks the cell done) and ``log.txt``.
+The study's own ``study.yaml`` (its config as run) sits at the top.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 from .io import write_atomic
+
+STUDY_FILE = "study.yaml"
 
 
 def cell_key(dataset: str, encoding: str, seed: int) -> str:
@@ -25,6 +30,30 @@ def cell_key(dataset: str, encoding: str, seed: int) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def write_study_file(root: Path, config: dict[str, Any]) -> None:
+    write_atomic(root / STUDY_FILE, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+def read_study_file(root: Path) -> dict[str, Any]:
+    """The config a study ran with, as ``lookhere study`` wrote it; one message for a folder with none
+    and for a file that is not one (edited by hand, or cut short by a copy)."""
+    path = root / STUDY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: not a study directory (no {STUDY_FILE}); run `lookhere study --config ...` first")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        config, why = None, f"not valid YAML ({str(err).splitlines()[0]})"
+    else:
+        why = "not a study's config"
+    missing = [k for k in ("name", "datasets", "encodings", "seeds") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"{path} is damaged: {why if config is None else why + ' (no ' + ', '.join(missing) + ')'}; "
+                         f"run `lookhere study --config FILE --output {root}` with the study's file to write it again "
+                         f"(finished cells are kept)")
+    return config
 
 
 @dataclass(frozen=True)

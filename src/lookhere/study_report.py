@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import yaml
 
-from .study_files import CellFiles
+from .study_files import STUDY_FILE, CellFiles, read_study_file
 
 METRICS = ("top1", "nll", "ece")
 
@@ -59,7 +58,7 @@ def paired(reference: Sequence[float], other: Sequence[float], higher_is_better:
 # --- loading -------------------------------------------------------------------------------------
 def _cells(root: Path) -> list[dict[str, Any]]:
     """One record per finished cell, in the study file's order."""
-    cfg = yaml.safe_load((root / "study.yaml").read_text())
+    cfg = read_study_file(root)
     records = []
     for dataset in cfg["datasets"]:
         for encoding in cfg["encodings"]:
@@ -722,9 +721,9 @@ def base_study(root: Path, compare_with: str) -> Path:
     if base == root.resolve():
         raise ValueError(f"{root}: compare_with {compare_with!r} names this study itself; name the output "
                          f"directory of the study it varies, relative to {root}")
-    if not (base / "study.yaml").is_file():
+    if not (base / STUDY_FILE).is_file():
         raise FileNotFoundError(f"{root}: compare_with {compare_with!r} is {base}, not a study directory (no "
-                                f"study.yaml); name the output directory of the study this one varies, relative "
+                                f"{STUDY_FILE}); name the output directory of the study this one varies, relative "
                                 f"to {root}")
     return base
 
@@ -733,9 +732,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     """Aggregate a study directory into ``results.json``, ``report.md`` and its figures: top-1 against
     size (``top1_vs_size.png``, ``headline.png``) and validation top-1 against epoch (``learning.png``)."""
     root = Path(output)
-    if not (root / "study.yaml").is_file():
-        raise FileNotFoundError(f"{root}: not a study directory (no study.yaml); run `lookhere study --config ...` first")
-    cfg = yaml.safe_load((root / "study.yaml").read_text())
+    cfg = read_study_file(root)
     records = _cells(root)
     if not records:
         raise FileNotFoundError(f"{root}: no finished cells yet")
@@ -753,7 +750,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     section = figure = ""
     if cfg.get("compare_with"):
         base = base_study(root, cfg["compare_with"])
-        base_cfg = yaml.safe_load((base / "study.yaml").read_text())
+        base_cfg = read_study_file(base)
         # "tuned" is set against "tuned" only where both studies tuned their knobs (else it is the defaults there)
         both_tuned = tuned and bool((base_cfg.get("eval") or {}).get("tune_knobs"))
         cmp = against_base(records, _cells(base))
