@@ -96,8 +96,13 @@ class _TiedLogits(nn.Module):
         return torch.stack([torch.ones(len(x)), torch.ones(len(x)), 2 * bright], -1) + 0 * x.sum((1, 2, 3))[:, None]
 
 
-def test_accuracy_under_attack_breaks_ties_as_clean_top1_does():
-    """With a gradient of zero the attacked images score as the clean ones, ties included."""
+def test_accuracy_under_attack_breaks_ties_as_clean_top1_does(monkeypatch):
+    """With a gradient of zero the attacked images score as the clean ones, ties included, and through
+    the same forward (on CUDA: the same bf16 autocast) as clean images."""
+    import lookhere.evaluate
+
+    forwards = []
+    monkeypatch.setattr(lookhere.evaluate, "scored", lambda model, x, device: forwards.append(len(x)) or model(x))
     images = torch.tensor([0.9] * 4 + [0.1] * 4).view(8, 1, 1, 1).expand(8, 3, 4, 4)
     labels = torch.tensor([1, 1, 0, 2, 1, 0, 2, 1])
     logits = _TiedLogits()(images)
@@ -108,6 +113,7 @@ def test_accuracy_under_attack_breaks_ties_as_clean_top1_does():
     out = _adversarial(_TiedLogits(), ds, EvalSettings(data="synthetic", sizes=[4], adversarial=("fgsm", "pgd"),
                                                        eps=(1 / 255,), pgd_steps=2, batch_size=3), "cpu")
     assert out == {"n": 8, "fgsm@1/255": 2 / 8, "pgd@1/255": 2 / 8}
+    assert forwards == [3, 3, 2] * 2  # every attacked batch of each attack was scored by it
 
 
 def test_parse_eps():
@@ -123,8 +129,10 @@ def test_parse_eps():
     ({"length": 0}, "--length must be >= 1, got 0"),
     ({"lh_slope_scales": (0.5, -1.0)}, "--lh-slope-scales 0.5 -1.0: scales must be finite and >= 0"),
     ({"lh_slope_scales": (float("nan"),)}, "--lh-slope-scales nan: scales must be finite and >= 0"),
-    ({"split": "val"}, "--tune-knobs chooses each knob on the validation split, the split --split val scores"),
-    ({"split": "validation[:10%]"}, "the split --split validation[:10%] scores"),
+    ({"split": "val"}, "--tune-knobs chooses each knob on the validation split, which --split val reads"),
+    ({"split": "validation[:10%]"}, "the validation split, which --split validation[:10%] reads"),
+    ({"split": "val.tar"}, "the validation split, which --split val.tar reads"),  # a folder's val split in a tar
+    ({"split": "test+validation"}, "the validation split, which --split test+validation reads"),
 ])
 def test_eval_settings_refuse_before_any_work(setting, message):
     from lookhere.evaluate import EvalSettings
@@ -134,11 +142,33 @@ def test_eval_settings_refuse_before_any_work(setting, message):
         EvalSettings(data="synthetic", sizes=[32, 64], train_size=32, tune_knobs=True, **setting).check(4)
 
 
-def test_a_validation_length_without_tune_knobs_is_refused_not_ignored():
+@pytest.mark.parametrize("setting, message", [
+    ({"val_length": 20}, "--val-length 20 is read only by --tune-knobs: add --tune-knobs, or leave out --val-length"),
+    ({"lh_slope_scales": (3.0,)}, "--lh-slope-scales 3.0 is read only by --tune-knobs"),
+    ({"eps": (8 / 255,)}, "--eps 8/255 is read only by --adversarial: add --adversarial, or leave out --eps"),
+    ({"adversarial_samples": 5}, "--adversarial-samples 5 is read only by --adversarial"),
+    ({"pgd_steps": 50}, "--pgd-steps 50 is read only by --adversarial pgd"),
+    ({"pgd_steps": 50, "adversarial": ("fgsm",)}, "--pgd-steps 50 is read only by --adversarial pgd"),
+])
+def test_a_setting_read_only_by_another_is_refused_without_it_not_ignored(setting, message):
     from lookhere.evaluate import EvalSettings
 
-    with pytest.raises(ValueError, match="--val-length 20 is read only by --tune-knobs"):
-        EvalSettings(data="synthetic", sizes=[32], val_length=20).check(4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalSettings(data="synthetic", sizes=[32], **setting).check(4)
+    EvalSettings(data="synthetic", sizes=[32], tune_knobs=True, adversarial=("pgd",), **{  # with its reader: taken
+        k: v for k, v in setting.items() if k != "adversarial"}).check(4)
+
+
+def test_a_study_file_may_list_its_attack_sizes():
+    from lookhere.evaluate import EvalSettings
+
+    for listed in (["1/255", "2/255"], [1 / 255, "2/255"], ("1/255", 2 / 255)):
+        settings = EvalSettings.from_flags({"data": "synthetic", "sizes": [32], "adversarial": ("fgsm",), "eps": listed})
+        assert settings.eps == (1 / 255, 2 / 255)
+    settings = EvalSettings.from_flags({"data": "synthetic", "sizes": [32], "adversarial": ("fgsm",), "eps": ["4/255"]})
+    assert settings.argv()[-2:] == ["--eps", "4/255"]
+    with pytest.raises(ValueError, match=re.escape("--eps '1/255,x': expected numbers or fractions")):
+        EvalSettings.from_flags({"data": "synthetic", "sizes": [32], "eps": ["1/255", "x"]})
 
 
 def _ece_reference(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -299,6 +329,10 @@ def test_eval_and_analyze_commands_on_a_trained_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((run / "eval" / "eval.json").read_text())
     assert set(res["sizes"]) == {"16", "32"} and res["sizes"]["16"]["n"] == 40
+    # The knob given by flag is recorded beside the numbers it made (not read later as the defaults).
+    assert res["knobs_given"] == {"lh_global_slope": 0.5}
+    assert (run / "eval" / "eval.md").read_text().startswith("Every size with the test-time setting given: "
+                                                             "lh_global_slope=0.5")
     assert set(res["adversarial"]) == {"n", "fgsm@1/255", "pgd@1/255"}
     assert len(res["by_object_size"]["accuracy_change"]["32"]) == 5
     assert res["by_object_size"]["accuracy_change"]["16"] == [0.0] * 5

@@ -186,7 +186,8 @@ def _eval(args: argparse.Namespace) -> int:
         if args.pretrained_file:
             raise ValueError("--pretrained-file goes with --model NAME; --checkpoint takes the file itself")
         (model, cfg), name = load_checkpoint(args.checkpoint, num_heads=args.num_heads), Path(args.checkpoint).name
-    apply_knobs(model, **{knob.key: getattr(args, knob.key) for knob in registered_knobs()})
+    knobs_given = {knob.key: getattr(args, knob.key) for knob in registered_knobs() if getattr(args, knob.key) is not None}
+    apply_knobs(model, **knobs_given)
     data = args.data or (cfg.data if cfg else None)
     if not data:
         raise ValueError("--data is required for a model without a training run "
@@ -195,6 +196,8 @@ def _eval(args: argparse.Namespace) -> int:
                                        data_root=cfg.data_root if cfg else None, seed=cfg.seed if cfg else None,
                                        classes=run_classes(args.checkpoint) if cfg else None)
     results = run_eval(model, settings, device=resolve_device(args.device), progress=not args.no_progress)
+    if knobs_given:  # every number was measured with them: say so beside the numbers
+        results["knobs_given"] = knobs_given
     if args.output:
         out = args.output
     elif args.checkpoint and Path(args.checkpoint).is_dir():

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import flags
 from .data import DataSpec, build_dataset, collate
-from .data.factory import DATASETS
+from .data.factory import DATASETS, reads_val
 from .environment import environment
 from .official import load_error
 from .position import apply_knob
@@ -307,19 +307,23 @@ def _loader(ds, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
 
 
+def scored(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Logits as every number of an evaluation is measured, clean or attacked images alike: bf16
+    autocast on CUDA (as training runs), float32 elsewhere."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(images.to(device))
+
+
 def evaluate_size(model: nn.Module, ds, num_classes: int, *, batch_size: int = 64, workers: int = 0,
                   device: torch.device = torch.device("cpu"), progress: Optional[Callable] = None) -> Metrics:
     metrics = Metrics(num_classes)
     model.eval()
-    with torch.no_grad():
-        for images, labels, _ in _loader(ds, batch_size, workers):
-            if not len(labels):
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(images.to(device))
-            metrics.update(logits, labels)
-            if progress:
-                progress(len(labels))
+    for images, labels, _ in _loader(ds, batch_size, workers):
+        if not len(labels):
+            continue
+        metrics.update(scored(model, images, device), labels)
+        if progress:
+            progress(len(labels))
     return metrics
 
 
@@ -359,8 +363,8 @@ class EvalSettings:
     adversarial_samples: int = _flag("images attacked", 256, type=int)
     by_object_size: bool = _flag("accuracy change from the training size per object-size quintile (synthetic data)",
                                  False, action="store_true")
-    tune_knobs: bool = _flag("also evaluate each larger size with the encoding's knob setting chosen on the val "
-                             "split", False, action="store_true")
+    tune_knobs: bool = _flag("also evaluate each size but the training size with the encoding's knob setting "
+                             "chosen on the val split", False, action="store_true")
     val_length: Optional[int] = _flag("validation samples for --tune-knobs (default: the split)", None, type=int)
     lh_slope_scales: tuple[float, ...] = _flag("multiples of a numeric knob's own value (LookHere's global slope) "
                                                "tried by --tune-knobs", (0.5, 2.0), type=float, nargs="+")
@@ -409,8 +413,8 @@ class EvalSettings:
             value = fallback.get(name) if value is None else value
             if value is None:
                 continue
-            if name == "eps" and isinstance(value, str):
-                value = parse_eps(value)
+            if name == "eps" and isinstance(value, (str, list, tuple)):  # a study file may list them
+                value = parse_eps(value if isinstance(value, str) else ",".join(map(str, value)))
             kwargs[name] = list(value) if name == "sizes" else tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
@@ -461,12 +465,22 @@ class EvalSettings:
         for flag in ("length", "val_length"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
-        if self.val_length is not None and not self.tune_knobs:
-            raise ValueError(f"--val-length {self.val_length} is read only by --tune-knobs: add --tune-knobs, or "
-                             f"leave out --val-length")
-        if self.tune_knobs and self.split.partition("[")[0] in ("val", "validation"):
-            raise ValueError(f"--tune-knobs chooses each knob on the validation split, the split --split "
-                             f"{self.split} scores: the choice would be marked on its own images; evaluate "
+        # A setting that only another one reads is refused without it, not silently ignored.
+        readers = {"val_length": ("--tune-knobs", self.tune_knobs), "lh_slope_scales": ("--tune-knobs", self.tune_knobs),
+                   "eps": ("--adversarial", bool(self.adversarial)),
+                   "adversarial_samples": ("--adversarial", bool(self.adversarial)),
+                   "pgd_steps": ("--adversarial pgd", "pgd" in self.adversarial)}
+        defaults = {f.name: f.default for f in self.flags()}
+        for name, (reader, on) in readers.items():
+            value = getattr(self, name)
+            if not on and not _same(value, defaults[name]):
+                shown = (",".join(map(format_eps, value)) if name == "eps"
+                         else " ".join(map(str, value)) if isinstance(value, tuple) else value)
+                raise ValueError(f"{flags.flag(name)} {shown} is read only by {reader}: add {reader}, or leave "
+                                 f"out {flags.flag(name)}")
+        if self.tune_knobs and reads_val(self.split):
+            raise ValueError(f"--tune-knobs chooses each knob on the validation split, which --split "
+                             f"{self.split} reads: the choice would be marked on its own images; evaluate "
                              f"another split, or leave out --tune-knobs")
         if not all(math.isfinite(s) and s >= 0 for s in self.lh_slope_scales):
             raise ValueError(f"--lh-slope-scales {' '.join(map(str, self.lh_slope_scales))}: scales must be "
@@ -572,6 +586,7 @@ def run_eval(model: nn.Module, settings: EvalSettings, *, device: str | torch.de
 
 
 def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
+    device = torch.device(device)
     mean, std = getattr(ds, "mean", (0.0,)), getattr(ds, "std", (1.0,))
     n = min(settings.adversarial_samples, len(ds))
     subset = Subset(ds, range(n))
@@ -588,8 +603,7 @@ def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
                     adv = pgd_attack(model, images, labels, eps, steps=settings.pgd_steps,
                                      step_size=2.5 * eps / settings.pgd_steps, mean=mean, std=std,
                                      random_start=True, generator=gen)
-                with torch.no_grad():
-                    correct += top1_correct(model(adv), labels).sum().item()
+                correct += top1_correct(scored(model, adv, device), labels).sum().item()
                 total += len(labels)
             out[f"{attack}@{eps * 255:g}/255"] = correct / max(total, 1)
     return out
@@ -598,6 +612,8 @@ def _adversarial(model, ds, settings: EvalSettings, device) -> dict[str, Any]:
 # --- writing -----------------------------------------------------------------------------------
 def markdown_table(results: dict[str, Any], name: str = "model") -> str:
     lines = [f"| {name} | size | top-1 | top-5 | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
+    if results.get("knobs_given"):
+        lines = [f"Every size with the test-time setting given: {knob_label(results['knobs_given'])}", ""] + lines
     for size, m in results["sizes"].items():
         lines.append(f"| | {size} | {m['top1']:.4f} | {m['top5']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} |")
     if results.get("label_lists"):

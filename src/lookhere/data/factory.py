@@ -12,6 +12,7 @@ Fashion-MNIST is resized.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .synthetic import SPLITS, SyntheticScenes
 # The synthetic scenes' tasks by dataset name (see ``synthetic.py``).
 SYNTHETIC_TASKS = {"synthetic": "what", "synthetic-where": "where", "synthetic-far": "far"}
 DATASETS = (*SYNTHETIC_TASKS, "fashion-mnist", "folder:PATH", "hf:NAME")
+VAL_NAMES = ("val", "validation")  # the names the ``val`` split is read from: a folder's (or its .tar), the Hub's
 LABEL_COLUMNS = ("label", "labels")  # a Hugging Face dataset's class column: one class, or a list of valid ones
 
 
@@ -73,6 +75,13 @@ class SkipBad(Dataset):
         except (OSError, RuntimeError, ValueError, SyntaxError) as e:
             warnings.warn(f"skipped unreadable sample {index}: {e}", RuntimeWarning, stacklevel=2)
             return None
+
+
+def reads_val(split: str) -> bool:
+    """Whether ``split`` reads images of the ``val`` split: one of its names, a folder's tar of them
+    (``val.tar``), sliced (``validation[:10%]``) or joined with another (``test+validation``)."""
+    parts = re.sub(r"\[[^\[\]]*\]", "", split).split("+")
+    return any(part.removesuffix(".tar") in VAL_NAMES for part in parts)
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -198,7 +207,7 @@ def _folder_split(root: Path, split: str, transform, classes: dict | None = None
 
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/{split}/CLASS/IMAGE)")
-    names = (split, *(("validation",) if split == "val" else ()))
+    names = VAL_NAMES if split == "val" else (split,)
     found = next((p for s in names for p in (root / s, root / f"{s}.tar") if p.exists()), None)
     if found is None:
         present = sorted(p.name for p in root.iterdir() if p.is_dir() or p.suffix == ".tar")
