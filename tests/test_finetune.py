@@ -235,6 +235,18 @@ def test_eval_labels_a_split_lacking_a_class_as_the_run_trained(tmp_path, capsys
         err = capsys.readouterr().err
         assert str(run / "classes.json") in err and "not the run's class indices" in err, err
         assert "ImageDataset(TRAIN_SPLIT_FOLDER).reader.class_to_idx" in err, err  # and how to mend it
+    # A resume whose folder names its classes otherwise (as many, renamed) is refused: the head would
+    # go on learning another class under each index.
+    (run / "classes.json").write_text(json.dumps({"cat": 0, "dog": 1, "fox": 2}))
+    for split in ("train", "val"):
+        (root / split / "fox").rename(root / split / "wolf")
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the training folder's classes are not those the run trained on" in err, err
+    assert "differing: fox -> 2, wolf -> 2" in err and json.loads((run / "classes.json").read_text())["fox"] == 2
+    for split in ("train", "val"):
+        (root / split / "wolf").rename(root / split / "fox")
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
 
 
 def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unless_given(tmp_path, released, photos):
@@ -261,7 +273,7 @@ def test_drop_path_is_a_training_setting_a_source_or_registered_name_keeps_unles
 
 
 def test_layer_decay_scales_each_blocks_learning_rate_and_freezing_trains_the_head_alone(tmp_path, released,
-                                                                                          photos):
+                                                                                          photos, monkeypatch):
     path, w = released
     cfg = TrainConfig.from_dict({"init_from": str(path), "data": photos, "img_size": 32, "batch_size": 4,
                                  "output": str(tmp_path / "r"), "layer_decay": 0.5, "progress": False})
@@ -285,12 +297,21 @@ def test_layer_decay_scales_each_blocks_learning_rate_and_freezing_trains_the_he
     records = [json.loads(x) for x in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if r["kind"] == "step"] == [pytest.approx(1e-3)]
 
+    # A linear probe of the source's features: the frozen backbone runs as at test time (the released
+    # models' drop-path of 0.1 would otherwise drop blocks under the probe); the head trains in train mode.
+    import lookhere.train
+
+    modes = []
+    step = lookhere.train.train_step
+    monkeypatch.setattr(lookhere.train, "train_step", lambda run, *a: modes.append(
+        (any(b.training for b in run.raw.blocks), run.raw.head.training)) or step(run, *a))
     cfg = TrainConfig.from_dict({"init_from": str(path), "data": photos, "img_size": 32, "batch_size": 4,
                                  "epochs": 1, "output": str(tmp_path / "probe"), "freeze_backbone": True,
                                  "progress": False})
     tuned = train(cfg)["model"].state_dict()
     changed = {k for k in tuned if k in w and not torch.equal(tuned[k].cpu(), w[k])}
     assert changed and all(k.startswith("head.") for k in changed), changed
+    assert modes and set(modes) == {(False, True)}, modes
 
 
 def test_resume_refuses_a_source_whose_weights_changed(tmp_path, released, photos, capsys):
@@ -389,3 +410,30 @@ def test_the_papers_recipe_runs_a_few_steps_under_torchrun_on_a_minival_split(tm
     saved = TrainConfig.from_yaml(out / "config.yaml")
     assert (saved.model, saved.train_split, saved.val_split, saved.mixup, saved.cutmix) == (
         "vit_base_patch16_lookhere_90", "train[:75%]", "train[75%:]", 0.8, 1.0)
+    # Each process drew its own drop-path and mixup (the recipe's 0.1 and 0.8/1.0), not the same draws twice.
+    rng = torch.load(out / "last" / "state.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    assert not torch.equal(rng[0]["numpy"][1], rng[1]["numpy"][1])
+
+
+def test_photographs_are_validated_at_each_size_as_lookhere_eval_tests_the_run(tmp_path, photos):
+    """Validation picks the best epoch: at every training size it must see the images `lookhere eval`
+    will score (the model's data config; crop_pct at the training size alone), not timm's defaults."""
+    import dataclasses
+
+    from lookhere.evaluate import EvalSettings, _split, load_checkpoint, model_data_config, training_size
+    from lookhere.train import run_classes
+
+    cfg = TrainConfig.from_dict({"data": photos, "img_size": [32, 48], "model": "micro", "patch_size": 8, "depth": 1,
+                                 "batch_size": 4, "output": str(tmp_path / "run"), "max_steps": 1, "progress": False})
+    train(cfg)
+    model, run_cfg = load_checkpoint(tmp_path / "run")  # as `lookhere eval --checkpoint RUN` reads it
+    size = training_size(model, run_cfg)
+    settings = EvalSettings.from_flags({"sizes": [32, 48]}, data=photos, train_size=size,
+                                       classes=run_classes(tmp_path / "run"))
+    settings = dataclasses.replace(settings, data_config=model_data_config(model, size))
+    run = set_up(dataclasses.replace(cfg, output=str(tmp_path / "again")))
+    for size in (32, 48):
+        validated, tested = run.val_loaders[size].dataset.dataset, _split(settings, size, "val", None).dataset
+        assert repr(validated.transform) == repr(tested.transform), size
+        assert validated.reader.class_to_idx == tested.reader.class_to_idx

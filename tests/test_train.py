@@ -638,6 +638,13 @@ def test_training_at_several_sizes_validates_each_and_resumes_bit_exact(tmp_path
         assert set(r["val_acc_by_size"]) == {"16", "24", "32"}
         assert r["val_acc"] == pytest.approx(sum(r["val_acc_by_size"].values()) / 3)
     assert load_model(run / "last").config.img_size == 16
+    # Each process's share of a step depends on the process count: a resume under another is refused.
+    state = torch.load(run / "last" / "state.pt", weights_only=True)
+    state["rng"] = state["rng"] * 2  # as two processes would have written it
+    torch.save(state, run / "last" / "state.pt")
+    r = cli("--resume", str(run), "--epochs", "3")
+    assert r.returncode == 2 and ("the run was trained by 2 process(es), this resume has 1; with several --img-size"
+                                  in r.stderr) and "torchrun --nproc_per_node 2" in r.stderr, r.stderr[-2000:]
 
 
 def test_bad_training_sizes_are_refused_by_name():

@@ -723,9 +723,6 @@ def set_up(cfg: TrainConfig) -> Run:
     specs = [DataSpec(cfg.data, size, cfg.data_length, cfg.seed, cfg.data_root, streaming=cfg.data_streaming,
                       batch_size=b) for size, b in zip(cfg.sizes, per_rank)]
     train_sets = [build_dataset(spec, cfg.train_split, train=True) for spec in specs]  # the same samples at each size
-    classes = getattr(train_sets[0], "class_to_idx", None)  # a folder's: validation is labelled alike
-    val_sets = {size: build_dataset(replace(spec, classes=classes), cfg.val_split, train=False)
-                for size, spec in zip(cfg.sizes, specs)}
     num_classes = cfg.num_classes or num_classes_of(train_sets[0])
     known = getattr(train_sets[0], "num_classes", None)
     if cfg.num_classes and known and cfg.num_classes < known:
@@ -740,10 +737,22 @@ def set_up(cfg: TrainConfig) -> Run:
         steps_per_epoch = len(sampler.steps)
 
     raw, source = initial_model(cfg, num_classes)
+    if d.rank:  # the weights are drawn alike; each process then draws its own drop-path, dropout and mixup
+        torch.manual_seed(cfg.seed + d.rank)  # (as timm's train.py; process 0 goes on with the seed's own stream)
+        np.random.seed(cfg.seed + d.rank)
+        random.seed(cfg.seed + d.rank)
     for size in cfg.sizes if cfg.init_from else ():  # before the run directory is written
         if size % raw.patch_size:
             raise ValueError(f"--img-size {size} is not a multiple of the patch size of --init-from {cfg.init_from}, "
                              f"{raw.patch_size}")
+    # Photographs are validated as `lookhere eval` will test the run: the model's data config, its
+    # training size the one cropped by crop_pct (a folder's class indices: the training split's).
+    from .evaluate import model_data_config
+
+    data_config = model_data_config(raw, cfg.size)
+    classes = getattr(train_sets[0], "class_to_idx", None)
+    val_sets = {size: build_dataset(replace(spec, classes=classes, data_config=data_config), cfg.val_split, train=False)
+                for size, spec in zip(cfg.sizes, specs)}
     raw = raw.to(device)
     if cfg.freeze_backbone:
         for name, param in raw.named_parameters():
@@ -806,6 +815,13 @@ def save_checkpoint(run: Run, name: str) -> None:
 def restore_checkpoint(run: Run, ckpt: Path) -> None:
     """What :func:`save_checkpoint` wrote, back into the run (this rank's RNGs and counts)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    trained_by, cfg = len(state["rng"]), run.cfg
+    if trained_by != run.d.world and (cfg.data_streaming or len(cfg.sizes) > 1):
+        how = f"torchrun --nproc_per_node {trained_by}" if trained_by > 1 else "one process, without torchrun"
+        raise ValueError(f"--resume {run.dir}: the run was trained by {trained_by} process(es), this resume has "
+                         f"{run.d.world}; with {'a streamed split' if cfg.data_streaming else 'several --img-size'} "
+                         f"each process's share of a step depends on that count, so the run would go on from "
+                         f"another place in its data: resume it with {how}")
     run.raw.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(run.device)))
     if run.ema is not None and (ckpt / "ema.safetensors").is_file():
         run.ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(run.device)))
@@ -836,6 +852,13 @@ def start(run: Run) -> None:
         raise FileExistsError(f"--output {run.dir} already holds a run; use --resume {run.dir} or another --output")
     if run.source is not None:
         _check_source(run)
+    trained_on = run_classes(run.dir) if ckpt is not None and run.classes is not None else None
+    if trained_on is not None and trained_on != run.classes:  # same count, other names: the head's labels would move
+        moved = sorted(set(trained_on.items()) ^ set(run.classes.items()))
+        raise ValueError(f"--resume {run.dir}: the training folder's classes are not those the run trained on "
+                         f"({run.dir / CLASSES}; differing: {', '.join(f'{k} -> {v}' for k, v in moved[:6])}"
+                         f"{' ...' if len(moved) > 6 else ''}): give the folder its class folders back, or start a "
+                         f"new --output")
     # The schedule is a function of the step and this config: a resume with more --epochs continues as a
     # run of the new length would, rather than at the old schedule's end.
     run.scheduler.step_update(num_updates=run.progress.step)
@@ -941,6 +964,10 @@ def train_one_epoch(run: Run, bar) -> None:
         loader = DataLoader(run.train_ds, batch_sampler=run.sampler, num_workers=cfg.workers, collate_fn=collate,
                             generator=generator)
     run.model.train()
+    if cfg.freeze_backbone:  # a probe of the source's features: the frozen part runs as at test time (no drop-path)
+        run.raw.eval()
+        run.raw.head_drop.train()
+        run.raw.head.train()
     t0, seen = time.perf_counter(), 0
     for images, labels, skipped in loader:
         p.counts["skipped"] += skipped
