@@ -577,6 +577,26 @@ def test_a_checkpoint_swap_keeps_the_only_checkpoint_until_the_new_one_is_in_pla
     assert find_checkpoint(tmp_path) == tmp_path / "last" and not (tmp_path / "last.old").exists()
 
 
+def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """Renames alone survive a kill; a machine crash also needs every file flushed before the swap,
+    or ``last/`` may come back holding empty files after the old one was deleted."""
+    from lookhere.train import write_checkpoint
+    from lookhere.vit import create_vit
+
+    model = create_vit("none", img_size=16, patch_size=4, embed_dim=48, depth=1, num_classes=2)
+    write_checkpoint(tmp_path / "last", model, None, {"step": 1})
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(src))) or real_replace(src, dst))
+    write_checkpoint(tmp_path / "last", model, None, {"step": 2})
+    swap = events.index(("replace", str(tmp_path / "last.tmp")))
+    flushed = {path for kind, path in events[:swap] if kind == "fsync"}
+    tmp = tmp_path / "last.tmp"
+    assert {str(tmp / name) for name in ("model.safetensors", "config.json", "state.pt")} | {str(tmp)} <= flushed
+    assert ("fsync", str(tmp_path)) in events[swap:]  # and the rename itself
+
+
 # --- training at several sizes -------------------------------------------------------------------
 def test_one_size_batches_are_those_of_distributed_sampler_and_a_dataloader():
     """With one size the step batches are what torch's DistributedSampler (shuffle, drop_last) and a

@@ -30,11 +30,26 @@ def tensor_digest(named: Iterable[tuple[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def sync_to_disk(path: Path) -> None:
+    """Flush a file's bytes (or a folder's entries) to the disk, so that a rename after it survives a
+    machine crash as well as a kill."""
+    if path.is_dir() and os.name != "posix":  # only POSIX opens a folder to flush it
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: a kill leaves the old file or the new, never half of one."""
+    """``write(tmp)``, flushed to the disk, then renamed over ``path``: a kill or a crash of the machine
+    leaves the old file or the new, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    sync_to_disk(tmp)
     os.replace(tmp, path)
+    sync_to_disk(path.parent)
 
 
 def save_model(model: VisionTransformer, directory: str | os.PathLike) -> Path:

@@ -39,7 +39,7 @@ from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import num_classes_of
 from .environment import environment
 from .flags import flag
-from .io import save_model
+from .io import save_model, sync_to_disk, write_atomic
 from .position import POSITION_ENCODINGS
 from .vit import MODEL_NAMES, SIZES, WEIGHT_INITS, VisionTransformer, architecture, create_vit
 
@@ -457,9 +457,7 @@ class SeededStream(IterableDataset):
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -500,10 +498,13 @@ def write_checkpoint(directory: Path, model: nn.Module, ema, state: dict[str, An
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()},
                   str(tmp / "ema.safetensors"))
     torch.save(state, tmp / "state.pt")
+    for path in (*tmp.iterdir(), tmp):  # on the disk before it takes the last one's place
+        sync_to_disk(path)
     if directory.exists():  # else ``old`` may be the only checkpoint (a crash between renames): keep it
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
     os.replace(tmp, directory)
+    sync_to_disk(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
