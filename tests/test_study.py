@@ -187,11 +187,16 @@ def test_study_config_errors(tmp_path):
                          ({"train": {"seed": 3, "lr": 0.1}}, "train sets seed, which each cell sets itself")):
         with pytest.raises(ValueError, match=re.escape(message)):
             StudyConfig.from_dict({**good, **bad})
-    assert StudyConfig.from_dict({**good, "eval": {"eps": 0.004}}).eval["eps"] == "0.004"  # a YAML number
+    attack = {"adversarial": ["fgsm"]}  # eps is read only by an attack
+    assert StudyConfig.from_dict({**good, "eval": {**attack, "eps": 0.004}}).eval["eps"] == "0.004"  # a YAML number
     # every digit of a YAML number is kept, as a list keeps it: 8/255 is not rounded to 7.99999/255
-    eight = StudyConfig.from_dict({**good, "eval": {"eps": 8 / 255}})
+    eight = StudyConfig.from_dict({**good, "eval": {**attack, "eps": 8 / 255}})
     assert eight.eval["eps"] == "8/255" and eight.eval_settings("synthetic").eps == (8 / 255,)
-    assert StudyConfig.from_dict({**good, "eval": {"eps": 1 / 300}}).eval_settings("synthetic").eps == (1 / 300,)
+    assert StudyConfig.from_dict({**good, "eval": {**attack, "eps": 1 / 300}}).eval_settings("synthetic").eps == (1 / 300,)
+    listed = StudyConfig.from_dict({**good, "eval": {**attack, "eps": ["1/255", 2 / 255]}})  # a YAML list
+    assert listed.eval_settings("synthetic").eps == (1 / 255, 2 / 255)
+    with pytest.raises(ValueError, match=re.escape("eval: --eps 1/255 is read only by --adversarial")):
+        StudyConfig.from_dict({**good, "eval": {"eps": "1/255"}})
     with pytest.raises(ValueError, match="reference 'lh90', the encoding the others are compared against, is not"):
         StudyConfig.from_dict({**good, "reference": "lh90"})
     with pytest.raises(FileNotFoundError, match="does not exist"):

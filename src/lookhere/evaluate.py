@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import flags
 from .data import DataSpec, build_dataset, collate
-from .data.factory import DATASETS, reads_val
+from .data.factory import DATASETS, model_data_config, reads_val
 from .environment import environment
 from .official import load_error
 from .position import apply_knob
@@ -106,16 +106,6 @@ def training_size(model: nn.Module, run_config: Any = None) -> int:
     if built is None:
         raise ValueError("cannot tell the model's training size; pass --train-size")
     return int(built if isinstance(built, int) else built[-1])
-
-
-def model_data_config(model: nn.Module, train_size: int) -> dict[str, Any]:
-    """timm's data config of the model (mean, std, interpolation, crop_pct, crop_mode: its
-    ``pretrained_cfg`` or timm's defaults), with ``input_size`` set to its training size."""
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=model)
-    cfg["input_size"] = (cfg["input_size"][0], train_size, train_size)
-    return cfg
 
 
 def patch_size_of(model: nn.Module) -> Optional[int]:
@@ -465,6 +455,9 @@ class EvalSettings:
         for flag in ("length", "val_length"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if not all(math.isfinite(s) and s >= 0 for s in self.lh_slope_scales):
+            raise ValueError(f"--lh-slope-scales {' '.join(map(str, self.lh_slope_scales))}: scales must be "
+                             f"finite and >= 0")
         # A setting that only another one reads is refused without it, not silently ignored.
         readers = {"val_length": ("--tune-knobs", self.tune_knobs), "lh_slope_scales": ("--tune-knobs", self.tune_knobs),
                    "eps": ("--adversarial", bool(self.adversarial)),
@@ -482,9 +475,6 @@ class EvalSettings:
             raise ValueError(f"--tune-knobs chooses each knob on the validation split, which --split "
                              f"{self.split} reads: the choice would be marked on its own images; evaluate "
                              f"another split, or leave out --tune-knobs")
-        if not all(math.isfinite(s) and s >= 0 for s in self.lh_slope_scales):
-            raise ValueError(f"--lh-slope-scales {' '.join(map(str, self.lh_slope_scales))}: scales must be "
-                             f"finite and >= 0")
 
 
 def _split(settings: EvalSettings, size: int, split: str, length: Optional[int]):

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from .data import DATASETS, DataSpec, build_dataset, collate
-from .data.factory import num_classes_of
+from .data.factory import model_data_config, num_classes_of
 from .environment import environment
 from .flags import flag
 from .io import save_model, sync_to_disk, write_atomic
@@ -748,8 +748,6 @@ def set_up(cfg: TrainConfig) -> Run:
                              f"{raw.patch_size}")
     # Photographs are validated as `lookhere eval` will test the run: the model's data config, its
     # training size the one cropped by crop_pct (a folder's class indices: the training split's).
-    from .evaluate import model_data_config
-
     data_config = model_data_config(raw, cfg.size)
     classes = getattr(train_sets[0], "class_to_idx", None)
     val_sets = {size: build_dataset(replace(spec, classes=classes, data_config=data_config), cfg.val_split, train=False)

@@ -94,6 +94,17 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, labels, skipped
 
 
+def model_data_config(model: torch.nn.Module, train_size: int) -> dict[str, Any]:
+    """timm's data config of the model (mean, std, interpolation, crop_pct, crop_mode: its
+    ``pretrained_cfg`` or timm's defaults), with ``input_size`` set to its training size: what a
+    run validates photographs with and ``lookhere eval`` tests them with."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = (cfg["input_size"][0], train_size, train_size)
+    return cfg
+
+
 def eval_transform(img_size: int | tuple[int, int], data_config: dict | None = None):
     """The paper's evaluation transform of a photograph, by timm's ``create_transform``.
 
