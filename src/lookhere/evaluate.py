@@ -239,6 +239,15 @@ def _same(a: Any, b: Any) -> bool:
     return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
 
 
+def _flag_values(name: str, value: Any) -> list[str]:
+    """A ``lookhere eval`` setting's value as its flag takes it (``--eps 1/255,2/255``, ``--sizes 32 64``)."""
+    if name == "eps":
+        return [",".join(format_eps(e) for e in value)]
+    if name == "adversarial":
+        return [",".join(value)]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
 def format_eps(eps: float) -> str:
     """``1/255`` for a whole number of grey levels, else the number: what :func:`parse_eps` reads back."""
     levels = eps * 255
@@ -378,9 +387,7 @@ class EvalSettings:
                 kwargs["type"] = types[kwargs["type"]]
             help = f.metadata["help"]
             if f.default not in (dataclasses.MISSING, None, (), False) and "default" not in help:
-                shown = (",".join(map(format_eps, f.default)) if f.name == "eps"
-                         else " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
-                help += f" (default: {shown})"
+                help += f" (default: {' '.join(_flag_values(f.name, f.default))})"
             parser.add_argument("--" + f.name.replace("_", "-"), default=None, required=f.name == "sizes",
                                 help=help.replace("%", "%%"), **kwargs)
 
@@ -418,16 +425,7 @@ class EvalSettings:
                                   and _same(value, f.default)):
                 continue
             flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                out.append(flag)
-            elif f.name == "eps":
-                out += [flag, ",".join(format_eps(e) for e in value)]
-            elif f.name == "adversarial":
-                out += [flag, ",".join(value)]
-            elif isinstance(value, (list, tuple)):
-                out += [flag, *map(str, value)]
-            else:
-                out += [flag, str(value)]
+            out += [flag] if isinstance(value, bool) else [flag, *_flag_values(f.name, value)]
         return out
 
     def check(self, patch_size: Optional[int] = None) -> None:
@@ -467,10 +465,8 @@ class EvalSettings:
         for name, (reader, on) in readers.items():
             value = getattr(self, name)
             if not on and not _same(value, defaults[name]):
-                shown = (",".join(map(format_eps, value)) if name == "eps"
-                         else " ".join(map(str, value)) if isinstance(value, tuple) else value)
-                raise ValueError(f"{flags.flag(name)} {shown} is read only by {reader}: add {reader}, or leave "
-                                 f"out {flags.flag(name)}")
+                raise ValueError(f"{flags.flag(name)} {' '.join(_flag_values(name, value))} is read only by "
+                                 f"{reader}: add {reader}, or leave out {flags.flag(name)}")
         if self.tune_knobs and reads_val(self.split):
             raise ValueError(f"--tune-knobs chooses each knob on the validation split, which --split "
                              f"{self.split} reads: the choice would be marked on its own images; evaluate "

@@ -56,9 +56,8 @@ def paired(reference: Sequence[float], other: Sequence[float], higher_is_better:
 
 
 # --- loading -------------------------------------------------------------------------------------
-def _cells(root: Path) -> list[dict[str, Any]]:
-    """One record per finished cell, in the study file's order."""
-    cfg = read_study_file(root)
+def _cells(root: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per finished cell of the study in ``root`` (its config ``cfg``), in its file's order."""
     records = []
     for dataset in cfg["datasets"]:
         for encoding in cfg["encodings"]:
@@ -733,7 +732,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
     size (``top1_vs_size.png``, ``headline.png``) and validation top-1 against epoch (``learning.png``)."""
     root = Path(output)
     cfg = read_study_file(root)
-    records = _cells(root)
+    records = _cells(root, cfg)
     if not records:
         raise FileNotFoundError(f"{root}: no finished cells yet")
     summary = aggregate(records, cfg.get("reference", "lh-90"))
@@ -753,7 +752,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
         base_cfg = read_study_file(base)
         # "tuned" is set against "tuned" only where both studies tuned their knobs (else it is the defaults there)
         both_tuned = tuned and bool((base_cfg.get("eval") or {}).get("tune_knobs"))
-        cmp = against_base(records, _cells(base))
+        cmp = against_base(records, _cells(base, base_cfg))
         figure = plot_against(cmp, root / "against.png", base_cfg["name"], both_tuned) if cmp else ""
         results["against"] = {"study": base_cfg["name"], "compare_with": cfg["compare_with"], "tuned": both_tuned,
                               "datasets": cmp}
