@@ -596,6 +596,22 @@ def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_last_one(tmp_path, m
     assert {str(tmp / name) for name in ("model.safetensors", "config.json", "state.pt")} | {str(tmp)} <= flushed
     assert ("fsync", str(tmp_path)) in events[swap:]  # and the rename itself
 
+    # A file system that cannot flush a folder (some FUSE mounts) still takes checkpoints; a file it
+    # cannot flush is an error.
+    import errno
+
+    def no_folders(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folders)
+    write_checkpoint(tmp_path / "last", model, None, {"step": 3})
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        write_checkpoint(tmp_path / "last", model, None, {"step": 4})
+
 
 # --- training at several sizes -------------------------------------------------------------------
 def test_one_size_batches_are_those_of_distributed_sampler_and_a_dataloader():

@@ -33,11 +33,15 @@ def tensor_digest(named: Iterable[tuple[str, Any]]) -> str:
 def sync_to_disk(path: Path) -> None:
     """Flush a file's bytes (or a folder's entries) to the disk, so that a rename after it survives a
     machine crash as well as a kill."""
-    if path.is_dir() and os.name != "posix":  # only POSIX opens a folder to flush it
+    folder = path.is_dir()
+    if folder and os.name != "posix":  # only POSIX opens a folder to flush it
         return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        if not folder:  # some file systems (FUSE mounts) cannot flush a folder: the files are, which matters most
+            raise
     finally:
         os.close(fd)
 
