@@ -285,6 +285,29 @@ def _fake_eval(path: Path, acc: list[float]):
     (path / "eval.json").write_text(json.dumps(res))
 
 
+def test_result_records_are_flushed_to_the_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """eval.json says a study cell is finished: a crash of the machine must leave none or all of it,
+    as must the reports' results.json (a study's and a comparison's)."""
+    import os
+
+    from lookhere.evaluate import write_results
+    from lookhere.report import compare
+
+    _fake_eval(tmp_path / "a", [0.8, 0.7, 0.6])
+    _fake_eval(tmp_path / "b", [0.75, 0.5, 0.3])
+    results = json.loads((tmp_path / "a" / "eval.json").read_text())
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(dst))) or real_replace(src, dst))
+    write_results(results, tmp_path / "eval")
+    compare([tmp_path / "a", tmp_path / "b"], tmp_path / "report")
+    for record in (tmp_path / "eval" / "eval.json", tmp_path / "report" / "results.json"):
+        swap = events.index(("replace", str(record)))
+        assert ("fsync", str(record) + ".tmp") in events[:swap] and ("fsync", str(record.parent)) in events[swap:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == results
+
+
 def test_compare_report_opens(tmp_path):
     from PIL import Image
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from .attention.geometry import patch_coords
+from .io import write_atomic
 from .vit import VisionTransformer
 
 ATTENTION_BYTES = 2**30  # one layer's float32 attention weights for a chunk of images stay within this
@@ -56,8 +58,7 @@ def capture_attention(model: VisionTransformer,
 
 @functools.lru_cache(maxsize=4)
 def _patch_distances(grid: tuple[int, int]) -> torch.Tensor:
-    idx = torch.arange(grid[0] * grid[1])
-    y, x = (idx // grid[1]).float(), (idx % grid[1]).float()
+    y, x = (c.double() for c in patch_coords(*grid))
     return torch.hypot(y[:, None] - y[None], x[:, None] - x[None])
 
 
@@ -67,7 +68,7 @@ def mean_attention_distance(weights: torch.Tensor, grid: tuple[int, int], num_pr
     p = num_prefix_tokens
     w = weights[:, :, p:, p:].double()
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-    return (w * _patch_distances(tuple(grid)).double()).sum(-1).mean(dim=(0, 2))
+    return (w * _patch_distances(tuple(grid))).sum(-1).mean(dim=(0, 2))
 
 
 def head_diversity(weights: torch.Tensor) -> float:
@@ -199,7 +200,7 @@ def run_analysis(model: VisionTransformer, images_by_size: dict[int, torch.Tenso
 
         files["fov"] = plot_fov(pe.config, out / "fov.png", num_heads=pe.num_heads, depth=pe.depth, layer=layer)
     summary = {str(s): {"grid": r["grid"], "layers": r["layers"]} for s, r in results.items()}
-    (out / "analysis.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "analysis.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     files["json"] = str(out / "analysis.json")
     return {"files": files, "summary": summary}
 

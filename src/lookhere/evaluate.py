@@ -25,6 +25,7 @@ from . import flags
 from .data import DataSpec, build_dataset, collate
 from .data.factory import DATASETS, model_data_config, reads_val
 from .environment import environment
+from .io import write_atomic
 from .official import load_error
 from .position import apply_knob
 from .position.lookhere import GLOBAL_SLOPE
@@ -649,9 +650,8 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, metric: str
 def write_results(results: dict[str, Any], out_dir: str | Path, name: str = "model") -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "eval.json.tmp"  # written whole, then renamed: a killed evaluation leaves no half file
-    tmp.write_text(json.dumps(results, indent=2))
     (out / "eval.md").write_text(markdown_table(results, name))
     plot_accuracy({name: results}, out / "accuracy_vs_size.png")
-    tmp.replace(out / "eval.json")
+    # last, and whole: a study takes eval.json for a finished cell, so a kill or a crash leaves none or all of it
+    write_atomic(out / "eval.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     return {"json": str(out / "eval.json"), "markdown": str(out / "eval.md"), "plot": str(out / "accuracy_vs_size.png")}

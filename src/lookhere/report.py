@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import plot_accuracy
+from .io import write_atomic
 
 
 def find_eval(path: str | Path) -> Path:
@@ -79,7 +80,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, names: list[str] | 
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(_html(text, out, title))
-    (out / "results.json").write_text(json.dumps(runs, indent=2))
+    write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(runs, indent=2)))
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), **plots}
 
 

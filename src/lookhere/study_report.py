@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .io import write_atomic
 from .study_files import STUDY_FILE, CellFiles, read_study_file
 
 METRICS = ("top1", "nll", "ece")
@@ -758,9 +759,7 @@ def write_report(output: str | Path, notes: str = "") -> dict[str, str]:
                               "datasets": cmp}
         section = against_markdown(base_cfg["name"], cfg["compare_with"], cmp, both_tuned,
                                    Path(figure).name if figure else "")
-    tmp = root / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(root / "results.json")
+    write_atomic(root / "results.json", lambda p: p.write_text(json.dumps(results, indent=1)))
     planned = len(cfg["datasets"]) * len(cfg["encodings"]) * len(cfg["seeds"])
     seconds = sum(sum(CellFiles.of(root, r["dataset"], r["encoding"], r["seed"]).timing().values())
                   for r in records)  # finished cells only

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-from .geometry import check_grid, field_of_view, head_groups, max_penalties, transform_distance
+from .geometry import check_grid, field_of_view, head_groups, max_penalties, patch_coords, transform_distance
 from .layout import BLOCK, LAYOUTS, TokenLayout, build_layout
 from .plan import AttentionPlan
 
@@ -204,8 +204,8 @@ def flex_work(config, grid_size, num_heads: int = 12, depth: int = 12, num_prefi
     plan = AttentionPlan(cfg, depth, num_heads)
     n = grid[0] * grid[1]
     tokens = (n + p) ** 2
-    idx = torch.arange(n)
-    dy, dx = idx[None, :] // grid[1] - idx[:, None] // grid[1], idx[None, :] % grid[1] - idx[:, None] % grid[1]
+    y, x = patch_coords(*grid)
+    dy, dx = y[None, :] - y[:, None], x[None, :] - x[:, None]
     per_pattern = []
     for pattern in range(len(plan.patterns)):
         _, _, blocks = flex_state(plan, pattern, grid, 0, torch.device("cpu"), layout)

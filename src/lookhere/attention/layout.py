@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import field_of_view
+from .geometry import field_of_view, patch_coords
 
 Tensor = torch.Tensor
 
@@ -89,8 +89,8 @@ def blocks_computed(order: Tensor, edges: tuple[tuple[int, int], ...], grid: tup
     ``v`` (a running minimum), so the count needs no N x N mask."""
     if len(edges) > 2:
         raise ValueError(f"edges={edges}: the count is for FOVs of at most two edges")
-    gx, n = grid[1], len(order)
-    y, x = order // gx, order % gx
+    n = len(order)
+    y, x = (c[order] for c in patch_coords(*grid))
     (a1, b1), (a2, b2) = (list(edges) + [(0, 0)] * 2)[:2]
     u, v = a1 * y + b1 * x, a2 * y + b2 * x
     nb = -(-n // block)
@@ -110,7 +110,7 @@ def head_order(edges: tuple[tuple[int, int], ...], grid: tuple[int, int], block:
     """One head's patches in the order its blocks are cut from (see the module's docstring)."""
     gy, gx = grid
     idx = torch.arange(gy * gx)
-    y, x = idx // gx, idx % gx
+    y, x = patch_coords(gy, gx)
     if not edges:
         return idx
     if len(edges) == 1:
