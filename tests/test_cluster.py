@@ -93,6 +93,49 @@ def test_detach_then_attach_makes_each_cell_with_one_job_and_resubmits_a_killed_
     assert numbers(out, cfg) == numbers(tiny_here, cfg)  # the resumed cell as if never killed
 
 
+class _Executor:
+    """Stands in for submitit's executors: records what is submitted, runs nothing."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, task):
+        self.submitted.append(task.key)
+        return type("Job", (), {"job_id": str(100 + len(self.submitted)),
+                                "paths": type("Paths", (), {"stdout": Path("job.out")})})()
+
+    def batch(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("cluster, submitted_now", [(ClusterConfig(executor="slurm"), 3),
+                                                     (ClusterConfig(executor="submitit-local"), 3),
+                                                     (ClusterConfig(executor="submitit-local", max_running=2), 1)])
+def test_a_job_attached_to_does_not_hold_back_the_cells_still_to_submit(tmp_path, monkeypatch, cluster, submitted_now,
+                                                                        capsys):
+    """Run again while one cell's job lives: Slurm (its array caps what runs) and submitit-local without
+    --max-running take every other cell at once; with --max-running the attached job counts against it."""
+    import lookhere.study_jobs as study_jobs
+    from lookhere.study_files import write_json
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1]})
+    cells = cfg.cells(tmp_path)
+    assert len(cells) == 4
+    cells[0].dir.mkdir(parents=True)
+    write_json(cells[0].files.job_json, {"executor": cluster.executor, "job_id": "7", "folder": "f", "log": "l",
+                                         "jobs": ["7"]})
+    monkeypatch.setattr(study_jobs, "job_state", lambda record: "alive")
+    ex = _Executor()
+    monkeypatch.setattr(ClusterConfig, "executor_for", lambda self, folder: ex)
+    ran = study_jobs.run_on_cluster(cfg, tmp_path, cells, {}, {}, cluster, detach=True, progress=False)
+    assert ex.submitted == [c.key for c in cells[1:1 + submitted_now]]
+    assert ran["attached"] == 1 and ran["submitted"] == submitted_now and ran["waiting"] == 3 - submitted_now
+    if ran["waiting"]:
+        assert "2 cell(s) not submitted: --max-running 2 are running" in capsys.readouterr().out
+
+
 def test_a_failed_job_is_not_said_to_be_made_again(tmp_path, monkeypatch):
     import lookhere.study_jobs as study_jobs
 

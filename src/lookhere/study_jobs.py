@@ -90,7 +90,10 @@ def run_on_cluster(cfg: StudyConfig, out: Path, cells: list[Cell], identities: d
         queue.append(cell)
     for key, why in why_again.items():
         print(f"{key}: {why}; submitting it again", file=sys.stderr)
-    limit = cluster.max_running if cluster.executor == "submitit-local" and cluster.max_running else len(queue)
+    # submitit-local has no queue: --max-running cells run at once, the jobs attached to among them, and
+    # the rest are submitted as those end. Slurm takes every cell now (its array caps what runs at once).
+    cap = cluster.max_running if cluster.executor == "submitit-local" and cluster.max_running else None
+    room = len(queue) if cap is None else max(0, cap - len(attached))
     jobs: dict[str, dict[str, Any]] = {c.key: recorded_job(c) for c in attached}
 
     def submit(batch: list[Cell]) -> None:
@@ -105,11 +108,14 @@ def run_on_cluster(cfg: StudyConfig, out: Path, cells: list[Cell], identities: d
         for cell, job in zip(batch, submitted):
             jobs[cell.key] = _record(cell, job, cluster, folder)
 
-    submit(queue[:max(0, limit - len(attached))])
-    waiting = queue[max(0, limit - len(attached)):]
+    submit(queue[:room])
+    waiting = queue[room:]
     if detach:
         for key, record in jobs.items():
             print(f"{key}: job {record['job_id']} ({record['executor']}; log: {record['log']})")
+        if waiting:
+            print(f"{len(waiting)} cell(s) not submitted: --max-running {cap} are running; run the same command "
+                  f"again (without --detach it waits and submits them as cells end)")
         return {"cells": len(cells), "submitted": len(jobs) - len(attached), "attached": len(attached),
                 "waiting": len(waiting), "jobs": jobs}
     failures: dict[str, str] = {}
@@ -124,8 +130,8 @@ def run_on_cluster(cfg: StudyConfig, out: Path, cells: list[Cell], identities: d
                 failures[key] = f"its job {jobs[key]['job_id']} ended before the cell was done; see {jobs[key]['log']}"
                 del pending[key]
                 bar.update(1)
-        free = limit - len(pending)
-        if waiting and free > 0:
+        free = cap - len(pending) if waiting else 0
+        if free > 0:
             batch, waiting = waiting[:free], waiting[free:]
             submit(batch)
             pending.update({c.key: c for c in batch})
@@ -148,7 +154,7 @@ def run_study_jobs(cfg: StudyConfig, output: str | Path, cluster: ClusterConfig,
     ran = run_on_cluster(cfg, out, cells, identities, redo, cluster, detach=detach, progress=progress)
     base = {"cells": len(cells), "ran": ran["submitted"], "made_again": redo, "jobs": ran["jobs"]}
     if detach:
-        return {**base, "detached": True, "failures": {}}
+        return {**base, "detached": True, "failures": {}, "waiting": ran["waiting"]}
     if ran["failures"] and not any(c.status() == "done" for c in cells):
         raise RuntimeError("no cell finished: " + "; ".join(f"{k}: {w}" for k, w in ran["failures"].items()))
     made_again = {key: why for key, why in redo.items() if key not in ran["failures"]}
