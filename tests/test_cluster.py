@@ -153,6 +153,83 @@ def test_a_failed_job_is_not_said_to_be_made_again(tmp_path, monkeypatch):
     assert result["made_again"] == {made: ["a new setting"]} and set(result["failures"]) == {failed}
 
 
+def test_a_local_run_leaves_alone_a_cell_whose_job_lives_and_records_a_cell_made_here_as_local(tmp_path, monkeypatch):
+    """Run without --executor while a cell's job (submitted with --detach) still makes it: refused, naming
+    the job and how to attach, before anything is touched. Once the job has ended, the cell made here is
+    recorded as made here, not by the job its job.json names."""
+    import subprocess
+
+    import lookhere.study as study
+    from lookhere.study_files import write_json
+
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
+    cell = cfg.cells(tmp_path)[0]
+    cell.dir.mkdir(parents=True)
+    monkeypatch.setattr(study, "resolve_identities", lambda cfg, cells: {c.key: {} for c in cells})
+    monkeypatch.setattr(study, "write_report", lambda out: {"report": "r", "results": "j"})
+    ran = []
+
+    def run_command(argv, log, env):  # what `lookhere train` and `lookhere eval` leave behind
+        ran.append(argv[1])
+        if argv[1] == "train":
+            cell.run_dir.mkdir(parents=True, exist_ok=True)
+            (cell.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 0, "train_s": 1.0}) + "\n")
+        else:
+            cell.eval_json.parent.mkdir(parents=True, exist_ok=True)
+            cell.eval_json.write_text("{}")
+
+    monkeypatch.setattr(study, "run_command", run_command)
+    job = subprocess.Popen(["sleep", "60"])  # stands for the submitit-local job still making the cell
+    try:
+        write_json(cell.files.job_json, {"executor": "submitit-local", "job_id": str(job.pid), "folder": "f",
+                                         "log": "l", "jobs": [str(job.pid)]})
+        with pytest.raises(ValueError, match=rf"(?s)1 cell\(s\) are still being made by their job:\n  {cell.key}: job "
+                                             rf"{job.pid} \(submitit-local\).*run with --executor submitit-local to "
+                                             rf"attach to them, or cancel the jobs"):
+            run_study(cfg, tmp_path, progress=False)
+        assert ran == [] and not (tmp_path / "study.yaml").exists()
+    finally:
+        job.kill()
+        job.wait()
+    run_study(cfg, tmp_path, progress=False)  # the job has ended: the cell is made here
+    assert ran == ["train", "eval"]
+    made = json.loads(cell.files.record_json.read_text())
+    assert made["executor"] == "local" and "jobs" not in made
+
+
+def test_a_job_that_ends_as_it_finishes_its_cell_is_neither_a_failure_nor_submitted_again(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The cell is looked at again once its job is seen ended: a job that wrote eval.json and exited between
+    the look at the cell and the look at the job made its cell (sacct and squeue make that gap longer)."""
+    import lookhere.study_jobs as study_jobs
+    from lookhere.study_files import write_json
+
+    cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
+    ex = _Executor()
+    monkeypatch.setattr(ClusterConfig, "executor_for", lambda self, folder: ex)
+    for alive_looks in (0, 1):  # ends as the run starts (before submitting), or while it waits
+        out = tmp_path / f"alive{alive_looks}"
+        cell = cfg.cells(out)[0]
+        cell.dir.mkdir(parents=True)
+        write_json(cell.files.job_json, {"executor": "submitit-local", "job_id": "7", "folder": "f", "log": "l",
+                                         "jobs": ["7"]})
+        looks = []
+
+        def job_state(record):
+            looks.append(record["job_id"])
+            if len(looks) <= alive_looks:
+                return "alive"
+            cell.eval_json.parent.mkdir(parents=True, exist_ok=True)  # the job's evaluation ends, then the job
+            cell.eval_json.write_text("{}")
+            return "ended"
+
+        monkeypatch.setattr(study_jobs, "job_state", job_state)
+        capsys.readouterr()
+        ran = study_jobs.run_on_cluster(cfg, out, [cell], {}, {}, LOCAL, progress=False, poll_s=0)
+        assert ran["failures"] == {} and ex.submitted == [], alive_looks
+        assert "submitting it again" not in capsys.readouterr().err
+
+
 def test_a_cell_of_two_tasks_trains_as_two_gloo_processes(tmp_path):
     cfg = StudyConfig.from_dict({**TINY, "encodings": ["lh-90"], "reference": "lh-90"})
     result = run_study_jobs(cfg, tmp_path, ClusterConfig(executor="submitit-local", tasks_per_node=2), progress=False)
@@ -212,7 +289,7 @@ def test_cluster_settings_that_cannot_run_are_one_clear_message(tmp_path, monkey
     for extra, message in [
         (["--executor", "slurm"], "--executor slurm: no sbatch or srun on PATH"),
         (["--detach"], "--detach submits jobs: it needs --executor submitit-local or slurm"),
-        (["--tasks-per-node", "2"], "--executor local runs each cell as one process"),
+        (["--tasks-per-node", "2"], "--executor local runs one process"),
         (["--executor", "submitit-local", "--nodes-per-cell", "2"], "--nodes-per-cell must be 1"),
         (["--executor", "slurm", "--slurm-arg", "account"], "--slurm-arg 'account': expected KEY=VALUE"),
         (["--executor", "submitit-local", "--partition", "gpu"], "--executor submitit-local would ignore them"),

@@ -152,6 +152,13 @@ def test_tuned_setting_is_the_best_on_validation_and_its_test_metrics_are_that_s
     assert res["environment"]["torch"] == torch.__version__  # eval.json records what decides its digits
 
 
+def test_a_study_file_that_is_not_yaml_is_one_message_naming_it(tmp_path):
+    bad = tmp_path / "study.yaml"
+    bad.write_text("name: s\ndatasets: [synthetic\nseeds: a: b\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: not valid YAML (")):
+        StudyConfig.from_yaml(bad)
+
+
 def test_study_config_errors(tmp_path):
     good = {"name": "s", "datasets": ["synthetic"], "encodings": ["lh-90"], "seeds": [0]}
     assert StudyConfig.from_dict(good).datasets == {"synthetic": {}}
@@ -170,7 +177,8 @@ def test_study_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown eval key"):
         StudyConfig.from_dict({**good, "eval": {"size": [32]}})
     # what each cell's eval command would refuse after its training is refused before any cell runs
-    for plan, message in (({"adversarial": ["bogus"]}, "eval: --adversarial bogus: unknown attack"),
+    for plan, message in (({"adversarial": ["bogus"]}, "eval: argument --adversarial: 'bogus': unknown attack bogus; "
+                                                       "allowed: fgsm, pgd"),
                           ({"eps": "1/0"}, "--eps '1/0': expected numbers"),
                           ({"pgd_steps": 0}, "eval: --pgd-steps must be >= 1, got 0"),
                           ({"batch_size": 0}, "eval: --batch-size must be >= 1, got 0"),
@@ -182,7 +190,7 @@ def test_study_config_errors(tmp_path):
     for bad, message in (({"datasets": "synthetic"}, "datasets must be a list of names or a mapping"),
                          ({"encodings": "lh-90"}, "encodings must be a list, got 'lh-90'"),
                          ({"seeds": 0}, "seeds must be a list, got 0"),
-                         ({"seeds": ["01"]}, "seeds must be whole numbers, got ['01']"),
+                         ({"seeds": ["01"]}, "seeds must be whole numbers >= 0, got ['01']"),
                          ({"eval": {"lh_slope_scales": 2}}, "lh_slope_scales must be a list, got 2"),
                          ({"train": {"seed": 3, "lr": 0.1}}, "train sets seed, which each cell sets itself")):
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -201,6 +209,66 @@ def test_study_config_errors(tmp_path):
         StudyConfig.from_dict({**good, "reference": "lh90"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StudyConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_eval_settings_of_the_wrong_kind_are_refused_before_any_cell_trains():
+    """Each cell's eval command runs after its training: a study ``eval:`` value that command would
+    refuse, or read as another value, is refused by the study file, naming the setting."""
+    for plan, message in (({"tune_knobs": True, "val_length": 16.0}, "s.yaml: eval: argument --val-length: invalid int "
+                                                                      "value: '16.0'"),
+                          ({"batch_size": "64"}, "s.yaml: eval: batch_size '64' is read back by the cells' eval "
+                                                 "command as 64"),
+                          ({"tune_knobs": "yes"}, "s.yaml: eval: tune_knobs 'yes' is read back by the cells' eval "
+                                                  "command as True"),
+                          ({"tune_knobs": 1}, "s.yaml: eval: tune_knobs 1 is read back by the cells' eval command "
+                                              "as True")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            StudyConfig.from_dict({**TINY, "eval": {**TINY["eval"], **plan}}, "s.yaml")
+
+
+def test_malformed_study_files_are_one_message_naming_the_key():
+    """A section or a dataset's settings that are not a mapping, sizes that are not whole numbers and a
+    negative seed: each refused by the study file with the key at fault, not a TypeError from inside."""
+    for bad, message in (({"eval": ["sizes"]}, "eval must be a mapping of settings, got ['sizes']"),
+                         ({"train": ["epochs"]}, "train must be a mapping of settings, got ['epochs']"),
+                         ({"variants": ["v"]}, "variants must be a mapping of settings, got ['v']"),
+                         ({"cluster": "slurm"}, "cluster must be a mapping of settings, got 'slurm'"),
+                         ({"datasets": {"synthetic-where": [16]}}, "datasets: synthetic-where must be a mapping of its "
+                                                                   "settings (data_length, img_size, sizes...), got "
+                                                                   "[16]"),
+                         ({"datasets": {"synthetic-where": {"sizes": 32}}}, "synthetic-where sizes must be a list of "
+                                                                             "whole numbers (px), got 32"),
+                         ({"datasets": {"synthetic-where": {"sizes": [16, 32.0]}}}, "synthetic-where sizes must be a "
+                                                                                     "list of whole numbers (px), got "
+                                                                                     "[16, 32.0]"),
+                         ({"eval": {**TINY["eval"], "sizes": [16, 32.0]}}, "eval sizes must be a list of whole "
+                                                                           "numbers (px), got [16, 32.0]"),
+                         ({"variants": {"v": ["lookhere"]}, "encodings": ["v"], "reference": "v"},
+                          "variant 'v' must be a mapping of pos_encoding, lookhere_config, pos_options, got "
+                          "['lookhere']"),
+                         ({"seeds": [0, -1]}, "seeds must be whole numbers >= 0, got [0, -1]")):
+        with pytest.raises(ValueError, match=re.escape(f"s.yaml: {message}")):
+            StudyConfig.from_dict({**TINY, **bad}, "s.yaml")
+
+
+def test_cli_names_the_key_of_a_malformed_study_file(tmp_path, capsys):
+    from lookhere.cli import main
+
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "datasets": {"synthetic-where": {"sizes": 32}}}))
+    assert main(["study", "--config", str(config), "--output", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lookhere study: error: {config}: synthetic-where sizes must be a list of whole numbers (px), got 32"
+
+
+def test_eval_setting_given_under_both_its_names_is_refused():
+    """``test_length`` is the old name of ``length``: given both, neither is dropped silently."""
+    for ev in ({"test_length": 24, "length": 100}, {"length": 100, "test_length": 24}):
+        with pytest.raises(ValueError, match=re.escape("s.yaml: eval sets both test_length and length (the same "
+                                                       "setting); keep length")):
+            StudyConfig.from_dict({**TINY, "eval": {**{k: v for k, v in TINY["eval"].items() if k != "test_length"},
+                                                    **ev}}, "s.yaml")
+    assert StudyConfig.from_dict(TINY).eval["length"] == 24  # the old name alone still reads
 
 
 def test_a_study_evaluates_as_lookhere_eval_does():
@@ -322,6 +390,36 @@ def test_a_setting_switched_off_reaches_the_cells_command():
     assert argv[argv.index("--clip-grad") + 1] == "0" and "--init-values" not in argv
     parsed = _train_config(build_parser().parse_args(argv[1:]))
     assert parsed.clip_grad == 0 and not parsed.init_values  # 0: no clipping; no LayerScale either way
+
+
+def test_a_cells_train_command_reads_back_as_its_settings_for_a_fine_tune_and_a_registered_model():
+    """``lookhere train`` fills what a command leaves out with the defaults of that kind of run (with
+    --init-from, fine-tuning's learning rates and layer decay; with a registered --model, its own
+    architecture): each cell's command, read back by the CLI's own parser, is the cell's settings."""
+    from lookhere.cli import _train_config, build_parser
+    from lookhere.train import FINETUNE_DEFAULTS
+    from lookhere.vit import MODEL_NAMES
+
+    registered = MODEL_NAMES[("base", "lh-180")]
+    fine_tune = {"name": "ft", "datasets": {"synthetic": {"img_size": 32, "patch_size": 8, "sizes": [32, 64]}},
+                 "encodings": ["lh-90", "rope-2d-axial"], "seeds": [0, 1],
+                 # lr and min_lr as a from-scratch run's defaults, which are not fine-tuning's
+                 "train": {"init_from": "/tmp/some_run", "lr": 1e-3, "min_lr": 1e-5, "layer_decay": 0.5, "epochs": 1}}
+    from_registered = {"name": "reg", "datasets": {"synthetic": {"img_size": 224, "sizes": [224]}},
+                       "encodings": ["lh-180"], "reference": "lh-180", "seeds": [0], "train": {"model": registered}}
+    for d in (fine_tune, from_registered, TINY):
+        for cell in StudyConfig.from_dict(d).cells("root"):
+            argv = cell.commands()["train"]
+            assert argv[:2] == ["lookhere", "train"]
+            assert _train_config(build_parser().parse_args(argv[1:])) == cell.train_config(), (d["name"], argv)
+    cell = StudyConfig.from_dict(fine_tune).cells("root")[0]
+    assert cell.train_config().lr == 1e-3 != FINETUNE_DEFAULTS["lr"]
+    for given in ("--model", "--weight-init"):  # the source's: unset, and not written
+        assert given not in cell.commands()["train"]
+    # a fine-tune without layer decay cannot be written as a `lookhere train` command: refused up front
+    with pytest.raises(ValueError, match=re.escape("s.yaml: train: layer_decay null cannot be written in a cell's train command: "
+                                                "--layer-decay has no value for unset, and left out it is 0.75")):
+        StudyConfig.from_dict({**fine_tune, "train": {**fine_tune["train"], "layer_decay": None}}, "s.yaml")
 
 
 def test_dry_run_lists_the_grid(tmp_path):
@@ -579,6 +677,77 @@ def test_until_starts_only_the_cells_that_would_end_before_it(tmp_path, monkeypa
     # --report runs nothing: a flag for a run is refused, not ignored
     assert main(["study", "--report", str(tmp_path), "--until", soon, "--jobs", "2"]) == 2
     assert capsys.readouterr().err.strip().endswith("runs nothing; leave out --until, --jobs")
+
+
+def test_until_expects_only_the_evaluation_of_a_cell_already_trained(tmp_path, monkeypatch):
+    """A cell stopped during its evaluation has only that left to do: it is expected to take its own
+    evaluation's time, else the mean of the finished cells' of its dataset and encoding (else the longest
+    one's), as the dry run counts it, not a whole cell's."""
+    import lookhere.study as study
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1]})
+    cells = cfg.cells(tmp_path)
+    lh90_0, rope_0, lh90_1, rope_1 = cells
+    for c, timing in ((lh90_0, {"train_s": 2500.0, "eval_s": 500.0}), (rope_0, {"train_s": 2700.0, "eval_s": 300.0}),
+                      (rope_1, {"train_s": 2700.0})):
+        c.dir.mkdir(parents=True)
+        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line(), "identity": {}}))
+        (c.dir / "timing.json").write_text(json.dumps(timing))
+        (c.dir / "train.json").write_text(json.dumps({"epochs": []}))
+        if c is not rope_1:
+            (c.dir / "eval").mkdir()
+            (c.dir / "eval" / "eval.json").write_text("{}")
+    assert rope_1.status() == "trained"
+    assert study.expected_seconds(rope_1, cells) == 300.0  # rope-2d-mixed's evaluation, not its 3000 s cell
+    assert study.expected_seconds(lh90_1, cells) == 3000.0  # a cell still to train: a whole lh-90 cell
+    (rope_1.dir / "timing.json").write_text(json.dumps({"train_s": 2700.0, "eval_s": 200.0}))  # its own, from before
+    assert study.expected_seconds(rope_1, cells) == 200.0
+    monkeypatch.setattr(study, "resolve_identities", lambda cfg, cells: {c.key: {} for c in cells})
+    monkeypatch.setattr(study, "write_report", lambda out: {"report": "r", "results": "j"})
+    started = []
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a, **kw: started.append(cell.key) or {"eval_s": 200.0})
+    result = study.run_study(cfg, tmp_path, until=time.time() + 600, progress=False)
+    assert started == [rope_1.key] and result["not_started"] == {lh90_1.key: 3000.0}
+
+
+def test_until_that_starts_no_cell_of_a_study_with_none_done_returns_the_cells_not_started(tmp_path, monkeypatch):
+    """Every cell cleared to be made again and none of them fits before --until: no report (there are no
+    finished cells to report), and the cells not started are returned for the run to say so."""
+    import lookhere.study as study
+
+    cfg = StudyConfig.from_dict(TINY)
+    cells = cfg.cells(tmp_path)
+    for c in cells:  # made with another identity, in 3000 s
+        c.dir.mkdir(parents=True)
+        (c.dir / "cell.json").write_text(json.dumps({"command": c.command_line(), "identity": {"data": "old"}}))
+        (c.dir / "timing.json").write_text(json.dumps({"train_s": 2900.0, "eval_s": 100.0}))
+    monkeypatch.setattr(study, "resolve_identities", lambda cfg, cells: {c.key: {"data": "new"} for c in cells})
+
+    def run_cell(*args, **kwargs):
+        raise AssertionError("no cell fits before --until")
+
+    monkeypatch.setattr(study, "run_cell", run_cell)
+    result = study.run_study(cfg, tmp_path, until=time.time() + 600, progress=False)
+    assert result["not_started"] == {c.key: 3000.0 for c in cells} and result["ran"] == 0
+    assert "report" not in result and not (tmp_path / "report.md").exists()
+
+
+def test_a_dry_run_measures_each_dataset_and_encoding_once(tmp_path, monkeypatch):
+    import lookhere.study as study
+
+    cfg = StudyConfig.from_dict({**TINY, "seeds": [0, 1, 2]})
+    monkeypatch.setattr(study, "resolve_identities", lambda cfg, cells: {c.key: {} for c in cells})
+    measured = []
+
+    def measure(cell):
+        measured.append(cell.key)
+        return {"step_s": 0.01, "per_image_s": {16: 1e-4, 32: 4e-4}, "train_len": 512, "cfg": cell.train_config(),
+                "settings": 3}
+
+    monkeypatch.setattr(study, "_measure", measure)
+    est = study.estimate(cfg, tmp_path)
+    assert measured == ["synthetic-where/lh-90/seed0", "synthetic-where/rope-2d-mixed/seed0"]
+    assert len(est["rows"]) == 6 and len({r[2] for r in est["rows"]}) == 1 and est["rows"][0][2] > 0
 
 
 def test_two_cell_study_and_a_killed_study_resumes_to_the_same_results(tmp_path):
@@ -932,7 +1101,7 @@ def test_the_study_file_is_written_whole_or_not_at_all_and_a_damaged_one_is_one_
     assert read_study_file(out) == first.to_dict()
 
     path = out / "study.yaml"
-    for text, said in (("name: [tiny\n", "is damaged: not valid YAML (while parsing a flow sequence)"),
+    for text, said in (("name: [tiny\n", "is damaged: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2, column 1)"),
                        ("- tiny\n", "is damaged: not a study's config (no name, datasets, encodings, seeds)"),
                        (yaml.safe_dump({"name": "tiny", "seeds": [0]}), "is damaged: not a study's config (no datasets, encodings)")):
         path.write_text(text)

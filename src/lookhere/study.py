@@ -32,10 +32,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import yaml
-
 from .data.factory import SYNTHETIC_TASKS
 from .environment import CPU_CAPABILITIES, KERNEL_PINS, cpu_model, kernel_pin
+from .io import read_yaml
 from .study_files import CellFiles, cell_key, write_json, write_study_file
 from .train import TrainConfig
 
@@ -91,6 +90,12 @@ class StudyConfig:
         missing = {"name", "datasets", "encodings", "seeds"} - set(d)
         if missing:
             raise ValueError(f"{source}: missing key(s) {sorted(missing)}")
+        for key in ("train", "eval", "variants", "cluster"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise ValueError(f"{source}: {key} must be a mapping of settings, got {d[key]!r}")
+        for old, new in EVAL_ALIASES.items():
+            if old in (d.get("eval") or {}) and new in d["eval"]:
+                raise ValueError(f"{source}: eval sets both {old} and {new} (the same setting); keep {new}")
         plan = {EVAL_ALIASES.get(k, k): v for k, v in (d.get("eval") or {}).items()}
         bad = set(plan) - set(eval_keys())
         if bad:
@@ -101,14 +106,26 @@ class StudyConfig:
         if not isinstance(datasets, dict):
             raise ValueError(f"{source}: datasets must be a list of names or a mapping of name to settings, "
                              f"got {datasets!r}")
+        for name, own in datasets.items():
+            if not isinstance(own or {}, dict):
+                raise ValueError(f"{source}: datasets: {name} must be a mapping of its settings (data_length, "
+                                 f"img_size, sizes...), got {own!r}")
+        for name, variant in (d.get("variants") or {}).items():
+            if not isinstance(variant or {}, dict):
+                raise ValueError(f"{source}: variant {name!r} must be a mapping of {', '.join(VARIANT_KEYS)}, "
+                                 f"got {variant!r}")
         if isinstance(plan.get("adversarial"), str):
             plan["adversarial"] = plan["adversarial"].split(",")  # as the --adversarial flag takes it
         for key in ("encodings", "seeds", *(k for k in ("sizes", "lh_slope_scales", "adversarial") if k in plan)):
             value = plan[key] if key in plan else d[key]
             if not isinstance(value, list):
                 raise ValueError(f"{source}: {key} must be a list, got {value!r}")
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in d["seeds"]):
-            raise ValueError(f"{source}: seeds must be whole numbers, got {d['seeds']!r}")
+        if not all(_whole(s) and s >= 0 for s in d["seeds"]):
+            raise ValueError(f"{source}: seeds must be whole numbers >= 0, got {d['seeds']!r}")
+        for where, own in [("eval", plan), *((name, own or {}) for name, own in datasets.items())]:
+            sizes = own.get("sizes")
+            if sizes is not None and not (isinstance(sizes, list) and all(_whole(s) for s in sizes)):
+                raise ValueError(f"{source}: {where} sizes must be a list of whole numbers (px), got {sizes!r}")
         if isinstance(plan.get("eps"), (int, float)) and not isinstance(plan["eps"], bool):
             from .evaluate import format_eps
 
@@ -131,7 +148,7 @@ class StudyConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"study config {p} does not exist")
-        d = yaml.safe_load(p.read_text())
+        d = read_yaml(p)
         if not isinstance(d, dict):
             raise ValueError(f"{p}: expected a mapping (name, datasets, encodings, seeds, train, eval)")
         return cls.from_dict(d, str(p))
@@ -140,6 +157,7 @@ class StudyConfig:
         return asdict(self)
 
     def validate(self, source: str = "study config") -> None:
+        from .evaluate import EvalSettings
         from .position import POSITION_ENCODINGS
 
         from .cluster import ClusterConfig
@@ -170,7 +188,12 @@ class StudyConfig:
                              f"against, is not among the encodings; set reference to one of them")
         for pe in self.encodings:  # unknown keys and contradicting encoding options fail here
             for name in self.datasets:
-                self.train_config(name, pe, self.seeds[0], "x").validate()
+                cfg = self.train_config(name, pe, self.seeds[0], "x")
+                cfg.validate()
+                try:  # a setting the cell's train command cannot give
+                    _flags(cfg)
+                except ValueError as e:
+                    raise ValueError(f"{source}: train: {e}") from None
         for name in self.datasets:
             cfg = self.train_config(name, self.encodings[0], self.seeds[0], "x")
             sizes = self.sizes(name)
@@ -185,9 +208,16 @@ class StudyConfig:
             for size in sizes:
                 if patch and size % patch:
                     raise ValueError(f"{source}: {name} size {size} is not a multiple of patch size {patch}")
-            try:  # the eval command's own checks, before any cell trains
-                self.eval_settings(name).check(patch)
-            except ValueError as e:
+            settings = self.eval_settings(name)
+            try:  # the eval command reads the cells' settings back, then checks them, before any cell trains
+                parsed, _ = EvalSettings.parse_argv(settings.argv(), data=name)
+                for f in EvalSettings.flags():
+                    given, read = getattr(settings, f.name), getattr(parsed, f.name)
+                    if given != read or type(given) is not type(read):
+                        raise ValueError(f"{f.name} {given!r} is read back by the cells' eval command as {read!r}: "
+                                         f"give a value of that kind")
+                settings.check(patch)
+            except (ValueError, TypeError, argparse.ArgumentError) as e:
                 raise ValueError(f"{source}: eval: {e}") from None
 
     def eval_settings(self, dataset: str) -> "EvalSettings":
@@ -229,16 +259,26 @@ class StudyConfig:
 VARIANT_KEYS = ("pos_encoding", "lookhere_config", "pos_options")
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 ALWAYS = ("data", "pos_encoding", "seed", "output")  # written out even when they equal the default
+KIND = ("init_from", "model")  # settings that decide the others' defaults (fine-tuning's, a registered model's)
+OFF_AT_ZERO = ("clip_grad", "init_values")  # settings whose flags spell unset ("off") as 0
 
 
 def _flags(cfg: TrainConfig) -> list[str]:
-    """``lookhere train`` flags for every setting that differs from the defaults (and the cell's own)."""
-    default = TrainConfig()
+    """``lookhere train`` flags for every setting that differs from what the command takes when its
+    flag is left out (the defaults of the same kind of run: from scratch, fine-tuning with
+    ``init_from``, or a registered ``model``), and the cell's own."""
+    plain = TrainConfig()
+    kind = {k: getattr(cfg, k) for k in KIND if getattr(cfg, k) not in (None, getattr(plain, k))}
+    default = TrainConfig.from_dict(kind)
     out = []
     for f in fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name == "resume" or (value == getattr(default, f.name) and f.name not in ALWAYS):
+        if f.name == "resume" or (value == getattr(default, f.name) and f.name not in (*ALWAYS, *kind)):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -247,8 +287,11 @@ def _flags(cfg: TrainConfig) -> list[str]:
             out += [flag, json.dumps(value, separators=(",", ":"))]
         elif isinstance(value, list):  # several training sizes
             out += [flag, *map(str, value)]
-        elif value is None:  # clip_grad, init_values: their flags spell "off" as 0
+        elif value is None and f.name in OFF_AT_ZERO:
             out += [flag, "0"]
+        elif value is None:
+            raise ValueError(f"{f.name} null cannot be written in a cell's train command: {flag} has no value "
+                             f"for unset, and left out it is {getattr(default, f.name)!r}; give it a value")
         else:
             out += [flag, str(value)]
     return out
@@ -560,12 +603,13 @@ def _train_argv(cell: Cell, resume: Optional[bool]) -> list[str]:
 
 
 def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optional[list[str]] = None, *,
-             rank: int = 0, resume: Optional[bool] = None) -> dict[str, float]:
+             rank: int = 0, resume: Optional[bool] = None, by_job: bool = False) -> dict[str, float]:
     """Train (or resume) and evaluate one cell; returns the seconds each part took. ``identity`` is
     recorded in ``cell.json`` (``resolve_identities`` makes it); ``why``, if the cell is made again
     (kept from ``cell.json`` when a stopped run had started making it again). In a cell trained by
     several processes (the distributed environment in ``os.environ``), each calls this with its
-    ``rank``: every process trains, the first one alone records and evaluates."""
+    ``rank``: every process trains, the first one alone records and evaluates. ``by_job``: called by
+    the cell's submitit job, whose executor and jobs ``job.json`` holds (else the cell is made here)."""
     if rank:
         if not cell.files.train_json.is_file():
             with open(cell.dir / f"log.rank{rank}.txt", "a") as log:
@@ -584,7 +628,7 @@ def run_cell(cell: Cell, identity: Optional[dict[str, Any]] = None, why: Optiona
         record["identity"] = identity
     if why:
         record["made_again"] = why
-    job = files.job()
+    job = files.job() if by_job else None
     record["executor"] = job["executor"] if job else "local"
     if job:
         record["jobs"] = job["jobs"]
@@ -636,18 +680,33 @@ def start_study(cfg: StudyConfig, out: Path) -> tuple[list[Cell], dict[str, dict
     return cells, identities, redo
 
 
+def refuse_live_jobs(cells: list[Cell]) -> None:
+    """A run here leaves alone the cells a submitit job is still making (a study submitted with
+    ``--detach``): both would train into the same ``run/``."""
+    from .cluster import job_state
+
+    live = [(c, job) for c in cells if c.status() != "done" and (job := c.files.job()) and job_state(job) == "alive"]
+    if live:
+        shown = "\n  ".join(f"{c.key}: job {job['job_id']} ({job['executor']})" for c, job in live)
+        executors = " or ".join(sorted({job["executor"] for _, job in live}))
+        raise ValueError(f"{len(live)} cell(s) are still being made by their job:\n  {shown}\nrun with --executor "
+                         f"{executors} to attach to them, or cancel the jobs (a job that no longer exists: remove "
+                         f"its cell's job.json)")
+
+
 def expected_seconds(cell: Cell, cells: list[Cell]) -> Optional[float]:
-    """What making ``cell`` should take: what it took last time, for a cell cleared to be made again;
-    else from the study's finished cells, the mean of those of its dataset and encoding, else the
-    longest; None before any has finished."""
+    """What making ``cell`` should take (its evaluation alone, for a cell already trained): what it
+    took last time, for a cell cleared to be made again; else from the study's finished cells, the mean
+    of those of its dataset and encoding, else the longest; None before any has finished."""
+    parts = ("eval_s",) if cell.status() == "trained" else ("train_s", "eval_s")
     before = cell.files.timing()
-    if "train_s" in before and "eval_s" in before and cell.status() != "done":
-        return before["train_s"] + before["eval_s"]
+    if all(p in before for p in parts) and cell.status() != "done":
+        return sum(before[p] for p in parts)
     spent = []
     for c in cells:
         t = c.files.timing()
-        if "train_s" in t and "eval_s" in t and c.status() == "done":
-            spent.append(((c.dataset, c.encoding), t["train_s"] + t["eval_s"]))
+        if all(p in t for p in parts) and c.status() == "done":
+            spent.append(((c.dataset, c.encoding), sum(t[p] for p in parts)))
     same = [s for key, s in spent if key == (cell.dataset, cell.encoding)]
     return sum(same) / len(same) if same else max((s for _, s in spent), default=None)
 
@@ -658,10 +717,12 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     aggregate. Failed cells are reported and left for the next run; the others go on. ``until`` (a
     ``time.time()``): no cell starts that its :func:`expected_seconds` says would end after it, so
     that a run with a deadline leaves no half-made cell behind (``result["not_started"]``: their
-    expected seconds). (As submitit jobs: :func:`lookhere.study_jobs.run_study_jobs`.)"""
+    expected seconds; no report while no cell is done). A cell whose submitit job still makes it is
+    refused. (As submitit jobs: :func:`lookhere.study_jobs.run_study_jobs`.)"""
     from tqdm import tqdm
 
     out = Path(output)
+    refuse_live_jobs(cfg.cells(out))
     cells, identities, redo = start_study(cfg, out)
     todo = [c for c in cells if c.status() != "done" or c.key in redo]
     failures: dict[str, str] = {}
@@ -695,7 +756,7 @@ def run_study(cfg: StudyConfig, output: str | Path, *, jobs: int = 1, progress: 
     bar.close()
     if failures and not any(c.status() == "done" for c in cells):
         raise RuntimeError("no cell finished: " + "; ".join(f"{key}: {why}" for key, why in failures.items()))
-    report = write_report(out)
+    report = write_report(out) if any(c.status() == "done" for c in cells) else {}  # none: all left for --until
     made_again = {key: why for key, why in redo.items() if key in finished and key not in failures}
     return {"cells": len(cells), "ran": len(todo) - len(not_started), "made_again": made_again,
             "failures": failures, "not_started": not_started, **report}
@@ -759,7 +820,10 @@ def estimate(cfg: StudyConfig, output: str | Path, *, jobs: int = 1) -> dict[str
         if status == "done":
             rows.append((cell, status, 0.0, 0.0))
             continue
-        m = measured.setdefault((cell.dataset, cell.encoding), _measure(cell))
+        key = (cell.dataset, cell.encoding)
+        if key not in measured:
+            measured[key] = _measure(cell)
+        m = measured[key]
         tc = m["cfg"]
         steps = tc.epochs * (m["train_len"] // tc.batch_size)
         plan = cfg.eval_settings(cell.dataset)

@@ -41,9 +41,9 @@ class CellJob:
         env = submitit.JobEnvironment()
         cell = self.cell()
         if env.num_tasks == 1:
-            return run_cell(cell, self.identity, self.why)
+            return run_cell(cell, self.identity, self.why, by_job=True)
         dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return run_cell(cell, self.identity, self.why, rank=dist.rank, resume=self.resume)
+        return run_cell(cell, self.identity, self.why, rank=dist.rank, resume=self.resume, by_job=True)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """submitit calls this on Slurm's signal: requeue the same cell (its training resumes)."""
@@ -78,12 +78,15 @@ def run_on_cluster(cfg: StudyConfig, out: Path, cells: list[Cell], identities: d
     ex = cluster.executor_for(folder)
     todo = [c for c in cells if c.status() != "done"]
     attached, queue, why_again = [], [], {}
-    for cell in todo:
+    for cell in list(todo):
         record = recorded_job(cell)
         if record is not None and cell.key not in redo:
             state = job_state(record)
             if state == "alive":
                 attached.append(cell)
+                continue
+            if cell.status() == "done":  # looked at again: its job made it, then ended, since the first look
+                todo.remove(cell)
                 continue
             why_again[cell.key] = f"its job {record['job_id']} {state.lower()} before the cell was done (log: " \
                                   f"{record['log']})"
@@ -123,13 +126,12 @@ def run_on_cluster(cfg: StudyConfig, out: Path, cells: list[Cell], identities: d
     pending = {c.key: c for c in todo if c.key in jobs}
     while pending or waiting:
         for key, cell in list(pending.items()):
-            if cell.status() == "done":
-                del pending[key]
-                bar.update(1)
-            elif job_state(jobs[key]) != "alive":
+            if cell.status() != "done" and job_state(jobs[key]) == "alive":
+                continue
+            if cell.status() != "done":  # looked at again after the job: one that made its cell, then ended, did
                 failures[key] = f"its job {jobs[key]['job_id']} ended before the cell was done; see {jobs[key]['log']}"
-                del pending[key]
-                bar.update(1)
+            del pending[key]
+            bar.update(1)
         free = cap - len(pending) if waiting else 0
         if free > 0:
             batch, waiting = waiting[:free], waiting[free:]
