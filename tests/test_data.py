@@ -176,6 +176,36 @@ def test_fashion_mnist_errors(tmp_path):
         read_idx(bad)
 
 
+def test_fashion_mnist_bad_files_are_named_with_what_is_wrong(tmp_path):
+    """An interrupted download, a header cut short, bytes beyond the body and labels outside 0..9 are each
+    a clear error naming the file (labels above 9 would fail only later, inside the loss)."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28))
+    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    _write_idx(gz, images, gz=True)
+    whole = gz.read_bytes()
+    gz.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: unreadable IDX file .*download it again"):
+        read_idx(gz)
+    gz.write_bytes(whole[:-8] + bytes(8))  # the gzip trailer (CRC and size) damaged
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: unreadable IDX file .*download it again"):
+        read_idx(gz)
+    plain = tmp_path / "t10k-images-idx3-ubyte"
+    _write_idx(plain, images)
+    whole = plain.read_bytes()
+    plain.write_bytes(whole[:6])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: IDX header cut short"):
+        read_idx(plain)
+    plain.write_bytes(whole + bytes(8))
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: size does not match .*8 extra bytes"):
+        read_idx(plain)
+    root = tmp_path / "fm"
+    root.mkdir()
+    _write_idx(root / "train-images-idx3-ubyte", images)
+    _write_idx(root / "train-labels-idx1-ubyte", np.array([0, 1, 2, 25, 200, 3]))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: 2 label\(s\) outside 0..9 \(first: 25\)"):
+        FashionMNIST("train", 28, root=str(root), val_size=0)
+
+
 def test_image_folder_through_timm(tmp_path):
     image_folder(tmp_path)
     spec = DataSpec(f"folder:{tmp_path}", 32)
@@ -463,3 +493,79 @@ def test_webdataset_shards_train_and_a_bad_shard_is_one_message(tmp_path):
     (tmp_path / "notatar" / "train.tar").write_bytes(png)
     with pytest.raises(FileNotFoundError, match=r"notatar/train.tar holds no images in tar files"):
         build_dataset(DataSpec(f"folder:{tmp_path / 'notatar'}", 32), "train")
+
+
+def test_webdataset_shards_keep_only_a_few_files_open_and_read_every_sample(tmp_path, monkeypatch):
+    """Random access over more shards than a process may open (1024 by default; imagenet-1k-wds has 1024)
+    keeps at most MAX_OPEN_SHARDS open, the least recently used closed first, in every loader worker."""
+    import os
+    import tarfile
+
+    from torch.utils.data import DataLoader
+
+    from lookhere.data.wds_shards import WebDatasetShards
+
+    image_folder(tmp_path / "folder")
+    shards = _wds_shards(tmp_path / "folder", tmp_path / "wds", per_shard=1)
+    assert len(shards) == 8
+    expected = {}
+    for s in shards:
+        with tarfile.open(s) as tf:
+            expected.update({m.name[:-4]: tf.extractfile(m).read() for m in tf if m.name.endswith(".png")})
+    monkeypatch.setattr(WebDatasetShards, "MAX_OPEN_SHARDS", 3, raising=False)
+    reader = WebDatasetShards(shards)
+    folder = str((tmp_path / "wds").resolve())
+
+    def open_shards():  # this process's open files on a shard
+        if not os.path.isdir("/proc/self/fd"):
+            return len(reader._files)
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        return sum(link.startswith(folder) for link in links)
+
+    def read(i):
+        data, _ = reader[i]
+        return reader._filename(i, basename=True), data.read()
+
+    order = [int(i) for i in np.random.default_rng(0).permutation(np.tile(np.arange(len(reader)), 3))]
+    for i in order:
+        key, data = read(i)
+        assert data == expected[key] and open_shards() <= 3, (i, open_shards())
+    assert open_shards() == 3
+    # Forked workers close the handles they inherit and open their own; the parent reads on unharmed.
+    loaded = [(data.read(), int(y)) for data, y in DataLoader(reader, batch_size=None, num_workers=2)]
+    assert [d for d, _ in loaded] == [read(i)[1] for i in range(len(reader))]
+    assert [y for _, y in loaded] == list(reader.targets) and open_shards() == 3
+
+
+def test_a_webdataset_shard_cut_between_members_or_compressed_is_refused(tmp_path):
+    """A copy cut at a member boundary or inside a header reads as a shorter tar without any error (only
+    the end-of-archive marker is missing); a gzipped shard named .tar has no offsets to read images by."""
+    import gzip
+    import tarfile
+
+    from lookhere.data.wds_shards import WebDatasetShards
+
+    image_folder(tmp_path / "folder")
+    shard = _wds_shards(tmp_path / "folder", tmp_path / "wds", per_shard=3)[0]
+    assert len(WebDatasetShards([shard])) == 3
+    with tarfile.open(shard) as tf:
+        headers = [m.offset for m in tf]  # where each member's header starts: cls, png, cls, png, ...
+    full = shard.read_bytes()
+    for n, cut in enumerate((headers[2], headers[2] + 100, headers[-2] + 511, headers[-1])):
+        path = tmp_path / f"cut{n}" / shard.name
+        path.parent.mkdir()
+        path.write_bytes(full[:cut])
+        with pytest.raises(ValueError, match=rf"{shard.name}: not a readable tar file \(cut short.*replace or remove"):
+            WebDatasetShards([path])
+    gz = tmp_path / "gz" / "train" / shard.name
+    gz.parent.mkdir(parents=True)
+    gz.write_bytes(gzip.compress(full))
+    with pytest.raises(ValueError, match=rf"{shard.name}: not a readable tar file \(gzip-compressed.*gunzip"):
+        WebDatasetShards([gz])
+    with pytest.raises(FileNotFoundError, match=r"holds no images in tar files .*not a readable tar file \(gzip"):
+        build_dataset(DataSpec(f"folder:{tmp_path / 'gz'}", 32), "train")

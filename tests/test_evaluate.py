@@ -713,3 +713,195 @@ def test_eval_and_analyze_look_for_the_data_where_the_run_found_it(tmp_path, cap
     for command in ("eval", "analyze"):
         assert main([command, "--checkpoint", str(run), "--sizes", "28", "--device", "cpu"]) == 2
         assert f"Fashion-MNIST folder {root} does not exist" in capsys.readouterr().err, command
+
+
+# --- the command line and its pictures, as the review found them -----------------------------------
+def _figures_left_open(monkeypatch) -> list:
+    """The figures the code under test would close, kept open to read what each draws."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
+def test_the_accuracy_plot_draws_sizes_in_size_order_with_a_tick_at_each(tmp_path, monkeypatch):
+    """`--sizes 64 32 48` gives one curve over size, not a zig-zag in flag order; every tested size is
+    a labelled tick (the log2 axis alone labelled 32 and 64 only)."""
+    import matplotlib.pyplot as plt
+
+    from lookhere.evaluate import plot_accuracy
+
+    real_close = plt.close
+    figures = _figures_left_open(monkeypatch)
+    runs = {"a": {"train_size": 32, "sizes": {str(s): {"top1": v} for s, v in ((64, 0.3), (32, 0.9), (48, 0.6))}},
+            "b": {"train_size": 32, "sizes": {str(s): {"top1": v} for s, v in ((96, 0.1), (32, 0.8))}}}
+    plot_accuracy(runs, tmp_path / "acc.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    curves = {line.get_label(): line for line in ax.lines if line.get_label() in runs}
+    assert list(curves["a"].get_xdata()) == [32, 48, 64] and list(curves["a"].get_ydata()) == [0.9, 0.6, 0.3]
+    assert list(curves["b"].get_xdata()) == [32, 96] and list(curves["b"].get_ydata()) == [0.8, 0.1]
+    assert list(ax.get_xticks()) == [32, 48, 64, 96] and len(ax.get_xticks(minor=True)) == 0
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "48", "64", "96"]
+    real_close(fig)
+
+
+def test_compare_says_which_runs_were_measured_with_a_test_time_setting(tmp_path):
+    """A knob given to `lookhere eval` (and a list-label note) stays beside the numbers it made in the
+    report; the HTML page shows Markdown bold as bold."""
+    from lookhere.evaluate import LABEL_LIST_METRICS
+
+    _fake_eval(tmp_path / "interp", [0.8, 0.7, 0.6])
+    _fake_eval(tmp_path / "plain", [0.75, 0.5, 0.3])
+    path = tmp_path / "interp" / "eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "knobs_given": {"rope_interpolate": True},
+                                "label_lists": LABEL_LIST_METRICS}))
+    files = compare([tmp_path / "interp", tmp_path / "plain"], tmp_path / "report")
+    md = Path(files["markdown"]).read_text()
+    assert "**interp**: every size with the test-time setting given: rope_interpolate=True" in md
+    assert "**plain**:" not in md and f"**interp**: {LABEL_LIST_METRICS}" in md
+    page = Path(files["html"]).read_text()
+    assert "<strong>interp</strong>: every size with the test-time setting given: rope_interpolate=True" in page
+    assert "**" not in page
+
+
+def test_compare_names_an_input_that_is_not_an_eval_json(tmp_path, capsys):
+    from lookhere.cli import main
+
+    _fake_eval(tmp_path / "a", [0.8, 0.7, 0.6])
+    for name, content in (("config.yaml", b"data: synthetic\n"), ("truncated.json", b'{"train_size": 32, "siz'),
+                          ("other.json", b'{"step": 3}'), ("list.json", b"[1, 2]"), ("picture.png", b"\x89PNG\xff\xfe")):
+        (tmp_path / name).write_bytes(content)
+        code = main(["compare", str(tmp_path / "a"), str(tmp_path / name), "--output", str(tmp_path / "report")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (name, err)
+        assert err[0].startswith(f"lookhere compare: error: {tmp_path / name}: not ") and "eval.json" in err[0], err
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-8"])
+def test_analyze_sizes_below_one_are_refused_by_the_parser(size, capsys):
+    from lookhere.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--checkpoint", "x", "--sizes", "32", size])
+    assert e.value.code == 2 and f"argument --sizes: must be >= 1, got {size}" in capsys.readouterr().err
+
+
+def test_analysis_pictures_count_layers_from_0_as_the_flag_and_the_table_do(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    import lookhere
+    from lookhere.analyze import run_analysis, table
+
+    model = lookhere.create_vit("lh-90", img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=12,
+                                num_classes=10)
+    real_close = plt.close
+    figures = _figures_left_open(monkeypatch)
+    res = run_analysis(model, {16: torch.randn(2, 3, 16, 16)}, tmp_path, layer=0)
+    maps, metrics, fov = figures
+    assert maps.get_suptitle().startswith("layer 0 (of layers 0 to 1): attention of the centre patch")
+    assert ", layer 0 (of layers 0 to 1): global slope" in fov.get_suptitle()
+    assert [row.split("|")[2].strip() for row in table(res["summary"]).splitlines()[2:]] == ["0", "1"]
+    for ax in metrics.axes:
+        assert all(float(t).is_integer() for t in ax.get_xticks()) and {0, 1} <= set(ax.get_xticks())
+    for fig in figures:
+        real_close(fig)
+
+
+def test_reproduce_output_help_states_the_default_the_command_uses(tmp_path, monkeypatch):
+    import argparse
+
+    import lookhere.reproduce
+    from lookhere.cli import build_parser, main
+
+    used = []
+
+    def record(cell, output):
+        used.append(output)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(lookhere.reproduce, "reproduce_cell", record)
+    assert main(["reproduce", str(tmp_path / "synthetic-where" / "lh-90" / "seed0")]) == 2
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    output = next(a for a in sub.choices["reproduce"]._actions if a.dest == "output")
+    assert "(default: reproduce-DATASET-ENCODING-seedN)" in output.help
+    assert used == ["reproduce-synthetic-where-lh-90-seed0"]
+
+
+@pytest.mark.parametrize("extra", [["--partition", "gpu"], ["--nodes-per-cell", "2"], ["--tasks-per-node", "4"],
+                                   ["--time-min", "5"], ["--max-running", "2"], ["--slurm-arg", "account=x"]])
+def test_study_report_refuses_every_flag_of_running_cells(tmp_path, capsys, extra):
+    from lookhere.cli import main
+
+    assert main(["study", "--report", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--report DIR aggregates a study's finished cells and runs nothing; leave out " + extra[0] in err
+
+
+def test_a_demo_folder_of_other_settings_is_refused_before_any_training(tmp_path, monkeypatch, capsys):
+    """`lookhere demo --quick` and then `lookhere demo` (or another --seed) in the same folder: one message
+    that says so, not a --resume error about flags the demo does not have."""
+    import yaml
+
+    from lookhere import demo
+    from lookhere.cli import main
+
+    out = tmp_path / "demo"
+    resumed = []
+
+    def killed(cfg):  # a demo killed once its first run's config.yaml is written
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        resumed.append(cfg.resume)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train", killed)
+    assert main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 130
+    for other in ([], ["--quick", "--seed", "1"]):
+        capsys.readouterr()
+        assert main(["demo", *other, "--no-progress", "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--output {out} holds a demo made with other settings" in err[0], err
+        assert "--resume" not in err[0] and "--data-length" not in err[0]
+    assert main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 130  # the same demo: resumed
+    assert resumed == [None, str(out / "lh-90")]
+
+
+def test_num_heads_is_refused_where_no_released_file_reads_it(tmp_path, capsys, monkeypatch, released_file):
+    import lookhere.analyze
+    import lookhere.evaluate
+    from lookhere.cli import main
+    from lookhere.evaluate import load_checkpoint
+
+    _tiny_model_dir(tmp_path / "model")
+    monkeypatch.setattr(lookhere.evaluate, "run_eval", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(lookhere.analyze, "run_analysis", lambda *a, **k: pytest.fail("analysed"))
+    for argv in (["eval", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic"],
+                 ["analyze", "--checkpoint", str(tmp_path / "model"), "--data", "synthetic", "--num-images", "1"],
+                 ["eval", "--model", "vit_tiny_patch16_lookhere_90", "--data", "synthetic"]):
+        assert main([*argv, "--sizes", "32", "--num-heads", "6", "--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--num-heads" in err[0] and "released .pth" in err[0], err
+    path, _ = released_file  # a released file is read with the heads given (12 unless given)
+    model, cfg = load_checkpoint(path, num_heads=16)
+    assert cfg is None and model.blocks[0].attn.num_heads == 16
+    assert load_checkpoint(path)[0].blocks[0].attn.num_heads == 12
+
+
+def test_the_quick_demo_and_the_full_one_have_their_own_default_folders(monkeypatch):
+    """`lookhere demo --quick`, then `lookhere demo`, as the README tells them: neither finds the other's runs."""
+    import lookhere.demo
+    from lookhere.cli import main
+
+    folders = []
+
+    def record(output, **kwargs):
+        folders.append(output)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(lookhere.demo, "run_demo", record)
+    for argv in (["demo", "--quick"], ["demo"], ["demo", "--quick", "--output", "mine"]):
+        assert main(argv) == 2
+    assert folders == ["demo-quick", "demo", "mine"]

@@ -146,6 +146,18 @@ def test_bias_is_translation_equivariant_and_extrapolates(preset):
         ({"distance": "manhattan"}, "distance"),
         ({"fill_with": "nan"}, "fill_with"),
         ({"head_slope": 1.0}, "key"),
+        # an infinite slope times the zero self-distance is NaN: every softmax row would be NaN
+        ({"global_slope": float("inf")}, "global_slope"),
+        ({"global_slope": "1e999"}, "global_slope"),
+        ({"layer_slopes": [float("inf"), 0.5]}, "layer_slopes"),
+        # not numbers: named, not a bare TypeError from float()
+        ({"global_slope": None}, "global_slope"),
+        ({"global_slope": "two"}, "global_slope"),
+        ({"global_slope": True}, "global_slope"),
+        ({"global_slope": [2.0]}, "global_slope"),
+        ({"layer_slopes": [1.5, None]}, "layer_slopes"),
+        ({"layer_slopes": ["x", 0.5]}, "layer_slopes"),
+        ({"layer_slopes": [True, 0.5]}, "layer_slopes"),
     ],
 )
 def test_bad_config_names_the_field(changes, field):

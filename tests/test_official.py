@@ -1,6 +1,7 @@
 import math
 import os
 import pickle
+import re
 
 import pytest
 import timm
@@ -88,6 +89,30 @@ def test_not_a_lookhere_checkpoint(tmp_path, obj, why):
     torch.save(obj, path)
     with pytest.raises(ValueError, match=why):
         load_official(path)
+
+
+def _with(w, **changes):
+    return {"config": dict(LH), "weights": {**w, **changes}}
+
+
+@pytest.mark.parametrize(
+    "write,why",
+    [
+        (lambda p: p.write_text("hello, not a checkpoint"), "unreadable or unsafe"),
+        (lambda p: torch.save({1: 2, "x": 3}, p), "found \\['1', 'x'\\]"),
+        (lambda p: torch.save(_with(released_weights(), **{"norm.weight": [1.0, 2.0]}), p),
+         "holds 'norm.weight', a list, not a tensor"),
+        (lambda p: torch.save(_with(released_weights(), **{"norm.weight": torch.ones(DIM + 1)}), p),
+         "norm.weight"),
+    ],
+    ids=["text", "mixed-keys", "not-a-tensor", "wrong-shape"],
+)
+def test_a_damaged_file_is_one_message_naming_it(tmp_path, write, why):
+    path = tmp_path / "damaged.pth"
+    write(path)
+    with pytest.raises(ValueError, match="damaged.pth: not a released LookHere checkpoint") as e:
+        load_official(path)
+    assert re.search(why, str(e.value)), str(e.value)
 
 
 def test_missing_file(tmp_path):

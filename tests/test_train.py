@@ -416,6 +416,41 @@ def test_train_flag_and_setting_errors_name_the_flag(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+
+@pytest.mark.parametrize("text", ["epochs: 2\n  lr: [1\n", "epochs: [1\n", "\tlr: 0.1\n"])
+def test_a_config_file_that_is_not_yaml_is_a_usage_error_that_names_it(tmp_path, capsys, text):
+    from lookhere.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main(["train", "--config", str(bad), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lookhere train: error: {bad}: not valid YAML"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks-per-node", "8"], "--executor local runs one process"),
+    (["--nodes-per-cell", "2"], "--executor local runs one process"),
+    (["--partition", "gpu"], "--partition and --slurm-arg are Slurm's; --executor local would ignore them"),
+    (["--slurm-arg", "account=abc"], "--partition and --slurm-arg are Slurm's; --executor local would ignore them"),
+    (["--time-min", "5"], "--max-running and --time-min are for submitit's executors"),
+    (["--max-running", "3"], "--max-running caps how many of a study's cells run at once"),
+    (["--executor", "submitit-local", "--max-running", "3"], "--max-running caps how many of a study's cells"),
+])
+def test_cluster_flags_that_a_run_would_ignore_are_refused(tmp_path, capsys, monkeypatch, extra, message):
+    """`lookhere train` refuses what it would not do, as `lookhere study` does, with the executor left out too."""
+    import lookhere.cluster
+    import lookhere.train
+    from lookhere.cli import main
+
+    monkeypatch.setattr(lookhere.train, "train", lambda cfg: pytest.fail("trained"))
+    monkeypatch.setattr(lookhere.cluster, "submit_run", lambda *a: pytest.fail("submitted"))
+    assert main(["train", "--output", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 @pytest.mark.parametrize("field", ["lr", "min_lr", "clip_grad", "init_values", "mixup", "warmup_epochs"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_settings_must_be_finite(field, value):

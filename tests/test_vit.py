@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -120,6 +121,34 @@ def test_drop_path_schedule_defaults_to_uniform_and_refuses_others():
     assert ViTConfig().drop_path_schedule == "uniform"
     with pytest.raises(ValueError, match="drop_path_schedule='cosine'; allowed: uniform .*linear"):
         tiny(drop_path_schedule="cosine")
+
+
+def test_load_model_puts_the_model_on_map_location(tmp_path):
+    save_model(tiny(), tmp_path)
+    assert {p.device.type for p in load_model(tmp_path).parameters()} == {"cpu"}
+    # "meta" stands in for an accelerator here: a device that is not the one the model is built on
+    assert {p.device.type for p in load_model(tmp_path, map_location="meta").parameters()} == {"meta"}
+
+
+def test_a_failed_save_keeps_the_old_weights_and_config_together(tmp_path, monkeypatch):
+    """The config is written after the weights: if it fails, the weights must not have replaced the old ones."""
+    old, new = tiny(), tiny()
+    torch.nn.init.normal_(new.head.weight)
+    save_model(old, tmp_path)
+    real = Path.write_text
+
+    def fail_for_the_config(path, *args, **kwargs):
+        if path.name.startswith("config.json"):
+            raise OSError("disk full")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fail_for_the_config)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(new, tmp_path)
+    monkeypatch.undo()
+    loaded = load_model(tmp_path)
+    for (name, a), b in zip(old.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
 def test_load_model_failures(tmp_path):

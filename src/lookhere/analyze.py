@@ -152,7 +152,8 @@ def plot_attention_maps(maps_by_size: dict[int, torch.Tensor], layer: int, path:
             if h == 0:
                 ax.set_ylabel(f"{s} px", fontsize=7)
     depth = len(maps_by_size[sizes[0]])
-    fig.suptitle(f"layer {layer + 1} of {depth}: attention of the centre patch, averaged over images", fontsize=9)
+    fig.suptitle(f"layer {layer} (of layers 0 to {depth - 1}): attention of the centre patch, averaged over images",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -164,6 +165,7 @@ def plot_layer_metrics(results: dict[int, dict[str, Any]], path: str | Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [("mean_attention_distance", "mean attention distance (patches)"),
             ("head_diversity_js", "head diversity (JS, nats)"), ("token_similarity", "patch-token cosine similarity")]
@@ -171,7 +173,8 @@ def plot_layer_metrics(results: dict[int, dict[str, Any]], path: str | Path) -> 
     for ax, (k, label) in zip(axes, keys):
         for size, res in sorted(results.items()):
             ax.plot([layer[k] for layer in res["layers"]], marker="o", ms=3, label=f"{size} px")
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer")  # counted from 0, as --layer and the table count them
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -139,11 +139,13 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     cfg = _train_config(args)
+    if args.max_running is not None:
+        raise ValueError("--max-running caps how many of a study's cells run at once; a training run is one job")
     cluster = _cluster_config(args, {})
+    cluster.check()  # with the local executor too: a flag it would ignore is refused, not dropped
     if cluster.executor != "local":
         from .cluster import submit_run
 
-        cluster.check()
         cfg.validate()
         job = submit_run(cfg.to_dict(), cluster)
         print(f"job {job.job_id} ({cluster.executor}; log: {job.paths.stdout})", flush=True)
@@ -181,6 +183,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .train import resolve_device, run_classes
 
     if args.model:
+        if args.num_heads is not None:
+            raise ValueError(f"--num-heads is read from a released .pth file only; --model {args.model} has timm's "
+                             f"heads: leave --num-heads out")
         model, cfg, name = load_pretrained(args.model, args.pretrained_file), None, args.model
     else:
         if args.pretrained_file:
@@ -270,7 +275,10 @@ def _study(args: argparse.Namespace) -> int:
     if args.report:
         running = [f for f, given in [("--config", args.config), ("--output", args.output), ("--dry-run", args.dry_run),
                                       ("--until", args.until), ("--jobs", args.jobs != 1),
-                                      ("--executor", args.executor), ("--detach", args.detach)] if given]
+                                      ("--executor", args.executor), ("--nodes-per-cell", args.nodes_per_cell),
+                                      ("--tasks-per-node", args.tasks_per_node), ("--partition", args.partition),
+                                      ("--time-min", args.time_min), ("--max-running", args.max_running),
+                                      ("--slurm-arg", args.slurm_arg), ("--detach", args.detach)] if given]
         if running:
             raise ValueError(f"--report DIR aggregates a study's finished cells and runs nothing; leave out "
                              f"{', '.join(running)}")
@@ -317,7 +325,8 @@ def _study(args: argparse.Namespace) -> int:
         print(f"{len(result['not_started'])} cell(s) not started: each would end after --until "
               f"{args.until:%Y-%m-%d %H:%M} (expected up to {longest:.0f} minutes); run the same command again to "
               f"go on")
-    print(f"{result['cells']} cells ({result['ran']} run now); wrote {result['report']} and {result['results']}")
+    wrote = f"; wrote {result['report']} and {result['results']}" if "report" in result else "; no cell done yet"
+    print(f"{result['cells']} cells ({result['ran']} run now){wrote}")
     return 1 if result["failures"] else 0
 
 
@@ -338,7 +347,8 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.output, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    output = args.output or ("demo-quick" if args.quick else "demo")  # each its own folder: both can be resumed
+    result = run_demo(output, quick=args.quick, seed=args.seed, progress=not args.no_progress)
     print(Path(result["report"]["markdown"]).read_text())
     print(f"report: {result['report']['markdown']} (and {result['report']['html']}); "
           f"{result['minutes']:.1f} minutes")
@@ -395,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
             ev.add_argument(flag, choices=list(knob.choices), help=knob.help)
         else:
             ev.add_argument(flag, type=float, help=knob.help)
-    ev.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
+    ev.add_argument("--num-heads", type=flags.count, help="heads of a released .pth checkpoint (default: 12)")
     ev.add_argument("--output", help="folder of eval.json, eval.md and the plot (default: RUN/eval, or eval/NAME)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
@@ -404,11 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--checkpoint", required=True, help="run directory, model directory or released .pth")
     an.add_argument("--data", help="dataset (default: the run's)")
     an.add_argument("--data-root", help="dataset folder (fashion-mnist) or cache folder (hf:); default: the run's")
-    an.add_argument("--sizes", type=int, nargs="+", required=True, help="image sizes (px)")
+    an.add_argument("--sizes", type=flags.count, nargs="+", required=True, help="image sizes (px)")
     an.add_argument("--split", default="test", type=flags.split_name, help="default: test")
     an.add_argument("--num-images", type=flags.count, default=16, help="default: 16")
-    an.add_argument("--layer", type=int, help="layer of the attention-map picture (default: last)")
-    an.add_argument("--num-heads", type=int, default=12, help="heads of a released .pth checkpoint (default: 12)")
+    an.add_argument("--layer", type=int, help="layer of the attention-map and fov pictures, counted from 0 "
+                                              "(default: the last)")
+    an.add_argument("--num-heads", type=flags.count, help="heads of a released .pth checkpoint (default: 12)")
     an.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ... (default: auto)")
     an.add_argument("--output")
     an.set_defaults(func=_analyze)
@@ -435,11 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="make a recorded study cell again and compare its eval.json with the record")
     rp.add_argument("cell", help="a finished study cell, e.g. docs/results/paper-grid/synthetic/lh-90/seed0")
-    rp.add_argument("--output", help="folder to make it in (default: reproduce-ENCODING-seedN); rerun to resume")
+    rp.add_argument("--output", help="folder to make it in (default: reproduce-DATASET-ENCODING-seedN); rerun to "
+                                      "resume")
     rp.set_defaults(func=_reproduce)
 
     dm = sub.add_parser("demo", help="LookHere vs. 2D-RoPE: train small, test large, write a report")
-    dm.add_argument("--output", default="demo")
+    dm.add_argument("--output", help="folder of the runs and the report (default: demo, or demo-quick with --quick)")
     dm.add_argument("--quick", action="store_true", help="a few-minute version: fewer scenes and epochs, three test sizes")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--no-progress", action="store_true")

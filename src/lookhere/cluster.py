@@ -55,13 +55,13 @@ class ClusterConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.executor == "local" and (self.nodes_per_cell > 1 or self.tasks_per_node > 1):
-            raise ValueError("--executor local runs each cell as one process; for several processes a cell use "
-                             "--executor submitit-local (this machine) or slurm")
+            raise ValueError("--executor local runs one process (a study's cells: one each); for several processes "
+                             "use --executor submitit-local (this machine) or slurm")
         if self.executor != "slurm" and (self.partition or self.slurm_args):
             raise ValueError(f"--partition and --slurm-arg are Slurm's; --executor {self.executor} would ignore them")
         if self.executor == "local" and (self.max_running or self.time_min):
             raise ValueError("--max-running and --time-min are for submitit's executors; --executor local runs "
-                             "--jobs cells at a time, without a time limit")
+                             "without a time limit (a study: --jobs cells at a time)")
         if self.executor == "submitit-local" and self.nodes_per_cell > 1:
             raise ValueError("--executor submitit-local runs on this machine: --nodes-per-cell must be 1")
         if self.executor == "local":

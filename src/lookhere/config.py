@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -41,6 +43,11 @@ HEAD_COUNT_RULES = (
 )
 
 
+def _is_slope(value: Any) -> bool:
+    """A real number, finite and >= 0: an infinite slope times the zero self-distance is NaN."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"LookHere config: invalid {field_name}={value!r}; allowed: {allowed}")
 
@@ -60,16 +67,15 @@ class LookHereConfig:
     fill_with: str = "inf"
 
     def __post_init__(self) -> None:
+        if not _is_slope(self.global_slope):
+            raise _bad("global_slope", self.global_slope, "a finite non-negative float")
         object.__setattr__(self, "global_slope", float(self.global_slope))
+        pair = "a pair [first, last] of finite non-negative floats"
         if isinstance(self.layer_slopes, (str, bytes)) or not isinstance(self.layer_slopes, Sequence):
-            raise _bad("layer_slopes", self.layer_slopes, "a pair [first, last] of non-negative floats")
-        if len(self.layer_slopes) != 2:
-            raise _bad("layer_slopes", self.layer_slopes, "a pair [first, last] of non-negative floats")
+            raise _bad("layer_slopes", self.layer_slopes, pair)
+        if len(self.layer_slopes) != 2 or not all(_is_slope(s) for s in self.layer_slopes):
+            raise _bad("layer_slopes", self.layer_slopes, pair)
         object.__setattr__(self, "layer_slopes", tuple(float(s) for s in self.layer_slopes))
-        if not self.global_slope >= 0:  # also rejects NaN
-            raise _bad("global_slope", self.global_slope, "a non-negative float")
-        if not all(s >= 0 for s in self.layer_slopes):
-            raise _bad("layer_slopes", self.layer_slopes, "a pair [first, last] of non-negative floats")
         if self.distance not in DISTANCES:
             raise _bad("distance", self.distance, ", ".join(DISTANCES))
         if self.fill_with not in FILLS:

@@ -49,16 +49,20 @@ LABEL_LIST_METRICS = (
 
 
 # --- loading -----------------------------------------------------------------------------------
-def load_checkpoint(path: str | Path, *, num_heads: int = 12, weights: str = "best"):
+def load_checkpoint(path: str | Path, *, num_heads: Optional[int] = None, weights: str = "best"):
     """A model from a run directory (its ``best/`` or ``last/``), a model directory, or a released
-    LookHere ``.pth`` file. Returns ``(model, train_config_or_None)``."""
+    LookHere ``.pth`` file (``num_heads`` of it: the file does not record them; 12 unless given).
+    Returns ``(model, train_config_or_None)``."""
     from .io import load_trained
     from .train import TrainConfig
 
     try:
-        model, kind = load_trained(path, num_heads=num_heads, weights=weights)
+        model, kind = load_trained(path, weights=weights, **({} if num_heads is None else {"num_heads": num_heads}))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--checkpoint {e}") from None
+    if num_heads is not None and kind != "released file":
+        raise ValueError(f"--num-heads is read from a released .pth file only; --checkpoint {path} is a {kind}, "
+                         f"which records its heads: leave --num-heads out")
     return model, TrainConfig.from_yaml(Path(path) / "config.yaml") if kind == "run directory" else None
 
 
@@ -633,12 +637,15 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, metric: str
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, res in runs.items():
-        sizes = [int(s) for s in res["sizes"]]
+        sizes = sorted(int(s) for s in res["sizes"])  # a curve over size, whatever the order of --sizes
         ax.plot(sizes, [res["sizes"][str(s)][metric] for s in sizes], marker="o", label=name)
         ax.axvline(res.get("train_size", sizes[0]), color="grey", lw=0.6, ls=":")
     ax.set_xlabel("test image size (px); dotted: training size")
     ax.set_ylabel(metric)
     ax.set_xscale("log", base=2)
+    tested = sorted({int(s) for res in runs.values() for s in res["sizes"]})
+    ax.set_xticks(tested, labels=[str(s) for s in tested])  # each tested size, not only the powers of 2
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -49,15 +50,36 @@ def sync_to_disk(path: Path) -> None:
 def write_atomic(path: Path, write) -> None:
     """``write(tmp)``, flushed to the disk, then renamed over ``path``: a kill or a crash of the machine
     leaves the old file or the new, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    sync_to_disk(tmp)
-    os.replace(tmp, path)
-    sync_to_disk(path.parent)
+    write_atomic_all({path: write})
+
+
+def write_atomic_all(writes: dict[Path, Any]) -> None:
+    """:func:`write_atomic` for files that belong together: every file is written and flushed aside
+    before the first is renamed, so a failed or killed write leaves the old set whole."""
+    tmps = {path: path.with_name(path.name + ".tmp") for path in writes}
+    for path, write in writes.items():
+        write(tmps[path])
+        sync_to_disk(tmps[path])
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+    for folder in dict.fromkeys(path.parent for path in writes):
+        sync_to_disk(folder)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's contents; a file that is not YAML (or not text) is one ValueError naming it and the
+    line at fault."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        why = (getattr(e, "problem", None) or str(e).strip().splitlines()[0]) + (
+            f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+        raise ValueError(f"{path}: not valid YAML ({why})") from None
 
 
 def save_model(model: VisionTransformer, directory: str | os.PathLike) -> Path:
-    """Write weights and config atomically (each file is written aside, then renamed).
+    """Write weights and config atomically (both are written aside, then renamed).
 
     The config is the model's current one (``model.config``): a classifier reset or a changed
     LookHere slope is saved too.
@@ -69,13 +91,13 @@ def save_model(model: VisionTransformer, directory: str | os.PathLike) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomic(d / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write_atomic(d / CONFIG, lambda p: p.write_text(config.to_json()))
+    write_atomic_all({d / WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+                      d / CONFIG: lambda p: p.write_text(config.to_json())})
     return d
 
 
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> VisionTransformer:
-    """Rebuild a model saved by :func:`save_model`, in eval mode."""
+    """Rebuild a model saved by :func:`save_model`, in eval mode, on ``map_location``."""
     d = Path(directory)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d}: expected {CONFIG} and {WEIGHTS} (written by lookhere.save_model)")
@@ -85,14 +107,14 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{d / CONFIG}: not a valid lookhere model config: {e}") from e
     model = VisionTransformer(**config.to_dict())
     try:
-        state = load_file(str(d / WEIGHTS), device=str(map_location))
+        state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{d / WEIGHTS}: unreadable safetensors file: {e}") from e
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{d / WEIGHTS}: weights do not match {d / CONFIG}: {str(e).splitlines()[0]}") from e
-    return model.eval()
+    return model.to(map_location).eval()
 
 
 def load_official(path: str | os.PathLike, *, num_heads: int = 12) -> "VisionTransformer":
@@ -120,7 +142,10 @@ def load_official(path: str | os.PathLike, *, num_heads: int = 12) -> "VisionTra
         qkv_bias="blocks.0.attn.qkv.bias" in w, head_hidden_dim=head_hidden,
         **dict(LOOKHERE_ARCH, init_values=1.0 if "blocks.0.ls1.gamma" in w else None),
     )
-    result = model.load_state_dict(w, strict=False)
+    try:
+        result = model.load_state_dict(w, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise not_released(path, f"weights do not fit a ViT: {str(e).splitlines()[-1].strip()}") from e
     if result.missing_keys or result.unexpected_keys:
         raise not_released(path, f"weights do not fit a ViT: missing {result.missing_keys[:5]}, "
                           f"unexpected {result.unexpected_keys[:5]}")

@@ -19,7 +19,8 @@ def plot_fov(config, path: str | os.PathLike, *, num_heads: int = 12, grid_size=
              layer: int = 0, depth: int = 12, title: str | None = None) -> str:
     """Write a PNG with one panel per head: the bias row of ``query`` (grey = masked, star = query).
 
-    ``layer`` counts from 0; the title gives it counted from 1, with the slopes that scale the penalties.
+    ``layer`` counts from 0, in the title too (as ``lookhere analyze --layer`` and its table count), with the
+    slopes that scale the penalties.
     """
     cfg = resolve_config(config)
     gy, gx = check_grid(grid_size)
@@ -32,8 +33,7 @@ def plot_fov(config, path: str | os.PathLike, *, num_heads: int = 12, grid_size=
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows + 0.4), squeeze=False)
     finite = bias[bias.isfinite()]
     vmin = float(finite.min()) if finite.numel() else -1.0
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d0d0d0")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")  # masked keys in grey
     for h, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -46,9 +46,9 @@ def plot_fov(config, path: str | os.PathLike, *, num_heads: int = 12, grid_size=
         label = "+".join(heads[h].primitives) or "unmasked"
         ax.set_title(f"head {h}: {label}\nhead slope {Fraction(heads[h].slope).limit_denominator(1 << 20)}",
                      fontsize=7)
-    fig.suptitle(title or f"{cfg.directions_for_layer(layer, depth)}, layer {layer + 1} of {depth}: global slope "
-                 f"{cfg.global_slope:g}, layer slope {layer_slope(cfg, layer, depth):g}; colour = bias (yellow: "
-                 f"0), grey = masked, star = query", fontsize=9)
+    fig.suptitle(title or f"{cfg.directions_for_layer(layer, depth)}, layer {layer} (of layers 0 to {depth - 1}): "
+                 f"global slope {cfg.global_slope:g}, layer slope {layer_slope(cfg, layer, depth):g}; colour = bias "
+                 f"(yellow: 0), grey = masked, star = query", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

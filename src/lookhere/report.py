@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from .evaluate import plot_accuracy
+from .evaluate import knob_label, plot_accuracy
 from .io import write_atomic
 
 
@@ -18,6 +19,18 @@ def find_eval(path: str | Path) -> Path:
         if cand.is_file():
             return cand
     raise FileNotFoundError(f"{p}: no eval.json (run `lookhere eval --checkpoint {p} --output {p}/eval` first)")
+
+
+def read_eval(path: str | Path) -> dict[str, Any]:
+    """The results of ``lookhere eval`` that ``path`` holds (a run, its ``eval`` folder or its eval.json)."""
+    p = find_eval(path)
+    try:
+        results = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a readable eval.json ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("sizes"), dict):
+        raise ValueError(f"{p}: not an eval.json written by lookhere eval (no sizes)")
+    return results
 
 
 def _run_name(path: str | Path) -> str:
@@ -49,13 +62,20 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, names: list[str] | 
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"two or more runs are named {', '.join(repeated)}; name each with --names")
-    runs = {name: json.loads(find_eval(d).read_text()) for name, d in zip(names, run_dirs)}
+    runs = {name: read_eval(d) for name, d in zip(names, run_dirs)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = {m: plot_accuracy(runs, out / f"{m}_vs_size.png", metric=m) for m in ("top1", "nll", "ece")}
     md = [f"# {title}", ""]
     if notes:
         md += [notes, ""]
+    # what every number of a run was measured with, beside those numbers (as each run's eval.md says it)
+    for n, r in runs.items():
+        if r.get("knobs_given"):
+            md += [f"**{n}**: every size with the test-time setting given: {knob_label(r['knobs_given'])}", ""]
+    lists = [n for n, r in runs.items() if r.get("label_lists")]
+    if lists:
+        md += [f"**{', '.join(lists)}**: {runs[lists[0]]['label_lists']}", ""]
     md += ["![top-1 vs size](top1_vs_size.png)", ""]
     for metric, label in (("top1", "Top-1 accuracy"), ("top5", "Top-5 accuracy"), ("nll", "NLL"),
                           ("ece", "Expected calibration error (15 bins)")):
@@ -110,7 +130,7 @@ def _html(markdown: str, folder: Path, title: str) -> str:
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(line)) + "</p>")
     flush()
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .io import write_atomic
+from .io import read_yaml, write_atomic
 
 STUDY_FILE = "study.yaml"
 
@@ -43,11 +43,9 @@ def read_study_file(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{root}: not a study directory (no {STUDY_FILE}); run `lookhere study --config ...` first")
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        config, why = None, f"not valid YAML ({str(err).splitlines()[0]})"
-    else:
-        why = "not a study's config"
+        config, why = read_yaml(path), "not a study's config"
+    except ValueError as err:
+        config, why = None, str(err).removeprefix(f"{path}: ")
     missing = [k for k in ("name", "datasets", "encodings", "seeds") if not isinstance(config, dict) or k not in config]
     if missing:
         raise ValueError(f"{path} is damaged: {why if config is None else why + ' (no ' + ', '.join(missing) + ')'}; "

@@ -39,7 +39,7 @@ from .data import DATASETS, DataSpec, build_dataset, collate
 from .data.factory import model_data_config, num_classes_of
 from .environment import environment
 from .flags import flag
-from .io import save_model, sync_to_disk, write_atomic
+from .io import read_yaml, save_model, sync_to_disk, write_atomic
 from .position import POSITION_ENCODINGS
 from .vit import MODEL_NAMES, SIZES, WEIGHT_INITS, VisionTransformer, architecture, create_vit
 
@@ -204,7 +204,10 @@ class TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
+        try:
+            d = read_yaml(p) or {}
+        except ValueError as e:
+            raise ValueError(f"{e}; expected settings as 'name: value' lines") from None
         if not isinstance(d, dict):
             raise ValueError(f"{p}: expected a mapping of settings, got {type(d).__name__}")
         d = {k.replace("-", "_"): v for k, v in d.items()}

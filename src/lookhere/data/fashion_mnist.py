@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +31,27 @@ def _find(root: Path, stem: str) -> Path:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a numpy array, with its header checked."""
+    """An IDX file (optionally gzipped) as a numpy array, with its header and size checked: a damaged
+    file (an interrupted download, most often) is a ValueError naming it, not a failure further on."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a .gz cut short or damaged
+        raise ValueError(f"{path}: unreadable IDX file ({e}); download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    ndim = data[3]
+    ndim, start = data[3], 4 + 4 * data[3]
+    if len(data) < start:
+        raise ValueError(f"{path}: IDX header cut short ({len(data)} bytes; {start} for its {ndim} dimensions); "
+                         f"download it again")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated IDX file ({body.size} bytes for shape {dims})")
-    return body.reshape(dims)
+    body, expected = len(data) - start, math.prod(dims)
+    if body != expected:
+        what = "truncated" if body < expected else f"{body - expected} extra bytes"
+        raise ValueError(f"{path}: size does not match its IDX header ({what}: {body} bytes of data for shape "
+                         f"{dims}, {expected} expected); download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(dims)
 
 
 class FashionMNIST(Dataset):
@@ -59,9 +70,14 @@ class FashionMNIST(Dataset):
             raise FileNotFoundError(f"Fashion-MNIST folder {root} does not exist; install Debian's "
                                     f"dataset-fashion-mnist or pass --data-root")
         img_file, lbl_file = FILES["test" if split == "test" else "train"]
-        images, labels = read_idx(_find(root_path, img_file)), read_idx(_find(root_path, lbl_file))
+        img_path, lbl_path = _find(root_path, img_file), _find(root_path, lbl_file)
+        images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{root}: image and label files do not match ({images.shape}, {labels.shape})")
+        bad = labels[labels >= self.num_classes]  # else the loss fails later, far from the file
+        if bad.size:
+            raise ValueError(f"{lbl_path}: {bad.size} label(s) outside 0..{self.num_classes - 1} (first: {bad[0]}); "
+                             f"not a Fashion-MNIST label file, download it again")
         if split != "test":
             cut = max(0, len(images) - val_size)
             sl = slice(0, cut) if split == "train" else slice(cut, None)

@@ -14,6 +14,7 @@ import functools
 import io
 import os
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 
 from timm.data.readers.img_extensions import get_img_extensions
@@ -29,14 +30,30 @@ def _key_and_field(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), field.lower()
 
 
+def _unreadable(path, why: str) -> ValueError:
+    """The one message for a shard that cannot be read by offset, saying what to do about it."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+    except OSError:
+        gzipped = False
+    if gzipped:  # images are read in place by offset, which a compressed stream has not
+        why = "gzip-compressed; shards are read by offset, so gunzip it to a plain tar"
+    return ValueError(f"{path}: not a readable tar file ({why}); replace or remove this shard")
+
+
 def holds_labelled_samples(tar: Path, peek: int = 32) -> bool:
-    """Whether ``tar`` is a webdataset shard: a ``KEY.cls`` among its first members."""
-    with tarfile.open(tar) as tf:
-        for i, member in enumerate(tf):
-            if member.isfile() and _key_and_field(member.name)[1] == LABEL:
-                return True
-            if i + 1 >= peek:
-                return False
+    """Whether ``tar`` is a webdataset shard: a ``KEY.cls`` among its first members. Opened as a plain
+    tar (``r:``), as the shards are read by offset."""
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for i, member in enumerate(tf):
+                if member.isfile() and _key_and_field(member.name)[1] == LABEL:
+                    return True
+                if i + 1 >= peek:
+                    return False
+    except (tarfile.TarError, EOFError) as e:
+        raise _unreadable(tar, str(e)) from None
     return False
 
 
@@ -50,7 +67,7 @@ def _index(shards: tuple[str, ...], stamps: tuple[int, ...]) -> tuple[tuple, tup
     for s, path in enumerate(shards):
         found, labels = {}, {}
         try:
-            with tarfile.open(path) as tf:
+            with tarfile.open(path, "r:") as tf:  # plain tar: the offsets are read in place, uncompressed
                 for member in tf:
                     if not member.isfile():
                         continue
@@ -64,12 +81,19 @@ def _index(shards: tuple[str, ...], stamps: tuple[int, ...]) -> tuple[tuple, tup
                         except ValueError:
                             raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not a class "
                                              f"index") from None
+                # tarfile ends its scan without an error at a file cut at or inside a member's header;
+                # only the end-of-archive marker (a zero block) shows the scan reached the real end.
+                scanned = tf.offset
+                tf.fileobj.seek(scanned)
+                marker = tf.fileobj.read(tarfile.BLOCKSIZE)
         except (tarfile.TarError, EOFError) as e:  # a corrupt shard
-            raise ValueError(f"{path}: not a readable tar file ({e}); replace or remove this shard") from None
+            raise _unreadable(path, str(e)) from None
         end = os.path.getsize(path)
         if any(offset + size > end for _, offset, size, _ in found.values()):
-            raise ValueError(f"{path}: not a readable tar file (cut short: its images run past its {end} bytes); "
-                             f"replace or remove this shard")
+            raise _unreadable(path, f"cut short: its images run past its {end} bytes")
+        if marker != bytes(tarfile.BLOCKSIZE):
+            raise _unreadable(path, f"cut short or damaged: no end-of-archive marker after its last whole member, "
+                                    f"at byte {scanned} of {end}")
         missing = [k for k in found if k not in labels]
         if missing:
             raise ValueError(f"{path}: {len(missing)} image(s) without a {LABEL} label beside them (first: "
@@ -80,7 +104,13 @@ def _index(shards: tuple[str, ...], stamps: tuple[int, ...]) -> tuple[tuple, tup
 
 
 class WebDatasetShards(Reader):
-    """timm reader of webdataset shards (see the module): ``reader[i]`` is (image bytes, class)."""
+    """timm reader of webdataset shards (see the module): ``reader[i]`` is (image bytes, class).
+
+    Each process keeps at most ``MAX_OPEN_SHARDS`` shards open, closing the least recently used: with
+    random access it would otherwise soon hold every shard open, and a process's open files are limited
+    (1024 by default; imagenet-1k-wds has 1024 shards, and every loader worker and rank opens its own)."""
+
+    MAX_OPEN_SHARDS = 64
 
     def __init__(self, shards: list[Path]):
         super().__init__()
@@ -91,19 +121,30 @@ class WebDatasetShards(Reader):
             raise ValueError(f"{len(negative)} sample(s) in {Path(self.shards[0]).parent} have a negative class "
                              f"index (first: {negative[0]})")
         self.num_classes = max(self.targets) + 1 if self.targets else 0
-        self._files: dict[int, object] = {}
+        self._files: OrderedDict[int, io.BufferedReader] = OrderedDict()  # least recently used first
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}}  # open files stay with the process that opened them
+        return {**self.__dict__, "_files": OrderedDict()}  # open files stay with the process that opened them
+
+    def _open(self, shard: int) -> io.BufferedReader:
+        """This process's open file of ``shard``, at most ``MAX_OPEN_SHARDS`` of them kept open."""
+        if self._pid != os.getpid():  # a forked worker: its own handles, not its parent's file positions
+            for f in self._files.values():
+                f.close()  # this process's copies of the parent's descriptors; the parent's stay open
+            self._files, self._pid = OrderedDict(), os.getpid()
+        f = self._files.get(shard)
+        if f is not None:
+            self._files.move_to_end(shard)
+            return f
+        while self._files and len(self._files) >= max(1, self.MAX_OPEN_SHARDS):
+            self._files.popitem(last=False)[1].close()
+        f = self._files[shard] = open(self.shards[shard], "rb")
+        return f
 
     def __getitem__(self, index: int):
         shard, offset, size, _ = self.samples[index]
-        if self._pid != os.getpid():  # a forked worker: its own handles, not its parent's file positions
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")
+        f = self._open(shard)
         f.seek(offset)
         return io.BytesIO(f.read(size)), self.targets[index]
 
