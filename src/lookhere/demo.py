@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .evaluate import EvalSettings, load_checkpoint, markdown_table, run_eval, write_results
 from .report import compare
-from .train import TrainConfig, train
+from .train import TrainConfig, resume_conflicts, train
 
 
 @dataclass
@@ -35,32 +35,26 @@ QUICK = DemoPlan(train_length=3000, epochs=5, eval_length=300, sizes=(32, 64, 12
 DEMO_LAYERSCALE = 0.1
 
 
-def _settings(plan: DemoPlan, pos_encoding: str, seed: int) -> dict:
-    """The training settings of one of the demo's models, its folder and progress bar aside."""
-    return dict(data="synthetic", data_length=plan.train_length, pos_encoding=pos_encoding, model=plan.model,
-                img_size=plan.img_size, patch_size=plan.patch_size, epochs=plan.epochs, batch_size=plan.batch_size,
-                lr=2e-3, warmup_epochs=0.3, init_values=DEMO_LAYERSCALE, seed=seed, log_every=20,
-                checkpoint_every=50)
-
-
 def run_demo(output: str | Path = "demo", quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
     plan = QUICK if quick else FULL
     out = Path(output)
-    trained_with = {pe: _settings(plan, pe, seed) for pe in plan.encodings}
-    for pe, wanted in trained_with.items():  # an earlier demo in the folder is resumed only if it is this one
+    configs = {pe: TrainConfig(data="synthetic", data_length=plan.train_length, pos_encoding=pe, model=plan.model,
+                               img_size=plan.img_size, patch_size=plan.patch_size, epochs=plan.epochs,
+                               batch_size=plan.batch_size, lr=2e-3, warmup_epochs=0.3, init_values=DEMO_LAYERSCALE,
+                               seed=seed, output=str(out / pe), progress=progress, log_every=20, checkpoint_every=50)
+               for pe in plan.encodings}
+    for pe, cfg in configs.items():  # an earlier demo in the folder is resumed only if it is this one
         saved = out / pe / "config.yaml"
-        if saved.is_file():
-            had = TrainConfig.from_yaml(saved).to_dict()
-            other = [f"{k} {had[k]}, now {v}" for k, v in wanted.items() if had[k] != v]
-            if other:
-                raise ValueError(f"--output {out} holds a demo made with other settings ({pe}: {'; '.join(other)}; "
-                                 f"--quick and --seed choose them): pass another --output or remove {out}")
+        other = resume_conflicts(cfg, saved) if saved.is_file() else {}
+        if other:
+            shown = "; ".join(f"{k} {had}, now {now}" for k, (had, now) in other.items())
+            raise ValueError(f"--output {out} holds a demo made with other settings ({pe}: {shown}; --quick and "
+                             f"--seed choose them): pass another --output or remove {out}")
     out.mkdir(parents=True, exist_ok=True)
     seconds = 0.0  # training over every stretch (a resumed demo counts what ran before the kill), and evaluation
     run_dirs = []
     for pe in plan.encodings:
-        run = out / pe
-        cfg = TrainConfig(**trained_with[pe], output=str(run), progress=progress)
+        run, cfg = out / pe, configs[pe]
         if (run / "config.yaml").is_file():
             cfg.resume = str(run)  # an interrupted demo picks up where it stopped (or starts a run it had begun)
         print(f"training {pe} ({plan.model}, {plan.img_size}px, {plan.epochs} epochs of {plan.train_length} scenes)")

@@ -550,6 +550,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resume_conflicts(cfg: TrainConfig, saved_path: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings of ``cfg`` that the run whose config is ``saved_path`` cannot be resumed with: name ->
+    (the run's value, ``cfg``'s)."""
+    saved = TrainConfig.from_yaml(saved_path).to_dict()
+    mine = cfg.to_dict()
+    # a stream is divided among the loader workers: another count reads it in another order
+    resumable = [k for k in RESUMABLE_CHANGES if not (k == "workers" and cfg.data_streaming)]
+    return {k: (saved.get(k), mine[k]) for k in mine if k not in resumable and saved.get(k) != mine[k]}
+
+
 def _check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     if Path(cfg.output).resolve() != run_dir.resolve():
         raise ValueError(f"--resume {run_dir} continues that run in its own directory, but --output {cfg.output} "
@@ -560,12 +570,7 @@ def _check_resume(cfg: TrainConfig, run_dir: Path) -> None:
         if find_checkpoint(run_dir) is None:  # killed before it wrote anything: it starts from the beginning
             return
         raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a lookhere run directory?")
-    saved = TrainConfig.from_yaml(saved_path).to_dict()
-    mine = cfg.to_dict()
-    # a stream is divided among the loader workers: another count reads it in another order
-    resumable = [k for k in RESUMABLE_CHANGES if not (k == "workers" and cfg.data_streaming)]
-    diffs = [f"{flag(k)}: run has {saved[k]!r}, now {mine[k]!r}" for k in mine
-             if k not in resumable and saved.get(k) != mine[k]]
+    diffs = [f"{flag(k)}: run has {had!r}, now {now!r}" for k, (had, now) in resume_conflicts(cfg, saved_path).items()]
     if diffs:
         raise ValueError(f"--resume {run_dir}: incompatible with this config ({'; '.join(diffs)}); "
                          f"resume with the run's own settings or start a new --output")
